@@ -1,0 +1,37 @@
+"""Helpers every click CLI of the project uses: logging set-up and error-to-exit-code translation.
+
+Use `run_cli(fn, *args, **kwargs)` inside a click command: it calls the library function and turns
+a `ReweightOODError` (bad input the user can fix) into one line on stderr and exit status 2, and
+Ctrl-C into exit status 130, instead of a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+from .errors import ReweightOODError
+
+__all__ = ["run_cli", "setup_logging"]
+
+T = TypeVar("T")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with a short format; INFO by default, DEBUG with `verbose`."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_cli(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `fn`; exit 2 with a one-line message on ReweightOODError, 130 on KeyboardInterrupt."""
+    try:
+        return fn(*args, **kwargs)
+    except ReweightOODError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,157 @@
+"""The one definition of image preprocessing, shared by training-time evaluation and the runtime.
+
+Use this module whenever images (encoded bytes, PIL images, or uint8 arrays of any size) must become
+model input. The model input is always uint8 RGB, NHWC, `spec.size x spec.size`; casting, scaling
+and mean/std normalisation happen inside the model (the ONNX graph and `trainer`'s deploy wrapper
+read `spec.mean`/`spec.std`), so this module never produces floats.
+
+Resize rules (`PreprocessSpec.resize`):
+- ``"shorter_center_crop"``: scale the shorter side to `size` (PIL bilinear, antialiased), then
+  centre-crop `size x size` (torchvision's Resize(size) + CenterCrop(size)). The default.
+- ``"stretch"``: resize both sides to `size` directly (aspect ratio not kept).
+Images already `size x size` pass through untouched under both rules.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+__all__ = ["PreprocessSpec", "RESIZE_RULES", "decode_image", "to_model_array", "prepare_arrays",
+           "DEFAULT_MAX_PIXELS"]
+
+RESIZE_RULES = ("shorter_center_crop", "stretch")
+DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard: larger images are refused
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes model input; stored verbatim in the bundle manifest and run config."""
+
+    size: int                               # square input side in pixels (32 for CIFAR)
+    mean: tuple[float, float, float]        # per-channel mean in [0, 1] units, RGB order
+    std: tuple[float, float, float]         # per-channel std in [0, 1] units, RGB order
+    resize: str = "shorter_center_crop"     # one of RESIZE_RULES
+    channel_order: str = "RGB"              # the model input's channel order (always RGB)
+    layout: str = "NHWC"                    # the model input's layout (always NHWC uint8)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise InputError(f"expected a positive integer, got {self.size!r}", field="size")
+        if self.resize not in RESIZE_RULES:
+            raise InputError(f"expected one of {RESIZE_RULES}, got {self.resize!r}", field="resize")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) != 3:
+                raise InputError(f"expected 3 values, got {v!r}", field=name)
+            object.__setattr__(self, name, tuple(float(x) for x in v))
+        if min(self.std) <= 0:
+            raise InputError(f"expected positive values, got {self.std!r}", field="std")
+        if self.channel_order != "RGB" or self.layout != "NHWC":
+            raise InputError("only RGB channel order and NHWC layout are supported", field="layout")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        try:
+            return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                       resize=d.get("resize", "shorter_center_crop"),
+                       channel_order=d.get("channel_order", "RGB"), layout=d.get("layout", "NHWC"))
+        except KeyError as e:
+            raise InputError(f"missing key {e.args[0]!r}", field="preprocess") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image file (any format Pillow reads) to an RGB PIL image.
+
+    EXIF orientation is applied; grayscale, palette (with transparency), RGBA/LA, 16-bit and CMYK
+    become RGB (transparent pixels over black, as PIL's convert does). Animated images use frame 0.
+    The declared size is checked against `max_pixels` before any pixel is decoded.
+    Raises InputError for empty, undecodable, truncated or oversized input.
+    """
+    if not data:
+        raise InputError("empty image data", field="data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
+                                 field="data")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image too large: {e}", field="data") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise InputError(f"cannot decode image: {type(e).__name__}: {e}", field="data") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the type's range instead of clipping at 255.
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a / (65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0), 0, 1)
+        img = Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), mode="L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def to_model_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Apply the resize rule to one RGB PIL image. Returns uint8 `(size, size, 3)`."""
+    img = _to_rgb(img)
+    s = spec.size
+    w, h = img.size
+    if (w, h) != (s, s):
+        if spec.resize == "stretch":
+            img = img.resize((s, s), Image.BILINEAR)
+        else:
+            if w <= h:
+                nw, nh = s, max(s, int(s * h / w))
+            else:
+                nw, nh = max(s, int(s * w / h)), s
+            img = img.resize((nw, nh), Image.BILINEAR)
+            left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+            img = img.crop((left, top, left + s, top + s))
+    return np.asarray(img, dtype=np.uint8).reshape(s, s, 3)
+
+
+def prepare_arrays(images: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Bring a uint8 array of images `(N, H, W)`, `(N, H, W, 1)` or `(N, H, W, 3)` to model input.
+
+    Returns uint8 `(N, size, size, 3)`. Arrays already at the input size and RGB are returned
+    without copying; others go image by image through `to_model_array` (the runtime's path).
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise InputError(f"expected a uint8 numpy array, got {getattr(images, 'dtype', type(images))}",
+                         field="images")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise InputError(f"expected shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), got {images.shape}",
+                         field="images")
+    n, h, w, c = images.shape
+    if (h, w, c) == (spec.size, spec.size, 3):
+        return images
+    out = np.empty((n, spec.size, spec.size, 3), dtype=np.uint8)
+    for i in range(n):
+        a = images[i]
+        img = Image.fromarray(a[..., 0], mode="L") if c == 1 else Image.fromarray(a, mode="RGB")
+        out[i] = to_model_array(img, spec)
+    return out
