@@ -1,0 +1,197 @@
+"""The one KNN scorer: FAISS inner-product search on unit embeddings, K-th-neighbour distance score.
+
+Use this module wherever an embedding must be scored against the in-distribution bank: training-time
+evaluation (`trainer.evaluate`), threshold calibration at export and the deployed runtime all call
+`KNNScorer.score`, so the numbers reported by evaluation are the numbers the runtime produces.
+
+Convention (DESIGN.md section 2): embeddings are float32 L2-normalised rows; on unit vectors the
+squared Euclidean distance is `2 - 2 * cos`, so an inner-product index ranks neighbours exactly as an
+L2 index would. The score is the negated Euclidean distance to the K-th nearest bank row:
+`-sqrt(max(0, 2 - 2 * s_K))`, higher = more in-distribution.
+
+Numpy + faiss only (no torch); thin functions, no module state, progress to the module logger.
+"""
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["build_index", "knn_score_from_similarities", "index_to_device", "KNNScorer",
+           "DEFAULT_CHUNK_ROWS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 4096  # query rows per faiss search call: bounds the [rows, K] result arrays
+_UNIT_TOL = 1e-3           # |norm - 1| allowed for a row given to build_index
+
+
+def _check_embeddings(x: np.ndarray, field: str, dim: int | None = None) -> np.ndarray:
+    """Validate a float32 [N, D] finite, non-empty array; return it C-contiguous."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise InputError(f"expected a float32 numpy array, got {getattr(x, 'dtype', type(x))}",
+                         field=field)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise InputError(f"expected a non-empty 2-D array [N, D], got shape {x.shape}", field=field)
+    if dim is not None and x.shape[1] != dim:
+        raise InputError(f"expected {dim} columns (the index dimension), got {x.shape[1]}",
+                         field=field)
+    if not np.isfinite(x).all():
+        raise InputError("contains NaN or infinite values", field=field)
+    return np.ascontiguousarray(x)
+
+
+def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
+    """Build an inner-product FAISS index over unit-norm bank embeddings.
+
+    embeddings: float32 [N, D], finite, every row L2-normalised (|norm - 1| <= 1e-3).
+    factory: a `faiss.index_factory` string ("Flat" = exact search, the default; "IVF64,Flat",
+        "IVF64,PQ16", "HNSW32", ...). Indexes that need training (IVF, PQ) are trained on
+        `embeddings` themselves before the rows are added.
+    Returns an index with `ntotal == N`, `d == D`, metric `METRIC_INNER_PRODUCT`.
+    Raises InputError naming `embeddings` or `factory` when the input or the factory is unusable.
+    """
+    x = _check_embeddings(embeddings, "embeddings")
+    norms = np.linalg.norm(x, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > _UNIT_TOL)
+    if bad.size:
+        raise InputError(f"expected L2-normalised rows; row {bad[0]} has norm {norms[bad[0]]:.4f} "
+                         f"({bad.size} rows off)", field="embeddings")
+    if not isinstance(factory, str) or not factory.strip():
+        raise InputError(f"expected a faiss index_factory string, got {factory!r}", field="factory")
+    try:
+        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            log.info("training faiss index %r on %d rows", factory, x.shape[0])
+            index.train(x)
+        index.add(x)
+    except RuntimeError as e:  # faiss reports bad strings and too-small training sets this way
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot build a {factory!r} index on {x.shape[0]} x {x.shape[1]} "
+                         f"embeddings: {msg}", field="factory") from None
+    return index
+
+
+def knn_score_from_similarities(sims: np.ndarray) -> np.ndarray:
+    """KNN score from the neighbours' inner products.
+
+    sims: float32 [N, K], each row sorted in decreasing order (as faiss returns them).
+    Returns float32 [N] = -sqrt(max(0, 2 - 2 * sims[:, K-1])): the Euclidean distance to the K-th
+    nearest neighbour of unit vectors, negated (higher = more in-distribution). Similarities are
+    clipped to [-1, 1] first, so a missing neighbour (faiss pads with -FLT_MAX) scores -2, the
+    largest possible distance, instead of -inf.
+    """
+    if not isinstance(sims, np.ndarray) or sims.ndim != 2 or sims.shape[1] == 0:
+        raise InputError(f"expected a 2-D array [N, K] with K >= 1, got "
+                         f"{getattr(sims, 'shape', type(sims))}", field="sims")
+    s_k = np.clip(sims[:, -1].astype(np.float32), -1.0, 1.0)
+    return -np.sqrt(np.maximum(np.float32(0.0), np.float32(2.0) - np.float32(2.0) * s_k))
+
+
+def index_to_device(index: faiss.Index, device: str = "auto") -> faiss.Index:
+    """Return `index` on the requested device: "cpu", "cuda"/"cuda:N" or "auto" (GPU 0 if faiss
+    sees one, else CPU). Use it once after loading/building, before scoring many queries.
+
+    A GPU needs a faiss build with GPU support (`faiss.get_num_gpus() > 0`); "cuda" without one
+    raises InputError naming `device`. Logs which device is used.
+    """
+    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "auto":
+        device = "cuda:0" if ngpu > 0 else "cpu"
+    if device == "cpu":
+        log.info("faiss index on CPU (%d rows)", index.ntotal)
+        return index
+    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
+        raise InputError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}",
+                         field="device")
+    gpu = int(device.partition(":")[2] or 0)
+    if gpu >= ngpu:
+        raise InputError(f"faiss sees {ngpu} GPU(s); cannot use {device!r} (install faiss-gpu "
+                         "or use --device cpu)", field="device")
+    res = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(res, gpu, index)
+    gpu_index.referenced_objects = [res]  # keep the resources alive as long as the index
+    log.info("faiss index on GPU %d (%d rows)", gpu, index.ntotal)
+    return gpu_index
+
+
+class KNNScorer:
+    """Scores embeddings by the distance to their K-th nearest bank row and predicts a class.
+
+    index: a FAISS inner-product index over the unit bank embeddings (`build_index`, or
+        `faiss.read_index` of a bundle's index.faiss), `ntotal` rows of dimension `d`.
+    labels: int64 [ntotal], class of each indexed row, in [0, num_classes).
+    k: number of neighbours, 1 <= k <= ntotal.
+    num_classes: number of classes C; default `labels.max() + 1`.
+    chunk_rows: queries per faiss search call (memory is O(chunk_rows * k)).
+
+    The predicted class is the majority vote of the K neighbours' labels; a tie in votes goes to
+    the class with the larger summed similarity over its voting neighbours, then to the smaller
+    label. Missing neighbours (faiss returns id -1, possible with IVF and a small nprobe) do not
+    vote; a query with no neighbour at all predicts class 0 and scores -2.
+    """
+
+    def __init__(self, index: faiss.Index, labels: np.ndarray, k: int,
+                 num_classes: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+        if not hasattr(index, "search") or not hasattr(index, "ntotal"):
+            raise InputError(f"expected a faiss index, got {type(index).__name__}", field="index")
+        if index.ntotal < 1:
+            raise InputError("the index holds no rows", field="index")
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu" or labels.shape != (index.ntotal,):
+            raise InputError(f"expected integer labels of shape ({index.ntotal},), got "
+                             f"{labels.dtype} {labels.shape}", field="labels")
+        if num_classes is None:
+            num_classes = int(labels.max()) + 1
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise InputError(f"expected a positive integer, got {num_classes!r}", field="num_classes")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise InputError(f"expected labels in [0, {num_classes}), got range "
+                             f"[{labels.min()}, {labels.max()}]", field="labels")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= index.ntotal:
+            raise InputError(f"expected an integer in [1, {index.ntotal}] (the index size), "
+                             f"got {k!r}", field="k")
+        if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise InputError(f"expected a positive integer, got {chunk_rows!r}", field="chunk_rows")
+        self.index, self.k, self.num_classes = index, int(k), int(num_classes)
+        self.labels = labels.astype(np.int64)
+        self.chunk_rows = int(chunk_rows)
+
+    def search(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw neighbours: (sims float32 [N, k] sorted decreasing, ids int64 [N, k], -1 = missing)."""
+        x = _check_embeddings(emb, "emb", dim=self.index.d)
+        parts = [self.index.search(x[i:i + self.chunk_rows], self.k)
+                 for i in range(0, x.shape[0], self.chunk_rows)]
+        return (np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False),
+                np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False))
+
+    def score(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score unit embeddings emb float32 [N, d].
+
+        Returns (scores float32 [N], higher = more in-distribution, see
+        `knn_score_from_similarities`; predicted int64 [N], the neighbours' vote, see the class doc).
+        Queries are searched `chunk_rows` at a time, so memory stays O(chunk_rows * (k + C)).
+        """
+        x = _check_embeddings(emb, "emb", dim=self.index.d)
+        scores = np.empty(x.shape[0], dtype=np.float32)
+        predicted = np.empty(x.shape[0], dtype=np.int64)
+        for i in range(0, x.shape[0], self.chunk_rows):
+            sims, ids = self.index.search(x[i:i + self.chunk_rows], self.k)
+            scores[i:i + len(sims)] = knn_score_from_similarities(sims)
+            predicted[i:i + len(sims)] = self._vote(sims, ids)
+        return scores, predicted
+
+    def _vote(self, sims: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Majority vote per row; ties -> larger summed similarity -> smaller label."""
+        n, c = ids.shape[0], self.num_classes
+        valid = ids >= 0
+        flat = (np.arange(n)[:, None] * c + self.labels[np.where(valid, ids, 0)])[valid]
+        counts = np.bincount(flat, minlength=n * c).reshape(n, c)
+        sim_sum = np.bincount(flat, weights=sims[valid].astype(np.float64),
+                              minlength=n * c).reshape(n, c)
+        top = counts == counts.max(axis=1, keepdims=True)
+        # argmax returns the first (smallest) label among exact ties of the summed similarity
+        return np.argmax(np.where(top, sim_sum, -np.inf), axis=1).astype(np.int64)
