@@ -1,0 +1,117 @@
+"""Checkpoints and the run directory's model file: atomic writes, safe loads, resumable state.
+
+Use `save_atomic` for every file a run writes (a crash leaves the old file or the new one, never a
+torn one), `load_state` to resume, and `load_model(run_dir)` to get the trained network back as a
+`DeployModel` for evaluation and export. Everything loads with `weights_only=True`: a checkpoint is a
+plain dict of tensors, numbers, strings and lists, never arbitrary pickled objects.
+
+Resumable state (`RUN_DIR/checkpoints/last.pt`), a plain dict:
+    format_version, model (state_dict), optimizer, scheduler, epoch (epochs finished), step (steps
+    finished in the current epoch), global_step, rng {torch, cuda}, config, model_args
+Final model (`RUN_DIR/model.pt`):
+    format_version, model, model_args, preprocess, class_names
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from detector_server.errors import CheckpointError
+from detector_server.preprocess import PreprocessSpec
+
+__all__ = ["FORMAT_VERSION", "save_atomic", "write_json_atomic", "save_state", "load_state",
+           "load_model", "rng_state", "set_rng_state"]
+
+FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def save_atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    save_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a resumable training state dict atomically."""
+    save_atomic(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with weights_only=True; CheckpointError names the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint not found", path=str(path))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"cannot read checkpoint ({type(e).__name__}: {e})",
+                              path=str(path)) from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"expected format_version {FORMAT_VERSION}, got "
+                              f"{state.get('format_version') if isinstance(state, dict) else None}",
+                              path=str(path), field="format_version")
+    return state
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load RUN_DIR/model.pt as an eval-mode `DeployModel` (uint8 NHWC -> unit feature, projection).
+
+    Returns (model, info) where info has model_args, preprocess (PreprocessSpec), class_names and
+    the run's config.json content (empty dict when absent).
+    """
+    from .networks import DeployModel, build_from_args
+
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt"
+    state = load_state(path)
+    for key in ("model", "model_args", "preprocess", "class_names"):
+        if key not in state:
+            raise CheckpointError("missing key", path=str(path), field=key)
+    spec = PreprocessSpec.from_dict(state["preprocess"])
+    net = build_from_args(state["model_args"])
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit model_args: {e}", path=str(path),
+                              field="model") from None
+    model = DeployModel(net, spec.mean, spec.std).to(device).eval()
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    info = {"model_args": state["model_args"], "preprocess": spec,
+            "class_names": list(state["class_names"]), "config": config}
+    return model, info

@@ -1,0 +1,169 @@
+"""Training configuration: one frozen dataclass, named presets, and a JSON/TOML config-file loader.
+
+Precedence (lowest to highest): `TrainConfig` defaults < the preset < the config file < CLI flags.
+A preset or config file is a plain mapping of `TrainConfig` field names to values; unknown names
+and values of the wrong type are refused with the key named (no `eval`, no multi-file merging).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from detector_server.errors import InputError
+
+__all__ = ["TrainConfig", "PRESETS", "resolve_config", "load_config_file", "loss_kwargs"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run. Recorded verbatim in RUN_DIR/config.json."""
+
+    # --- data
+    dataset: str = "digits"            # digits (offline default) | cifar10 | cifar100 | folder | npz
+    data: str | None = None            # npz file, image folder, or torchvision root (CIFAR)
+    download: bool = False             # let torchvision download CIFAR into `data` (never implicit)
+    classes: str | None = None         # keep only these class indices, e.g. "0-5" or "0,2,4"
+    image_size: int | None = None      # model input side; None = the dataset's native size
+    calibration_fraction: float = 0.05  # held-out split for the threshold: not trained on, not banked
+    # --- network
+    arch: str = "small_cnn"            # see trainer.networks.list_models()
+    head_dim: int = 128                # projection dimension
+    pretrained: str | None = None      # local weights file for the encoder (never downloaded)
+    freeze_early: bool = False         # freeze all but the last stage (ImageNet-100 fine-tuning)
+    sync_bn: bool = False              # SyncBatchNorm under DDP
+    # --- objective
+    loss: str = "reweightood"          # see trainer.losses.list_losses()
+    temperature: float = 0.1
+    m_b: float = 5.0                   # negative weights: sigmoid(m_b * s + c_b)
+    c_b: float | None = None           # None = -4 (CIFAR-10, ImageNet-100), -2 for CIFAR-100
+    m_w: float = 2.0                   # positive weights: sigmoid(-(m_w * s + c_w))
+    c_w: float = -1.0                  # authors' code; the paper prints +1 (see losses.py)
+    # --- optimisation (SGD nesterov, per-step cosine schedule with linear warm-up)
+    epochs: int = 10
+    batch_size: int = 256              # global batch (split across DDP ranks)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: int | None = None   # None = 10 when batch > 256 else 0 (authors' rule)
+    warmup_from: float = 1e-3          # learning rate at the first warm-up step
+    min_lr_ratio: float = 1e-3         # cosine ends at lr * min_lr_ratio
+    crop_scale_min: float = 0.2        # RandomResizedCrop lower scale (0.4 for ImageNet-size inputs)
+    # --- runtime
+    out: str = "runs/default"          # run directory
+    device: str = "auto"               # auto | cpu | cuda
+    seed: int = 0
+    deterministic: bool = False        # deterministic kernels (slower; exact resume on CPU)
+    compile: bool = False              # torch.compile the network
+    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True         # channels_last memory format on CUDA (ignored on CPU)
+    checkpoint_every: int = 1          # epochs between resumable checkpoints
+    log_every: int = 10                # steps between metrics.jsonl lines
+    tensorboard: bool = False          # also write TensorBoard events (needs tensorboard installed)
+    eval_batch_size: int = 512         # batch for the embedding bank and evaluation
+    k: int | None = None               # KNN neighbours; None = 300 if > 10 classes else 100
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "head_dim", "checkpoint_every", "log_every",
+                    "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"must be >= 1, got {getattr(self, name)!r}", field=name)
+        for name in ("lr", "temperature", "warmup_from"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"must be > 0, got {getattr(self, name)!r}", field=name)
+        if not 0.0 <= self.calibration_fraction < 0.5:
+            raise InputError(f"must be in [0, 0.5), got {self.calibration_fraction}",
+                             field="calibration_fraction")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise InputError(f"must be in (0, 1], got {self.crop_scale_min}", field="crop_scale_min")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"expected auto, cpu or cuda, got {self.device!r}", field="device")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets (DESIGN.md section 1). Values not named keep the TrainConfig defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' code: the settings that produced the published numbers.
+    "official": dict(arch="resnet18_cifar", lr=0.1, batch_size=512, epochs=100, weight_decay=1e-4,
+                     min_lr_ratio=1e-3, warmup_from=1e-3),
+    # The paper's text.
+    "paper": dict(arch="resnet18_cifar", lr=0.5, batch_size=512, epochs=500, weight_decay=1e-4,
+                  min_lr_ratio=1e-3),
+    # ImageNet-100 fine-tuning: pretrained ResNet-50, only the last stage and the head train.
+    "imagenet100-finetune": dict(arch="resnet50", freeze_early=True, lr=0.01, epochs=10,
+                                 batch_size=256, warmup_epochs=0, crop_scale_min=0.4, image_size=224),
+    # Minutes on a laptop CPU: the small network on the offline default.
+    "demo": dict(arch="small_cnn", lr=0.1, batch_size=128, epochs=15, warmup_epochs=1),
+}
+
+# Per-dataset defaults for loss parameters the paper tunes per dataset.
+_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"cifar100": {"c_b": -2.0}}
+_DEFAULT_C_B = -4.0
+
+
+def _check_keys(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    known = {f.name: f for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            raise InputError(f"unknown setting; valid ones: {', '.join(sorted(known))}",
+                             path=origin, field=key)
+        default = getattr(TrainConfig, key, None)
+        if default is not None and value is not None and not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                raise InputError(f"expected {type(default).__name__}, got {value!r}",
+                                 path=origin, field=key)
+        out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML file of TrainConfig settings; returns the checked mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", path=str(path))
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"cannot parse: {e}", path=str(path)) from None
+    if not isinstance(values, dict):
+        raise InputError("expected a mapping of setting names to values", path=str(path))
+    values.pop("config", None)
+    return _check_keys(values, str(path))
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Build the TrainConfig: defaults < preset < config file < overrides (None values ignored)."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", field="preset")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        values.update(load_config_file(config_file))
+    values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None},
+                              "command line"))
+    dataset = values.get("dataset", TrainConfig.dataset)
+    for key, value in _DATASET_DEFAULTS.get(dataset, {}).items():
+        values.setdefault(key, value)
+    if values.get("c_b") is None:
+        values["c_b"] = _DEFAULT_C_B
+    return TrainConfig(**values)
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict[str, float]:
+    """The hyperparameters a loss factory may take (create_loss keeps the ones it accepts)."""
+    return dict(temperature=cfg.temperature, m_b=cfg.m_b, c_b=cfg.c_b, m_w=cfg.m_w, c_w=cfg.c_w)

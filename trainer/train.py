@@ -1,0 +1,310 @@
+"""The training loop: ReweightOOD (or a baseline) from a TrainConfig to a finished run directory.
+
+Single process, CPU or one GPU:
+    rwood-train --dataset cifar10 --data ~/data/cifar --preset official --out runs/c10
+Several GPUs on one machine (DDP; the loss sees the whole global batch):
+    torchrun --standalone --nproc_per_node=4 -m trainer.cli --dataset cifar10 --data ... --preset official
+
+Reads top to bottom: set-up, data, model and objective, optimiser and schedule, resume, the loop,
+then the embedding bank and the run record. Only rank 0 logs and writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import signal
+import subprocess
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from detector_server.errors import CheckpointError, InputError
+from detector_server.preprocess import PreprocessSpec
+
+from .augment import Augment
+from .bank import embed_arrays, write_bank
+from .checkpoint import (load_state, rng_state, save_atomic, save_state, set_rng_state,
+                         write_json_atomic, FORMAT_VERSION)
+from .config import TrainConfig, loss_kwargs
+from .data import (calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes,
+                   select_classes)
+from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
+from .losses import create_loss
+from .networks import DeployModel, create_model
+from .networks import model_args as get_model_args
+
+__all__ = ["train", "pick_device", "lr_lambda"]
+
+log = logging.getLogger("reweightood.train")
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """auto -> CUDA when present, else CPU (logged); cuda without a GPU is an InputError."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no GPU is visible to torch", field="device")
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
+              warmup_from: float, min_lr_ratio: float) -> float:
+    """Multiplier of `lr` at optimizer step `step`: linear warm-up from `warmup_from`, then cosine."""
+    warm = warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    if step < warm:
+        start = warmup_from / lr
+        return start + (1.0 - start) * step / warm
+    t = (step - warm) / max(1, total - warm)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each step, so it stops at a clean point."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests): no handler, no flag
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
+                model_args: dict, finished: bool) -> dict[str, Any]:
+    import torchvision
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"format": "reweightood-run", "format_version": FORMAT_VERSION, "finished": finished,
+            "config": cfg.to_dict(), "model_args": model_args, "preprocess": spec.to_dict(),
+            "class_names": class_names, "data": data_info,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__},
+            "git_rev": rev, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
+    """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out.
+
+    With `resume`, continue from RUN_DIR/checkpoints/last.pt using the configuration saved there.
+    With `ood` ({name: path}), evaluate OOD detection at the end (report in RUN_DIR/eval).
+    Returns the run directory.
+    """
+    # -- set-up: distributed, device, seeds
+    run_dir = Path(cfg.out)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise CheckpointError("--resume given but there is no checkpoint to resume from",
+                                  path=str(ckpt_path))
+        state = load_state(ckpt_path)
+        cfg = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
+    dist = init_distributed()
+    device = pick_device(cfg.device, dist.local_rank)
+    if dist.is_main:
+        log.info("device: %s%s", device, f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else "")
+    torch.manual_seed(cfg.seed + dist.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # -- data: the training images live on the device as uint8; augmentation happens there too
+    full = load_dataset(cfg.dataset, cfg.data, "train", cfg.image_size, cfg.download)
+    if cfg.classes:
+        full = select_classes(full, parse_classes(cfg.classes, len(full.class_names)))
+    train_idx, cal_idx = calibration_split(full.labels, cfg.calibration_fraction, cfg.seed)
+    num_classes = len(full.class_names)
+    if cfg.batch_size > len(train_idx):
+        raise InputError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training "
+                         "images (after the calibration split)", field="batch_size")
+    if cfg.batch_size % dist.world_size:
+        raise InputError(f"batch size {cfg.batch_size} must divide by the {dist.world_size} "
+                         "processes", field="batch_size")
+    mean, std = dataset_stats(full.images[train_idx])
+    spec = PreprocessSpec(size=int(full.images.shape[1]), mean=mean, std=std)
+    images = torch.from_numpy(full.images[train_idx]).to(device)
+    labels = torch.from_numpy(full.labels[train_idx]).to(device)
+    local_bs = cfg.batch_size // dist.world_size
+    steps_per_epoch = len(train_idx) // cfg.batch_size
+    augment = Augment(spec.size, mean, std, scale=(cfg.crop_scale_min, 1.0)).to(device)
+
+    # -- model and objective
+    criterion = create_loss(cfg.loss, **loss_kwargs(cfg))
+    net = create_model(cfg.arch, num_classes=num_classes, head_dim=cfg.head_dim,
+                       with_classifier=criterion.input == "logits", pretrained=cfg.pretrained,
+                       freeze_early=cfg.freeze_early)
+    model_args = get_model_args(net)
+    if cfg.sync_bn and dist.world_size > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: nn.Module = net
+    if dist.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext())
+
+    # -- optimiser and per-step schedule
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
+    warmup = min(warmup, cfg.epochs - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=warmup, lr=cfg.lr,
+        warmup_from=cfg.warmup_from, min_lr_ratio=cfg.min_lr_ratio))
+
+    # -- resume: weights, optimiser, schedule, RNG and position in the epoch
+    start_epoch, start_step, global_step = 0, 0, 0
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+        set_rng_state(state["rng"])
+        if dist.is_main:
+            log.info("resumed from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
+    data_info = {"dataset": cfg.dataset, "path": cfg.data, "source": full.source,
+                 "fingerprint": fingerprint(full), "n_train": int(len(train_idx)),
+                 "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
+                                                               data_info, model_args, False))
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
+    writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
+
+    def checkpoint(epoch: int, step: int) -> None:
+        if dist.is_main:
+            save_state(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                                   "global_step": global_step, "rng": rng_state(),
+                                   "config": cfg.to_dict(), "model_args": model_args})
+
+    # -- the loop
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + epoch)).to(device)
+            first = start_step if epoch == start_epoch else 0
+            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", disable=not dist.is_main, leave=False, dynamic_ncols=True)
+            t0, seen = time.perf_counter(), 0
+            for step in bar:
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
+                x_u8, y = images[rows], labels[rows]
+                x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
+                if cuda and cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    out = model(x)[criterion.input]                                  # [V*b, D]
+                feats = out.float().view(criterion.n_views, len(rows), -1).transpose(0, 1)  # [b, V, D]
+                if dist.world_size > 1:
+                    feats, y = gather_with_grad(feats), gather_no_grad(y)
+                loss = criterion(feats, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
+                optimizer.step()
+                scheduler.step()
+                global_step += 1
+                seen += cfg.batch_size * criterion.n_views
+                if dist.is_main and (global_step % cfg.log_every == 0 or step == steps_per_epoch - 1):
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    rec = {"epoch": epoch, "step": step, "global_step": global_step,
+                           "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "views_per_s": rate}
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
+                                    img_s=f"{rate:.0f}")
+                    if writer:
+                        writer.add_scalar("loss", rec["loss"], global_step)
+                        writer.add_scalar("lr", rec["lr"], global_step)
+                if stop.raised:
+                    checkpoint(epoch, step + 1)
+                    if dist.is_main:
+                        log.warning("stopped: checkpoint saved at epoch %d step %d; continue with "
+                                    "--resume --out %s", epoch, step + 1, run_dir)
+                    raise KeyboardInterrupt
+            bar.close()
+            if dist.is_main:
+                log.info("epoch %d/%d loss %.4f lr %.4g", epoch + 1, cfg.epochs, loss.item(),
+                         scheduler.get_last_lr()[0])
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                checkpoint(epoch + 1, 0)
+    if metrics_file:
+        metrics_file.close()
+
+    # -- the run record: final weights, embedding bank, calibration split
+    if dist.is_main:
+        _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
+                cfg.eval_batch_size)
+        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
+                                                               data_info, model_args, True))
+        log.info("run written to %s", run_dir)
+        if ood:
+            from .evaluate import evaluate_run
+            evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval")
+    cleanup()
+    return run_dir
+
+
+def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpec, full,
+            train_idx: np.ndarray, cal_idx: np.ndarray, device: torch.device, batch: int) -> None:
+    net = net.float().to(memory_format=torch.contiguous_format)
+    save_state(run_dir / "model.pt", {"model": net.state_dict(), "model_args": model_args,
+                                      "preprocess": spec.to_dict(), "class_names": full.class_names})
+    deploy = DeployModel(net, spec.mean, spec.std).to(device).eval()
+    emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
+                       progress=True, desc="embedding bank")
+    write_bank(run_dir / "bank.npz", emb, full.labels[train_idx], train_idx, full.class_names)
+
+    def write_cal(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=full.images[cal_idx], labels=full.labels[cal_idx], indices=cal_idx)
+    save_atomic(run_dir / "calibration.npz", write_cal)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard",
+                         field="tensorboard") from None
+    return SummaryWriter(str(run_dir / "tb"))
