@@ -11,7 +11,6 @@ from detector_server.cli_common import run_cli, setup_logging
 from .config import PRESETS, resolve_config
 from .data import list_datasets
 
-_LOSSES = ("reweightood", "unweighted", "supcon", "ce")
 
 
 def _parse_ood(values: tuple[str, ...]) -> dict[str, str]:
@@ -29,6 +28,11 @@ def _model_names() -> list[str]:
     return list_models()
 
 
+def _loss_names() -> list[str]:
+    from .losses import list_losses
+    return list_losses()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--dataset", type=click.Choice(list_datasets()), default=None,
               help="Training set. 'digits' (default) is scikit-learn's bundled handwritten digits, "
@@ -43,7 +47,7 @@ def _model_names() -> list[str]:
 @click.option("--image-size", type=int, default=None, help="Model input side (default: native).")
 @click.option("--arch", type=click.Choice(_model_names()), default=None,
               help="Network (default small_cnn; the official preset uses resnet18_cifar).")
-@click.option("--loss", type=click.Choice(_LOSSES), default=None,
+@click.option("--loss", type=click.Choice(_loss_names()), default=None,
               help="Objective: reweightood (default), unweighted (the paper's baseline), supcon, ce.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="Named recipe: official (authors' code), paper (paper text), "
@@ -90,6 +94,7 @@ def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> 
     The run directory receives checkpoints/last.pt (resumable), model.pt, bank.npz,
     calibration.npz, config.json and metrics.jsonl. Example:
 
+    \b
         rwood-train --dataset cifar10 --data ~/data/cifar --preset official --out runs/c10
     """
     setup_logging(verbose)
