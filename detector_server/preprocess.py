@@ -7,7 +7,8 @@ read `spec.mean`/`spec.std`), so this module never produces floats.
 
 Resize rules (`PreprocessSpec.resize`):
 - ``"shorter_center_crop"``: scale the shorter side to `size` (PIL bilinear, antialiased), then
-  centre-crop `size x size` (torchvision's Resize(size) + CenterCrop(size)). The default.
+  centre-crop `size x size` (like torchvision's Resize(size) + CenterCrop(size), with the long
+  side rounded half up and the crop offset floored). The default.
 - ``"stretch"``: resize both sides to `size` directly (aspect ratio not kept).
 Images already `size x size` pass through untouched under both rules.
 """
@@ -122,12 +123,14 @@ def to_model_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         if spec.resize == "stretch":
             img = img.resize((s, s), Image.BILINEAR)
         else:
+            # Long side rounded half up, crop offset floored: PIL's usual convention (torchvision
+            # truncates the long side and rounds the offset; the two differ by at most a pixel).
             if w <= h:
-                nw, nh = s, max(s, int(s * h / w))
+                nw, nh = s, max(s, int(s * h / w + 0.5))
             else:
-                nw, nh = max(s, int(s * w / h)), s
+                nw, nh = max(s, int(s * w / h + 0.5)), s
             img = img.resize((nw, nh), Image.BILINEAR)
-            left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+            left, top = (nw - s) // 2, (nh - s) // 2
             img = img.crop((left, top, left + s, top + s))
     return np.asarray(img, dtype=np.uint8).reshape(s, s, 3)
 
