@@ -1,0 +1,282 @@
+"""Evaluate a trained run: OOD detection metrics, ID accuracy and embedding quality.
+
+Use `evaluate_run(run_dir, ood={...}, out=REPORT_DIR)` (what `rwood-eval` and the end of
+`rwood-train` call) or `evaluate(...)` to get the numbers and the score arrays without writing.
+
+Steps: load RUN_DIR/model.pt as a DeployModel; embed the ID test set and every OOD set (uint8 at the
+run's input size, prepared by `trainer.ood_sets`); score them against RUN_DIR/bank.npz with the
+postprocessor: "knn" is `detector_server.knn.KNNScorer` (the deployed runtime's scorer, so these
+numbers are the deployed scores) and "mahalanobis" is `trainer.mahalanobis.MahalanobisScorer`;
+metrics come from `detector_server.metrics`. ID accuracy: KNN vote on the bank (always), the
+postprocessor's prediction, and the linear head when the model has one. Embedding quality of both
+bank features (paper 4.1).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from detector_server.errors import CheckpointError, InputError
+from detector_server.knn import KNNScorer, build_index, index_to_device
+from detector_server.metrics import ood_metrics, threshold_at_tpr
+
+from .embedding_quality import QUALITY_NOTE, embedding_quality
+from .mahalanobis import MahalanobisScorer
+from .ood_sets import load_image_set, parse_set_arg
+
+__all__ = ["Evaluation", "evaluate", "evaluate_run", "default_k", "list_postprocessors",
+           "FEATURES", "METRIC_KEYS", "REPORT_FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT_VERSION = 1
+TPR = 0.95
+METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
+FEATURES = {"penultimate": "feature", "projection": "projection"}  # bank.npz key -> embed key
+# Datasets whose loader has a real test split (npz/folder runs must name --id-test).
+_HAS_TEST_SPLIT = ("digits", "cifar10", "cifar100")
+
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)
+_POSTPROCESSORS: dict[str, Callable[..., Scorer]] = {}
+
+
+def _register(fn: Callable[..., Scorer]) -> Callable[..., Scorer]:
+    _POSTPROCESSORS[fn.__name__] = fn
+    return fn
+
+
+@_register
+def knn(bank: np.ndarray, labels: np.ndarray, k: int, num_classes: int, device: str) -> Scorer:
+    index = index_to_device(build_index(bank), "cpu" if device == "cpu" else "auto")
+    return KNNScorer(index, labels, k=k, num_classes=num_classes).score
+
+
+@_register
+def mahalanobis(bank: np.ndarray, labels: np.ndarray, k: int, num_classes: int,
+                device: str) -> Scorer:
+    return MahalanobisScorer(bank, labels, num_classes=num_classes).score
+
+
+def list_postprocessors() -> list[str]:
+    return sorted(_POSTPROCESSORS)
+
+
+def default_k(num_classes: int, bank_size: int, configured: int | None = None) -> int:
+    """K: `configured` if given, else 300 for > 10 classes and 100 otherwise (CIDER's settings for
+    CIFAR-100 / CIFAR-10); capped at the bank size (logged)."""
+    k = configured if configured is not None else (300 if num_classes > 10 else 100)
+    if k > bank_size:
+        log.warning("K=%d is larger than the bank (%d rows); using K=%d", k, bank_size, bank_size)
+    return min(k, bank_size)
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation produced: the JSON report and the arrays the plots need."""
+
+    report: dict[str, Any]
+    scores: dict[str, np.ndarray]            # "id" and each OOD name -> float32 [N]
+    embeddings: dict[str, np.ndarray]        # same keys -> float32 [N, D], the scored feature
+    id_labels: np.ndarray                    # int64 [N_id], -1 where unknown
+    class_names: list[str] = field(default_factory=list)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"expected auto, cpu or cuda, got {device!r}", field="device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA is not available on this machine; use --device cpu", field="device")
+    return device
+
+
+def _read_bank(run_dir: Path, feature: str) -> dict[str, np.ndarray]:
+    from .bank import read_bank
+
+    path = run_dir / "bank.npz"
+    if not path.is_file():
+        raise CheckpointError("bank.npz not found: was the run finished?", path=str(path))
+    bank = read_bank(path)
+    for key in (feature, "labels"):
+        if key not in bank:
+            raise CheckpointError(f"missing key; found {sorted(bank)}", path=str(path), field=key)
+    return bank
+
+
+def _id_test_set(id_test: str | None, info: dict[str, Any],
+                 run_dir: Path) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """(name, source, images, labels) of the ID test set: `id_test` if given, else the run's test
+    split (digits, cifar10, cifar100), else the run's calibration split (see `_calibration_set`)."""
+    spec, class_names = info["preprocess"], info["class_names"]
+    if id_test is not None:
+        name, path = ((Path(id_test).stem, id_test) if Path(id_test).exists()
+                      else parse_set_arg(id_test))
+        images, labels = load_image_set(name, path, spec, class_names)
+        return name, str(path), images, labels
+    cfg = info.get("config", {}).get("config", {})
+    dataset = cfg.get("dataset")
+    if dataset not in _HAS_TEST_SPLIT:
+        return _calibration_set(run_dir, dataset)
+    from .data import load_dataset, parse_classes, select_classes
+
+    d = load_dataset(dataset, cfg.get("data"), "test", size=spec.size)
+    if cfg.get("classes"):
+        d = select_classes(d, parse_classes(cfg["classes"], len(d.class_names)))
+    return dataset, f"{dataset} test split ({d.source})", d.images, d.labels
+
+
+def _calibration_set(run_dir: Path, dataset: str | None) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """RUN_DIR/calibration.npz: held out from training and the bank, so a fair ID test set for a
+    run whose dataset (npz, folder) has no test split. InputError asking for --id-test if empty."""
+    path = run_dir / "calibration.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f["images"], f["labels"].astype(np.int64)
+        if len(images):
+            log.warning("no --id-test and the run's dataset (%s) has no test split: using the "
+                        "run's held-out calibration split (%d images)", dataset, len(images))
+            return "calibration", f"{path} (held-out split of the training data)", images, labels
+    raise InputError(f"the run's dataset ({dataset!r}) has no test split and the run has no "
+                     "calibration split; pass --id-test PATH (an .npz or image folder of "
+                     "in-distribution test images)", field="id_test")
+
+
+def _embed(model, images: np.ndarray, name: str, batch_size: int, device: str,
+           progress: bool) -> dict[str, np.ndarray]:
+    """embed_arrays, plus the linear head's logits (captured by a hook) when the net has one."""
+    from .bank import embed_arrays
+
+    classifier = getattr(model.net, "classifier", None)
+    logits: list[np.ndarray] = []
+    hook = None if classifier is None else classifier.register_forward_hook(
+        lambda _m, _i, out: logits.append(out.detach().float().cpu().numpy()))
+    try:
+        out = embed_arrays(model, images, batch_size=batch_size, device=device,
+                           progress=progress and len(images) > 4 * batch_size, desc=name)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if logits:
+        out["logits"] = np.concatenate(logits)
+    return out
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float | None:
+    ok = (labels >= 0) & (labels < num_classes)
+    return float(np.mean(pred[ok] == labels[ok])) if ok.any() else None
+
+
+def evaluate(run_dir: str | Path, id_test: str | None = None, ood: dict[str, str] | None = None,
+             postprocessor: str = "knn", k: int | None = None, feature: str = "penultimate",
+             batch_size: int = 512, device: str = "auto", progress: bool = False) -> Evaluation:
+    """Evaluate one run (see the module doc). `ood` maps a set name to an .npz / folder / root.
+
+    Raises InputError for bad settings, CheckpointError for an incomplete run directory and
+    DataError for unreadable image sets, each naming the option, file or folder.
+    """
+    from .checkpoint import load_model
+
+    _check_settings(postprocessor, feature, batch_size, k)
+    if ood and "id" in ood:
+        raise InputError("'id' is reserved for the in-distribution set; rename the OOD set",
+                         field="ood")
+    run_dir, device = Path(run_dir), _resolve_device(device)
+    model, info = load_model(run_dir, device=device)
+    bank = _read_bank(run_dir, feature)
+    class_names = list(info["class_names"])
+    bank_emb = np.ascontiguousarray(bank[feature], dtype=np.float32)
+    bank_labels = bank["labels"].astype(np.int64)
+    configured = info.get("config", {}).get("config", {}).get("k")
+    k = default_k(len(class_names), len(bank_labels), k if k is not None else configured)
+    knn_scorer = knn(bank_emb, bank_labels, k, len(class_names), device)
+    scorer = knn_scorer if postprocessor == "knn" else \
+        _POSTPROCESSORS[postprocessor](bank_emb, bank_labels, k, len(class_names), device)
+
+    # in-distribution test set: scores, accuracies
+    id_name, id_source, id_images, id_labels = _id_test_set(id_test, info, run_dir)
+    log.info("ID test %s: %d images", id_name, len(id_images))
+    id_out = _embed(model, id_images, id_name, batch_size, device, progress)
+    embeddings = {"id": id_out[FEATURES[feature]]}
+    id_scores, id_pred = scorer(embeddings["id"])
+    scores = {"id": id_scores}
+    knn_pred = id_pred if postprocessor == "knn" else knn_scorer(embeddings["id"])[1]
+    accuracy = {"knn": _accuracy(knn_pred, id_labels, len(class_names)),
+                postprocessor: _accuracy(id_pred, id_labels, len(class_names)),
+                "linear_head": (_accuracy(id_out["logits"].argmax(1), id_labels, len(class_names))
+                                if "logits" in id_out else None)}
+
+    # OOD sets
+    sizes = {}
+    for name, path in (ood or {}).items():
+        images, _ = load_image_set(name, path, info["preprocess"])
+        log.info("OOD %s: %d images", name, len(images))
+        embeddings[name] = _embed(model, images, name, batch_size, device, progress)[FEATURES[feature]]
+        scores[name] = scorer(embeddings[name])[0]
+        sizes[name] = int(len(images))
+
+    settings = {"postprocessor": postprocessor, "k": k, "feature": feature, "index_factory": "Flat",
+                "tpr": TPR, "batch_size": batch_size, "device": device,
+                "bank_size": int(len(bank_labels)),
+                "id_test": {"name": id_name, "source": id_source, "n": int(len(id_images))},
+                "ood": {n: {"path": str(p), "n": sizes[n]} for n, p in (ood or {}).items()}}
+    report = _report(run_dir, settings, info, scores, accuracy,
+                     {f: embedding_quality(bank[f], bank_labels) for f in FEATURES if f in bank})
+    return Evaluation(report, scores, embeddings, id_labels, class_names)
+
+
+def _check_settings(postprocessor: str, feature: str, batch_size: int, k: int | None) -> None:
+    if postprocessor not in _POSTPROCESSORS:
+        raise InputError(f"expected one of {list_postprocessors()}, got {postprocessor!r}",
+                         field="postprocessor")
+    if feature not in FEATURES:
+        raise InputError(f"expected one of {list(FEATURES)}, got {feature!r}", field="feature")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"expected a positive integer, got {batch_size!r}", field="batch_size")
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise InputError(f"expected a positive integer, got {k!r}", field="k")
+
+
+def _report(run_dir: Path, settings: dict[str, Any], info: dict[str, Any],
+            scores: dict[str, np.ndarray], accuracy: dict[str, float | None],
+            quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The JSON report: settings, per-set metrics and their average, accuracy, quality."""
+    per_set = {n: {**ood_metrics(scores["id"], scores[n], TPR), "n": int(len(scores[n]))}
+               for n in scores if n != "id"}
+    average = {m: float(np.mean([v[m] for v in per_set.values()]))
+               for m in METRIC_KEYS} if per_set else {}
+    return {
+        "format": "reweightood-eval", "format_version": REPORT_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir), "settings": settings,
+        "model": dict(info["model_args"]), "class_names": list(info["class_names"]),
+        "id": {"threshold@95": threshold_at_tpr(scores["id"], TPR), "n": int(len(scores["id"])),
+               "score_mean": float(np.mean(scores["id"])), "score_std": float(np.std(scores["id"]))},
+        "ood": per_set, "average": average, "accuracy": accuracy,
+        "embedding_quality": {**quality, "note": QUALITY_NOTE},
+    }
+
+
+def evaluate_run(run_dir: str | Path, id_test: str | None = None,
+                 ood: dict[str, str] | None = None, postprocessor: str = "knn",
+                 k: int | None = None, feature: str = "penultimate", batch_size: int = 512,
+                 device: str = "auto", out: str | Path | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """`evaluate`, then write report.json, report.md and the plots to `out` when given.
+
+    Returns the report dict (see report.json). `out` defaults to nothing written.
+    """
+    ev = evaluate(run_dir, id_test=id_test, ood=ood, postprocessor=postprocessor, k=k,
+                  feature=feature, batch_size=batch_size, device=device, progress=progress)
+    if out is not None:
+        from .report import write_report
+
+        write_report(ev, out)
+    return ev.report

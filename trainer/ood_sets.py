@@ -1,0 +1,207 @@
+"""Evaluation image sets given as `name=path`: npz files, image folders, torchvision roots.
+
+Use `parse_set_arg("svhn=/data/svhn")` for a CLI argument and `load_image_set(name, path, spec)` to
+get the images at the run's model input (uint8 [N, S, S, 3]). Every image goes through
+`detector_server.preprocess` (`prepare_arrays` / `decode_image` + `to_model_array`) with the run's
+PreprocessSpec, so grayscale becomes RGB and other sizes are resized by the rule recorded in the
+run, exactly as the runtime would.
+
+How `path` is read:
+- a file ending `.npz`: keys `images` uint8 (N,H,W[,C]) and optional `labels` int (N,) (the
+  trainer's npz format; `../shared/data/ood_*.npz` are in it);
+- a folder, when `name` is a torchvision set below and the folder holds that set's files: the
+  torchvision dataset (never downloaded): svhn (split test), mnist (test), dtd / textures (split
+  test, partition 1), places365 (val, 256-px "small" images), cifar10 / cifar100 (test);
+- any other folder: every file under it (recursively, sorted) that Pillow decodes; labels are the
+  class index of the first-level sub-folder when `class_names` names it, else -1.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from detector_server.errors import DataError, InputError
+from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
+
+__all__ = ["parse_set_arg", "load_image_set", "list_torchvision_sets", "read_npz_set",
+           "read_image_folder"]
+
+log = logging.getLogger(__name__)
+
+ImageSet = tuple[np.ndarray, np.ndarray]        # (uint8 [N, S, S, 3], int64 [N]; -1 = no label)
+TorchvisionLoader = Callable[[str, PreprocessSpec], ImageSet]
+_TORCHVISION: dict[str, TorchvisionLoader] = {}
+_HOW_TO_FILL: dict[str, str] = {}
+
+
+def parse_set_arg(text: str) -> tuple[str, str]:
+    """Split "name=path" into (name, path). InputError naming `--ood` when malformed."""
+    name, sep, path = str(text).partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise InputError(f"expected NAME=PATH (e.g. textures=../shared/data/ood_textures.npz), "
+                         f"got {text!r}", field="ood")
+    return name.strip(), path.strip()
+
+
+def load_image_set(name: str, path: str | Path, spec: PreprocessSpec,
+                   class_names: list[str] | None = None) -> ImageSet:
+    """Load an evaluation set at model input.
+
+    Returns (images uint8 [N, spec.size, spec.size, 3], labels int64 [N], -1 where unknown).
+    Raises DataError naming the path when it is missing, empty or not in a known layout.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() != ".npz":
+            raise DataError("expected an .npz file or a folder", path=str(p))
+        return read_npz_set(p, spec)
+    key = name.lower()
+    if not p.is_dir():
+        hint = f" {_HOW_TO_FILL[key]}" if key in _TORCHVISION else ""
+        raise DataError(f"not found: expected an .npz file or a folder.{hint}", path=str(p))
+    if key in _TORCHVISION:
+        try:
+            return _TORCHVISION[key](str(p), spec)
+        except (RuntimeError, FileNotFoundError) as e:
+            if not _has_images(p):
+                raise DataError(f"no {key} files here ({e}). {_HOW_TO_FILL[key]}",
+                                path=str(p)) from None
+            log.info("%s: no torchvision %s layout in %s; reading it as an image folder",
+                     name, key, p)
+    return read_image_folder(p, spec, class_names)
+
+
+def list_torchvision_sets() -> list[str]:
+    return sorted(_TORCHVISION)
+
+
+# ------------------------------------------------------------------------ npz and image folders
+def read_npz_set(path: str | Path, spec: PreprocessSpec) -> ImageSet:
+    """Read `images` uint8 (N,H,W[,C]) and optional `labels` (N,) from an .npz (no pickles)."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise DataError(f"missing key; found {f.files}", path=str(p), field="images")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else np.full(len(images), -1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"not a readable .npz file ({e})", path=str(p)) from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
+        raise DataError(f"expected non-empty uint8 (N,H,W[,C]), got {images.dtype} {images.shape}",
+                        path=str(p), field="images")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise DataError(f"expected integer labels of shape ({len(images)},), got {labels.dtype} "
+                        f"{labels.shape}", path=str(p), field="labels")
+    try:
+        return prepare_arrays(images, spec), labels.astype(np.int64)
+    except InputError as e:
+        raise DataError(str(e), path=str(p), field="images") from None
+
+
+def _has_images(root: Path) -> bool:
+    return any(f.is_file() and not f.name.startswith(".") for f in root.rglob("*"))
+
+
+def read_image_folder(root: str | Path, spec: PreprocessSpec,
+                      class_names: list[str] | None = None) -> ImageSet:
+    """Every decodable file under `root` (recursive, sorted by path; hidden files and files Pillow
+    cannot read are skipped with a count in the log). Labels: index in `class_names` of the
+    first-level sub-folder's name, -1 when absent or not a class name."""
+    root = Path(root)
+    index = {c: i for i, c in enumerate(class_names or [])}
+    images, labels, skipped = [], [], 0
+    for f in sorted(root.rglob("*")):
+        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
+        try:
+            images.append(to_model_array(decode_image(f.read_bytes()), spec))
+        except InputError:
+            skipped += 1
+            continue
+        rel = f.relative_to(root).parts
+        labels.append(index.get(rel[0], -1) if len(rel) > 1 else -1)
+    if skipped:
+        log.warning("%s: skipped %d files Pillow cannot decode", root, skipped)
+    if not images:
+        raise DataError("no image files found (any format Pillow decodes, searched recursively)",
+                        path=str(root))
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ torchvision roots
+def _register(*names: str, fill: str) -> Callable[[TorchvisionLoader], TorchvisionLoader]:
+    """Register a torchvision loader under its function name and `names` (aliases)."""
+    def wrap(fn: TorchvisionLoader) -> TorchvisionLoader:
+        for n in (fn.__name__, *names):
+            _TORCHVISION[n], _HOW_TO_FILL[n] = fn, fill
+        return fn
+    return wrap
+
+
+def _from_pil(ds, spec: PreprocessSpec) -> ImageSet:
+    """Iterate a torchvision dataset of PIL images through the shared resize rule."""
+    from tqdm.auto import tqdm
+
+    images = np.empty((len(ds), spec.size, spec.size, 3), dtype=np.uint8)
+    labels = np.empty(len(ds), dtype=np.int64)
+    for i in tqdm(range(len(ds)), desc=type(ds).__name__, unit="img", leave=False,
+                  disable=len(ds) < 5000):
+        img, y = ds[i]
+        images[i], labels[i] = to_model_array(img, spec), int(y)
+    return images, labels
+
+
+@_register(fill="Put test_32x32.mat (from http://ufldl.stanford.edu/housenumbers/) in this folder.")
+def svhn(root: str, spec: PreprocessSpec) -> ImageSet:
+    from torchvision.datasets import SVHN
+
+    ds = SVHN(root, split="test", download=False)
+    return prepare_arrays(np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), spec), \
+        np.asarray(ds.labels, dtype=np.int64)
+
+
+@_register(fill="Expected ROOT/MNIST/raw/t10k-images-idx3-ubyte (torchvision's layout; fill it "
+                "once with torchvision.datasets.MNIST(ROOT, train=False, download=True)).")
+def mnist(root: str, spec: PreprocessSpec) -> ImageSet:
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(root, train=False, download=False)
+    return prepare_arrays(ds.data.numpy(), spec), ds.targets.numpy().astype(np.int64)
+
+
+@_register("textures", fill="Expected ROOT/dtd/dtd/images and ROOT/dtd/dtd/labels (extract "
+                            "dtd-r1.0.1.tar.gz into ROOT/dtd), or any folder of texture images.")
+def dtd(root: str, spec: PreprocessSpec) -> ImageSet:
+    from torchvision.datasets import DTD
+
+    return _from_pil(DTD(root, split="test", partition=1, download=False), spec)
+
+
+@_register(fill="Expected ROOT/categories_places365.txt, ROOT/places365_val.txt and ROOT/val_256/ "
+                "(filelist_places365-standard.tar and val_256.tar from places2.csail.mit.edu).")
+def places365(root: str, spec: PreprocessSpec) -> ImageSet:
+    from torchvision.datasets import Places365
+
+    return _from_pil(Places365(root, split="val", small=True, download=False), spec)
+
+
+def _cifar(cls_name: str, root: str, spec: PreprocessSpec) -> ImageSet:
+    import torchvision
+
+    ds = getattr(torchvision.datasets, cls_name)(root, train=False, download=False)
+    return prepare_arrays(np.asarray(ds.data, dtype=np.uint8), spec), \
+        np.asarray(ds.targets, dtype=np.int64)
+
+
+@_register(fill="Expected ROOT/cifar-10-batches-py (the extracted python version of CIFAR-10).")
+def cifar10(root: str, spec: PreprocessSpec) -> ImageSet:
+    return _cifar("CIFAR10", root, spec)
+
+
+@_register(fill="Expected ROOT/cifar-100-python (the extracted python version of CIFAR-100).")
+def cifar100(root: str, spec: PreprocessSpec) -> ImageSet:
+    return _cifar("CIFAR100", root, spec)

@@ -1,0 +1,204 @@
+"""Write an evaluation to a folder: report.json, report.md (paper Table 3 layout) and PNG plots.
+
+Use `write_report(evaluation, out_dir)` after `trainer.evaluate.evaluate`; `detection_table` and
+`quality_table` format the same numbers for several runs side by side (bench/paper_table.py).
+Every file is written atomically (temp file + os.replace). Plots use matplotlib's object API
+(`matplotlib.figure.Figure`, Agg canvas), never pyplot, so no global backend state is touched:
+- score_histograms.png: ID vs each OOD set's scores, the 95%-TPR threshold as a dashed line;
+- roc.png: ROC curve of each OOD set (ID positive);
+- embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings) coloured by class, OOD
+  points overlaid as grey markers.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .checkpoint import save_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from .evaluate import Evaluation
+
+__all__ = ["write_report", "render_markdown", "detection_table", "quality_table", "PLOTS",
+           "pca_2d"]
+
+PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")
+_MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
+
+
+def write_report(ev: "Evaluation", out_dir: str | Path) -> list[Path]:
+    """Write report.json, report.md and the plots into `out_dir` (created). Returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json", out / "report.md"]
+    write_json_atomic(written[0], ev.report)
+    md = render_markdown(ev.report, plots=[p for p in PLOTS if p != "score_histograms.png"
+                                           or len(ev.scores) > 1])
+    save_atomic(written[1], lambda tmp: Path(tmp).write_text(md))
+    figures = {"embedding_2d.png": _embedding_figure(ev)}
+    if len(ev.scores) > 1:
+        figures["score_histograms.png"] = _histogram_figure(ev)
+        figures["roc.png"] = _roc_figure(ev)
+    for name, fig in figures.items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        save_atomic(out / name, lambda tmp, data=buf.getvalue(): Path(tmp).write_bytes(data))
+        written.append(out / name)
+    return written
+
+
+# ------------------------------------------------------------------------------ markdown
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100.0 * x:.2f}"
+
+
+def detection_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Paper Table 3 layout: one row per run/method, FPR@95 and AUROC per OOD set, then average.
+
+    rows: label -> report dict (report.json content); OOD sets are the union, in first-seen order.
+    """
+    sets = list(dict.fromkeys(n for r in rows.values() for n in r["ood"]))
+    head = ["method"] + [f"{n} {m}" for n in sets + ["average"] for m in ("FPR@95↓", "AUROC↑")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        cells = [label]
+        for n in sets:
+            m = r["ood"].get(n, {})
+            cells += [_pct(m.get("fpr@95")), _pct(m.get("auroc"))]
+        cells += [_pct(r["average"].get("fpr@95")), _pct(r["average"].get("auroc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def quality_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Embedding quality per run/method and feature: mean MES radius, dispersion, ID accuracy."""
+    lines = ["| method | feature | mean MES radius ↓ | dispersion (mean centroid cosine) ↓ | "
+             "KNN accuracy ↑ |", "|---|---|---|---|---|"]
+    for label, r in rows.items():
+        for feat, q in r["embedding_quality"].items():
+            if isinstance(q, dict):
+                lines.append(f"| {label} | {feat} | {q['mean_radius']:.4f} | {q['dispersion']:.4f} |"
+                             f" {_pct(r['accuracy'].get('knn'))} |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] = PLOTS) -> str:
+    """report.md: settings, the per-set detection table with the average, accuracy, quality."""
+    s = report["settings"]
+    t = s["id_test"]
+    lines = [f"# OOD evaluation of `{report['run_dir']}`", "",
+             f"ID test: **{t['name']}** ({t['n']} images, {t['source']}). Scorer: "
+             f"**{s['postprocessor']}** (K={s['k']}) on the **{s['feature']}** feature, bank of "
+             f"{s['bank_size']} training embeddings. ID is the positive class; FPR@95 is the "
+             f"fraction of OOD scored at or above the threshold keeping 95% of ID "
+             f"(threshold {report['id']['threshold@95']:.4f}). Numbers in %.", "",
+             "## Detection", "",
+             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
+    for name, m in report["ood"].items():
+        lines.append(f"| {name} | {m['n']} | {_pct(m['fpr@95'])} | {_pct(m['auroc'])} | "
+                     f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |")
+    if report["average"]:
+        a = report["average"]
+        lines.append(f"| **average** | | **{_pct(a['fpr@95'])}** | **{_pct(a['auroc'])}** | "
+                     f"{_pct(a['aupr_in'])} | {_pct(a['aupr_out'])} |")
+    else:
+        lines.append("| (no OOD sets given) | | | | | |")
+    lines += ["", "## In-distribution accuracy", "", "| classifier | accuracy (%) |", "|---|---|"]
+    lines += [f"| {name} | {_pct(acc)} |" for name, acc in report["accuracy"].items()]
+    lines += ["", "## Embedding quality (bank, paper section 4.1)", "",
+              "| feature | mean MES radius ↓ | dispersion (mean pairwise centroid cosine) ↓ |",
+              "|---|---|---|"]
+    for feat, q in report["embedding_quality"].items():
+        if isinstance(q, dict):
+            lines.append(f"| {feat} | {q['mean_radius']:.4f} | {q['dispersion']:.4f} |")
+    lines += ["", report["embedding_quality"]["note"], "", "## Plots", ""]
+    lines += [f"![{p[:-4]}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ plots
+def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 4.0)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _histogram_figure(ev: "Evaluation"):
+    names = [n for n in ev.scores if n != "id"]
+    ncols = min(3, len(names))
+    fig, axes = _figure(ncols, -(-len(names) // ncols), (4.6, 3.4))
+    thr = ev.report["id"]["threshold@95"]
+    for ax, name in zip(axes.flat, names):
+        both = np.concatenate([ev.scores["id"], ev.scores[name]])
+        bins = np.linspace(both.min(), both.max() + 1e-6, 50)
+        ax.hist(ev.scores["id"], bins=bins, density=True, alpha=0.55, label="ID", color="tab:blue")
+        ax.hist(ev.scores[name], bins=bins, density=True, alpha=0.55, label=name, color="tab:red")
+        ax.axvline(thr, color="k", linestyle="--", linewidth=1.2, label="95% TPR threshold")
+        ax.set_title(f"{name}: FPR@95 {_pct(ev.report['ood'][name]['fpr@95'])}%", fontsize=10)
+        ax.set_xlabel("score (higher = more ID)")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _roc_figure(ev: "Evaluation"):
+    from sklearn.metrics import roc_curve
+
+    fig, axes = _figure(1, 1, (5.0, 4.6))
+    ax = axes[0, 0]
+    for name in (n for n in ev.scores if n != "id"):
+        y = np.r_[np.ones(len(ev.scores["id"])), np.zeros(len(ev.scores[name]))]
+        fpr, tpr, _ = roc_curve(y, np.r_[ev.scores["id"], ev.scores[name]])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {_pct(ev.report['ood'][name]['auroc'])}%)")
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+    ax.axhline(0.95, color="k", linestyle="--", linewidth=0.8, label="TPR 95%")
+    ax.set_xlabel("false positive rate (OOD accepted)")
+    ax.set_ylabel("true positive rate (ID accepted)")
+    ax.set_title("ROC, in-distribution positive")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def pca_2d(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Project `fit` and `others` ([N, D] each) on the top-2 principal axes of `fit` (numpy SVD)."""
+    mean = fit.mean(axis=0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    return [(x - mean) @ vt[:2].T for x in (fit, *others)]
+
+
+def _embedding_figure(ev: "Evaluation"):
+    rng = np.random.default_rng(0)
+    id_emb, labels = ev.embeddings["id"], ev.id_labels
+    keep = np.sort(rng.choice(len(id_emb), min(len(id_emb), _MAX_ID_POINTS), replace=False))
+    names = [n for n in ev.embeddings if n != "id"]
+    ood = [ev.embeddings[n][np.sort(rng.choice(len(ev.embeddings[n]),
+                                               min(len(ev.embeddings[n]), _MAX_OOD_POINTS),
+                                               replace=False))] for n in names]
+    proj = pca_2d(id_emb[keep], *ood)
+    fig, axes = _figure(1, 1, (7.0, 5.6))
+    ax = axes[0, 0]
+    cmap = "tab10" if len(ev.class_names) <= 10 else "tab20"
+    sc = ax.scatter(proj[0][:, 0], proj[0][:, 1], c=labels[keep], cmap=cmap, s=6, alpha=0.7,
+                    vmin=-0.5, vmax=max(len(ev.class_names), 1) - 0.5)
+    for i, (p, name) in enumerate(zip(proj[1:], names)):
+        ax.scatter(p[:, 0], p[:, 1], marker="x+^vsd*"[i % 7], s=14, alpha=0.6,
+                   color=("black", "0.5", "darkred", "navy")[i % 4],
+                   linewidths=0.8, label=f"OOD: {name}")
+    if len(ev.class_names) <= 20:
+        cbar = fig.colorbar(sc, ax=ax, ticks=range(len(ev.class_names)))
+        cbar.ax.set_yticklabels(ev.class_names, fontsize=7)
+    ax.set_title(f"PCA of ID test {ev.report['settings']['feature']} embeddings (by class), "
+                 "OOD overlaid", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if names:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
