@@ -1,0 +1,241 @@
+"""Evaluation of a run: end-to-end on the tiny run and real data, and each piece against brute force."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from detector_server.errors import CheckpointError, DataError, InputError
+from detector_server.knn import KNNScorer, build_index
+from detector_server.metrics import ood_metrics
+from detector_server.preprocess import PreprocessSpec
+from trainer.embedding_quality import embedding_quality
+from trainer.evaluate import default_k, evaluate
+from trainer.mahalanobis import MahalanobisScorer
+from trainer.ood_sets import load_image_set, parse_set_arg
+
+SPEC = PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def small_sets(shared_data: Path, tmp_path_factory) -> dict[str, str]:
+    """Real subsets as npz files: 400 CIFAR-10 test (ID), 200 MNIST, 200 textures."""
+    root = tmp_path_factory.mktemp("sets")
+    out = {}
+    for name, file, n in [("id", "cifar10_test", 400), ("mnist", "ood_mnist", 200),
+                          ("textures", "ood_textures", 200)]:
+        d = np.load(shared_data / f"{file}.npz")
+        np.savez(root / f"{name}.npz", images=d["images"][:n], labels=d["labels"][:n])
+        out[name] = str(root / f"{name}.npz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bank(tiny_run: Path) -> dict[str, np.ndarray]:
+    with np.load(tiny_run / "bank.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_rwood_eval_end_to_end_equals_direct_knn(tiny_run, small_sets, tmp_path):
+    import torch
+
+    from trainer.bank import embed_arrays
+    from trainer.checkpoint import load_model
+    from trainer.cli_eval import eval_main
+
+    out = tmp_path / "report"
+    res = CliRunner().invoke(eval_main, [str(tiny_run), "--id-test", small_sets["id"],
+                                         "--ood", f"mnist={small_sets['mnist']}",
+                                         "--ood", f"textures={small_sets['textures']}",
+                                         "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for f in ("report.json", "report.md", "score_histograms.png", "roc.png", "embedding_2d.png"):
+        assert (out / f).stat().st_size > 1000 or f.endswith(".json"), f
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["k"] == 10 and report["settings"]["id_test"]["n"] == 400
+    for name in ("mnist", "textures"):
+        for m in ("fpr@95", "auroc", "aupr_in", "aupr_out"):
+            assert 0.0 <= report["ood"][name][m] <= 1.0
+    assert 0.0 <= report["accuracy"]["knn"] <= 1.0 and report["accuracy"]["linear_head"] is None
+    md = (out / "report.md").read_text()
+    assert "| mnist | 200 |" in md and "**average**" in md and "dispersion" in md
+
+    # the same numbers straight from the runtime's scorer on the run's bank
+    torch.set_num_threads(2)
+    model, info = load_model(tiny_run)
+    with np.load(tiny_run / "bank.npz") as f:
+        scorer = KNNScorer(build_index(f["penultimate"]), f["labels"], k=10)
+    scores = {}
+    for name in ("id", "mnist", "textures"):
+        images, labels = load_image_set(name, small_sets[name], info["preprocess"])
+        emb = embed_arrays(model, images, batch_size=256)["feature"]
+        scores[name], pred = scorer.score(emb)
+        if name == "id":
+            assert report["accuracy"]["knn"] == pytest.approx(np.mean(pred == labels))
+    for name in ("mnist", "textures"):
+        want = ood_metrics(scores["id"], scores[name])
+        for m, v in want.items():
+            assert report["ood"][name][m] == pytest.approx(v, abs=1e-6), (name, m)
+    assert report["average"]["auroc"] == pytest.approx(
+        np.mean([report["ood"][n]["auroc"] for n in ("mnist", "textures")]))
+
+
+def test_mahalanobis_and_projection_feature(tiny_run, small_sets):
+    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"mnist": small_sets["mnist"]},
+                  postprocessor="mahalanobis", feature="projection", device="cpu")
+    r = ev.report
+    assert r["settings"]["postprocessor"] == "mahalanobis" and r["settings"]["feature"] == "projection"
+    assert set(r["accuracy"]) == {"knn", "mahalanobis", "linear_head"}
+    assert ev.embeddings["id"].shape == (400, 128) and ev.scores["mnist"].shape == (200,)
+    assert (ev.scores["id"] <= 0).all()
+    assert 0.0 <= r["ood"]["mnist"]["auroc"] <= 1.0
+
+
+def test_default_id_test_is_the_calibration_split(tiny_run):
+    ev = evaluate(tiny_run, device="cpu")
+    with np.load(tiny_run / "calibration.npz") as f:
+        n = len(f["labels"])
+    assert ev.report["settings"]["id_test"]["name"] == "calibration"
+    assert ev.report["settings"]["id_test"]["n"] == n and ev.report["ood"] == {}
+
+
+def test_mahalanobis_matches_brute_force(bank):
+    x, y = bank["penultimate"], bank["labels"]
+    scorer = MahalanobisScorer(x[:800], y[:800])
+    q = x[800:]
+    h = x[:800].astype(np.float64)
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    mus = np.stack([h[y[:800] == c].mean(0) for c in range(10)])
+    cov = sum(np.outer(v, v) for v in h - mus[y[:800]]) / len(h)
+    prec = np.linalg.pinv(cov)
+    d = np.array([[(r - m) @ prec @ (r - m) for m in mus] for r in q.astype(np.float64)])
+    scores, pred = scorer.score(q)
+    np.testing.assert_allclose(scores, -d.min(1), rtol=1e-4, atol=1e-3)
+    assert (pred == d.argmin(1)).mean() > 0.99
+    with pytest.raises(InputError, match="labels"):
+        MahalanobisScorer(x[:20], y[:20], num_classes=30)
+    with pytest.raises(InputError, match="emb"):
+        scorer.score(q[:, :5])
+
+
+def test_embedding_quality_matches_brute_force(bank):
+    x, y = bank["penultimate"], bank["labels"]
+    q = embedding_quality(x, y)
+    h = x / np.linalg.norm(x, axis=1, keepdims=True)
+    radii, cents = [], []
+    for c in range(10):
+        mu = h[y == c].mean(0)
+        radii.append(max(np.linalg.norm(r - mu) for r in h[y == c]))
+        cents.append(mu / np.linalg.norm(mu))
+    cos = [cents[a] @ cents[b] for a in range(10) for b in range(10) if a != b]
+    assert q["mean_radius"] == pytest.approx(np.mean(radii), rel=1e-6)
+    assert q["radius_per_class"][3] == pytest.approx(radii[3], rel=1e-6)
+    assert q["dispersion"] == pytest.approx(np.mean(cos), rel=1e-6)
+    assert 0.0 < q["mean_radius"] <= 2.0 and -1.0 <= q["dispersion"] <= 1.0
+    # perfectly compact, mutually orthogonal classes: radius 0, dispersion 0
+    e = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
+    q0 = embedding_quality(e, np.repeat(np.arange(4), 3))
+    assert q0["mean_radius"] == pytest.approx(0.0, abs=1e-7) and q0["dispersion"] == pytest.approx(0.0)
+    with pytest.raises(InputError, match="labels"):
+        embedding_quality(x[:5], np.zeros(5, np.int64))
+    with pytest.raises(InputError, match="features"):
+        embedding_quality(np.full((4, 3), np.nan), np.arange(4))
+
+
+def test_linear_head_logits_are_captured():
+    import torch
+
+    from trainer.evaluate import _embed
+    from trainer.networks import DeployModel, create_model
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, with_classifier=True)
+    model = DeployModel(net, SPEC.mean, SPEC.std).eval()
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    out = _embed(model, images, "x", batch_size=4, device="cpu", progress=False)
+    with torch.no_grad():
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - model.mean) / model.std
+        want = net(x)["logits"].numpy()
+    np.testing.assert_allclose(out["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_image_folder_equals_npz_and_reads_class_labels(shared_data, tmp_path):
+    images, labels = load_image_set("textures", shared_data / "raw_textures", SPEC)
+    ref = np.load(shared_data / "ood_textures.npz")
+    names = list(ref["filenames"])
+    files = sorted(p.name for p in (shared_data / "raw_textures").iterdir())
+    rows = [names.index(f"images/{f.rsplit('_', 1)[0]}/{f}") for f in files]
+    np.testing.assert_array_equal(images, ref["images"][rows])
+    assert (labels == -1).all()
+    for f in files[:3] + files[-2:]:
+        cls = f.rsplit("_", 1)[0]
+        (tmp_path / cls).mkdir(exist_ok=True)
+        shutil.copy(shared_data / "raw_textures" / f, tmp_path / cls / f)
+    (tmp_path / "banded" / "notes.txt").write_text("not an image")
+    _, lab = load_image_set("id", tmp_path, SPEC, class_names=["banded", "crystalline"])
+    assert sorted(lab.tolist()) == [0, 0, 0, 1, 1]
+
+
+def test_npz_set_is_brought_to_model_input(shared_data):
+    images, labels = load_image_set("mnist", shared_data / "ood_mnist.npz", SPEC)
+    assert images.shape == (1000, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert (images[..., 0] == images[..., 2]).all()  # grayscale replicated to RGB
+
+
+def test_image_set_errors(tmp_path):
+    with pytest.raises(InputError, match="ood"):
+        parse_set_arg("no_equals_sign")
+    with pytest.raises(InputError, match="ood"):
+        parse_set_arg("=path")
+    assert parse_set_arg(" svhn = /a=b ") == ("svhn", "/a=b")
+    with pytest.raises(DataError, match="test_32x32.mat"):
+        load_image_set("svhn", tmp_path / "missing", SPEC)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="MNIST/raw"):
+        load_image_set("mnist", tmp_path / "empty", SPEC)
+    with pytest.raises(DataError, match="no image files"):
+        load_image_set("other", tmp_path / "empty", SPEC)
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match=".npz file or a folder"):
+        load_image_set("other", tmp_path / "x.txt", SPEC)
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match="images"):
+        load_image_set("other", tmp_path / "bad.npz", SPEC)
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(DataError, match="uint8"):
+        load_image_set("other", tmp_path / "float.npz", SPEC)
+
+
+def test_default_k():
+    assert default_k(10, 50_000) == 100 and default_k(100, 50_000) == 300
+    assert default_k(10, 40) == 40 and default_k(100, 50_000, configured=7) == 7
+
+
+def test_evaluate_errors(tiny_run, small_sets, tmp_path):
+    for kw, field in [({"postprocessor": "odin"}, "postprocessor"), ({"feature": "logits"}, "feature"),
+                      ({"k": 0}, "k"), ({"batch_size": 0}, "batch_size"), ({"device": "tpu"}, "device"),
+                      ({"ood": {"id": small_sets["mnist"]}}, "ood")]:
+        with pytest.raises(InputError, match=field):
+            evaluate(tiny_run, **kw)
+    broken = tmp_path / "run"
+    shutil.copytree(tiny_run, broken)
+    (broken / "bank.npz").unlink()
+    with pytest.raises(CheckpointError, match="bank.npz"):
+        evaluate(broken, device="cpu")
+    (broken / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="model.pt"):
+        evaluate(broken, device="cpu")
+
+
+def test_cli_reports_errors_in_one_line(tiny_run, tmp_path):
+    from trainer.cli_eval import eval_main
+
+    res = CliRunner().invoke(eval_main, [str(tiny_run), "--ood", "mnist", "--device", "cpu"])
+    assert res.exit_code == 2 and "NAME=PATH" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "nope"), "--device", "cpu"])
+    assert res.exit_code == 2 and "model.pt" in res.output

@@ -1,0 +1,72 @@
+"""`rwood-eval`: the command-line front of trainer.evaluate (parse options, evaluate, write report)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from detector_server.cli_common import run_cli, setup_logging
+from detector_server.errors import InputError
+
+from .ood_sets import parse_set_arg
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
+    """("name=path", ...) -> {name: path}; InputError on a malformed or repeated name."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, path = parse_set_arg(v)
+        if name in out:
+            raise InputError(f"OOD set {name!r} is given twice", field="ood")
+        out[name] = path
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--id-test", default=None, metavar="PATH|NAME=PATH",
+              help="In-distribution test images: .npz, image folder (ROOT/<class>/... gives labels), "
+                   "or cifar10=ROOT / cifar100=ROOT. Default: the run's test split, else its "
+                   "held-out calibration split.")
+@click.option("--ood", multiple=True, metavar="NAME=PATH",
+              help="OOD set (repeatable): .npz, image folder, or a torchvision root for "
+                   "svhn/mnist/dtd(textures)/places365/cifar10/cifar100 (never downloaded).")
+@click.option("--postprocessor", type=click.Choice(["knn", "mahalanobis"]), default="knn",
+              show_default=True, help="knn: the deployed runtime's scorer; mahalanobis: MDS.")
+@click.option("--k", type=int, default=None,
+              help="KNN neighbours (default: the run's k, else 300 for > 10 classes, else 100).")
+@click.option("--feature", type=click.Choice(["penultimate", "projection"]), default="penultimate",
+              show_default=True, help="Which bank embedding is scored.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Report folder (default RUN_DIR/eval).")
+@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, batch_size, device,
+              verbose) -> None:
+    """Evaluate OOD detection of a trained run and write report.json, report.md and PNG plots.
+
+    \b
+        rwood-eval runs/c10 --ood mnist=../shared/data/ood_mnist.npz \\
+            --ood textures=../shared/data/ood_textures.npz --out reports/c10
+    """
+    from .evaluate import evaluate_run
+    from .report import render_markdown
+
+    setup_logging(verbose)
+    out = out or str(Path(run_dir) / "eval")
+
+    def go():
+        return evaluate_run(run_dir, id_test=id_test, ood=_parse_sets(ood),
+                            postprocessor=postprocessor, k=k, feature=feature,
+                            batch_size=batch_size, device=device, out=out, progress=True)
+
+    report = run_cli(go)
+    md = render_markdown(report)
+    click.echo(md[md.index("## Detection"):md.index("## In-distribution")].rstrip())
+    click.echo(f"\nreport written to {out}")
+
+
+if __name__ == "__main__":
+    eval_main()
