@@ -161,10 +161,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     augment = Augment(spec.size, mean, std, scale=(cfg.crop_scale_min, 1.0)).to(device)
 
     # -- model and objective
-    criterion = create_loss(cfg.loss, **loss_kwargs(cfg))
-    net = create_model(cfg.arch, num_classes=num_classes, head_dim=cfg.head_dim,
-                       with_classifier=criterion.input == "logits", pretrained=cfg.pretrained,
-                       freeze_early=cfg.freeze_early)
+    try:  # names and values from a config file reach here unchecked: user errors, not crashes
+        criterion = create_loss(cfg.loss, **loss_kwargs(cfg))
+    except ValueError as e:
+        raise InputError(str(e), field="loss") from None
+    try:
+        net = create_model(cfg.arch, num_classes=num_classes, head_dim=cfg.head_dim,
+                           with_classifier=criterion.input == "logits", pretrained=cfg.pretrained,
+                           freeze_early=cfg.freeze_early)
+    except ValueError as e:
+        raise InputError(str(e), field="arch") from None
     model_args = get_model_args(net)
     if cfg.sync_bn and dist.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -257,10 +263,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                         writer.add_scalar("loss", rec["loss"], global_step)
                         writer.add_scalar("lr", rec["lr"], global_step)
                 if stop.raised:
-                    checkpoint(epoch, step + 1)
+                    # a stop on an epoch's last step resumes at the start of the next epoch
+                    at = (epoch + 1, 0) if step + 1 == steps_per_epoch else (epoch, step + 1)
+                    checkpoint(*at)
                     if dist.is_main:
                         log.warning("stopped: checkpoint saved at epoch %d step %d; continue with "
-                                    "--resume --out %s", epoch, step + 1, run_dir)
+                                    "--resume --out %s", *at, run_dir)
                     raise KeyboardInterrupt
             bar.close()
             if dist.is_main:
