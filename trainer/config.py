@@ -107,6 +107,14 @@ _DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"cifar100": {"c_b": -2.0}}
 _DEFAULT_C_B = -4.0
 
 
+_TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
+def _field_types(f: dataclasses.Field) -> tuple[type, ...]:
+    """The accepted types of a TrainConfig field, from its annotation ("int | None" -> int, None)."""
+    return tuple(_TYPE_NAMES[t.strip()] for t in str(f.type).split("|"))
+
+
 def _check_keys(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
     known = {f.name: f for f in fields(TrainConfig)}
     out: dict[str, Any] = {}
@@ -115,13 +123,12 @@ def _check_keys(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
         if key not in known:
             raise InputError(f"unknown setting; valid ones: {', '.join(sorted(known))}",
                              path=origin, field=key)
-        default = getattr(TrainConfig, key, None)
-        if default is not None and value is not None and not isinstance(value, type(default)):
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            else:
-                raise InputError(f"expected {type(default).__name__}, got {value!r}",
-                                 path=origin, field=key)
+        types = _field_types(known[key])
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise InputError(f"expected {expected}, got {value!r}", path=origin, field=key)
         out[key] = value
     return out
 
