@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -163,14 +164,22 @@ def read_npz(path: str | Path, size: int) -> ImageArrays:
         raise DataError("file not found", path=str(p))
     try:
         f = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:  # BadZipFile: truncated download
         raise DataError(f"not a readable .npz file ({e})", path=str(p)) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a plain .npy array
+        raise DataError("expected an .npz archive with keys images and labels", path=str(p))
     with f:
         for key in ("images", "labels"):
             if key not in f.files:
                 raise DataError(f"missing key; found {f.files}", path=str(p), field=key)
-        images, labels = f["images"], f["labels"]
-        classes = [str(c) for c in f["classes"]] if "classes" in f.files else []
+        arrays = {}
+        for key in ("images", "labels", "classes"):
+            try:  # members are read lazily: corrupt members and object arrays fail here
+                arrays[key] = f[key] if key in f.files else np.zeros(0, dtype=str)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"cannot read ({e})", path=str(p), field=key) from None
+    images, labels = arrays["images"], arrays["labels"]
+    classes = [str(c) for c in arrays["classes"]]
     if images.dtype != np.uint8:
         raise DataError(f"expected dtype uint8, got {images.dtype}", path=str(p), field="images")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
@@ -178,6 +187,9 @@ def read_npz(path: str | Path, size: int) -> ImageArrays:
                         path=str(p), field="images")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"expected integer labels, got {labels.dtype}", path=str(p), field="labels")
+    if labels.shape != (len(images),):
+        raise DataError(f"expected shape ({len(images)},) (one per image), got {labels.shape}",
+                        path=str(p), field="labels")
     labels = labels.astype(np.int64)
     if not classes:
         classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
