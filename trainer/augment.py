@@ -9,7 +9,8 @@ own random parameters, with no CPU round trip. DESIGN.md's recipe:
 
 Differences from torchvision's per-image transforms (kept small on purpose):
 - the crop's aspect ratio is sampled once and the box clamped to the image instead of torchvision's
-  ten rejection tries; cropping and resizing is one `roi_align` (bilinear, 2x2 samples per pixel);
+  ten rejection tries; cropping and resizing is one `roi_align` (bilinear, one sample at each
+  output pixel's centre: torchvision's bilinear resize of the crop, the identity at full scale);
 - jitter is applied in the fixed order brightness, contrast, saturation, hue (torchvision permutes);
   hue is a rotation of the chroma plane in YIQ space, a linear stand-in for HSV hue shifting.
 """
@@ -102,7 +103,7 @@ class Augment(nn.Module):
         b, h, w, _ = images.shape
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         x = roi_align(x, self._boxes(b, h, w, x.device), output_size=self.size,
-                      spatial_scale=1.0, sampling_ratio=2, aligned=True)
+                      spatial_scale=1.0, sampling_ratio=1, aligned=True)
         flip = torch.rand(b, device=x.device) < self.flip_p
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
         x = self._jitter(x)
