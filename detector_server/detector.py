@@ -1,0 +1,227 @@
+"""The deployed detector: a bundle's ONNX model + KNN scorer + threshold, torch-free.
+
+Use `Detector(bundle_dir)` wherever images must be scored as the bundle says: the gRPC server,
+`rwood-score`, and the exporter's own threshold calibration (so the deployed decision is exactly
+the calibrated one). Two levels:
+- arrays: `embed` / `score_arrays` take uint8 [N, S, S, 3] model input and raise InputError on
+  anything else;
+- items: `prepare` decodes and resizes one item (encoded bytes, PIL image or uint8 array) by the
+  bundle's preprocessing; `score_images` scores a list of them with per-item errors.
+ONNX Runtime and FAISS run on CUDA when present (see `runtime` for device and thread policy).
+The methods may be called from any thread; the server runs one batch at a time.
+Test: tests/runtime/test_detector.py.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import runtime
+from .bundle import Bundle, check_model_io, load_bundle
+from .errors import InputError
+from .knn import KNNScorer, index_to_device
+from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
+
+__all__ = ["Detector", "ItemResult", "ScoreBatch", "DEFAULT_MAX_PIXELS"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The verdict on one item of `score_images`; on error: score nan, is_ood False, class -1."""
+
+    id: str
+    score: float                # KNN score, higher = more in-distribution
+    is_ood: bool                # score < threshold
+    predicted_class: int        # majority vote of the K neighbours
+    predicted_label: str        # class_names[predicted_class]
+    error: str                  # "" when scored
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """Scores of N images, as arrays (each of length N)."""
+
+    scores: np.ndarray          # float32 [N]
+    is_ood: np.ndarray          # bool [N], scores < threshold
+    predicted: np.ndarray       # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Detector:
+    """Scores images with a bundle. See the module docstring.
+
+    Args:
+        bundle: a `Bundle` from `load_bundle`, or the bundle directory (loaded and verified here).
+        device: "auto" (CUDA if onnxruntime-gpu sees one, else CPU), "cpu", "cuda" or "cuda:N".
+            The FAISS index follows: on the GPU when the model is and faiss has GPU support.
+        threads: CPU threads for ONNX Runtime and for FAISS (default: all cores available).
+        max_pixels: decoded images larger than this are refused (decompression-bomb guard).
+        max_batch: images per model call inside `embed` (default from the input size: 256 at
+            32x32, fewer for larger inputs); bounds memory for large arrays.
+    Attributes: bundle, manifest, spec, model_version, threshold, k, class_names, providers,
+        device ("cuda" or "cpu", where the model runs), index_device, threads, max_pixels.
+    Raises BundleError for a bundle that fails verification, InputError for bad options.
+    """
+
+    def __init__(self, bundle: "Bundle | str | os.PathLike", *, device: str = "auto",
+                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch: int | None = None):
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(bundle, verify_model=False)  # the session is checked below
+        m = bundle.manifest
+        self.bundle, self.manifest, self.spec = bundle, m, bundle.spec
+        self.model_version, self.threshold, self.k = m.model_version, float(m.threshold.value), m.k
+        self.class_names: tuple[str, ...] = m.class_names
+        self.max_pixels = _positive_int(max_pixels, "max_pixels")
+        s = self.spec.size
+        self.max_batch = (_positive_int(max_batch, "max_batch") if max_batch is not None
+                          else max(16, min(256, 256 * 32 * 32 // (s * s))))
+        self.threads = runtime.resolve_threads(threads)
+        path = bundle.served_model_path
+        self._session, self.device = runtime.open_session(path, device, self.threads)
+        self.providers: list[str] = list(self._session.get_providers())
+        check_model_io(self._session, m, path)
+        self._output, self._dim = m.indexed_output, m.index.dim
+        runtime.set_faiss_threads(self.threads)
+        use_gpu = self.device == "cuda" and runtime.faiss_gpu_count() > 0
+        self.index_device = "cuda" if use_gpu else "cpu"
+        index = index_to_device(bundle.read_index(), "cuda" if use_gpu else "cpu")
+        self._scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(self.class_names))
+        self._gpu_lock = threading.Lock() if use_gpu else None  # GPU resources are not thread-safe
+        log.info("detector %s: model on %s, index on %s (%d x %d, %s), k=%d, threshold=%.6g",
+                 self.model_version, self.device, self.index_device, m.index.ntotal, m.index.dim,
+                 m.index.feature, self.k, self.threshold)
+
+    def info(self) -> dict[str, Any]:
+        """What a client may want to know (the server's GetInfo)."""
+        return {"model_version": self.model_version, "threshold": self.threshold, "k": self.k,
+                "class_names": list(self.class_names), "input_size": self.spec.size,
+                "feature": self.manifest.index.feature, "device": self.device,
+                "providers": self.providers, "served_file": self.manifest.served_file}
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] RGB model input -> float32 [N, D] unit rows (the indexed feature)."""
+        x = self._check_images(images)
+        if x.shape[0] == 0:
+            return np.empty((0, self._dim), dtype=np.float32)
+        name = self.manifest.input_name
+        parts = [self._session.run([self._output], {name: x[i:i + self.max_batch]})[0]
+                 for i in range(0, x.shape[0], self.max_batch)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def score_arrays(self, images: np.ndarray) -> ScoreBatch:
+        """uint8 [N, S, S, 3] -> ScoreBatch (scores float32, is_ood = score < threshold, predicted)."""
+        emb = self.embed(images)
+        if emb.shape[0] == 0:
+            return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64))
+        if self._gpu_lock is None:
+            scores, predicted = self._scorer.score(emb)
+        else:
+            with self._gpu_lock:
+                scores, predicted = self._scorer.score(emb)
+        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted)
+
+    def prepare(self, item: "bytes | Image.Image | np.ndarray") -> np.ndarray:
+        """Decode (bytes) and resize one item by the bundle's rule -> uint8 [S, S, 3].
+
+        item: an encoded image file (bytes, bytearray, memoryview), a PIL image (any mode), or
+        a uint8 array [H, W], [H, W, 1] or [H, W, 3] (RGB). Raises InputError for anything that
+        cannot be decoded, is empty, or has more than `max_pixels` pixels.
+        """
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            img = decode_image(bytes(item), self.max_pixels)
+            return to_model_array(img, self.spec)
+        if isinstance(item, Image.Image):
+            self._check_pixels(item.width, item.height)
+            try:
+                return to_model_array(item, self.spec)
+            except Exception as e:  # PIL conversion errors for exotic modes
+                raise InputError(f"cannot convert image: {type(e).__name__}: {e}",
+                                 field="item") from None
+        if isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.ndim not in (2, 3) or (
+                    item.ndim == 3 and item.shape[2] not in (1, 3)):
+                raise InputError(f"expected a uint8 array [H, W], [H, W, 1] or [H, W, 3], got "
+                                 f"{item.dtype} {item.shape}", field="item")
+            if item.size == 0:
+                raise InputError("empty image array", field="item")
+            self._check_pixels(item.shape[1], item.shape[0])
+            return prepare_arrays(item[None], self.spec)[0]
+        raise InputError(f"expected encoded image bytes, a PIL image or a uint8 array, got "
+                         f"{type(item).__name__}", field="item")
+
+    def score_images(self, items: Sequence[Any], ids: Sequence[str] | None = None) -> list[ItemResult]:
+        """Score a list of items (see `prepare`); results in order, one per item.
+
+        An item that fails `prepare` gets an ItemResult with `error` set (score nan, is_ood
+        False, predicted_class -1, label ""); the others are still scored. `ids` default to
+        "0", "1", ...; a length mismatch raises InputError naming `ids`.
+        """
+        if isinstance(items, (bytes, bytearray, str)) or not isinstance(items, (Sequence, np.ndarray)):
+            raise InputError(f"expected a sequence of items, got {type(items).__name__}",
+                             field="items")
+        n = len(items)
+        ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+        if len(ids) != n:
+            raise InputError(f"expected {n} ids (one per item), got {len(ids)}", field="ids")
+        results: list[ItemResult] = []
+        for lo in range(0, n, self.max_batch):
+            results.extend(self._score_chunk(items[lo:lo + self.max_batch], ids[lo:lo + self.max_batch]))
+        return results
+
+    def _score_chunk(self, items: Sequence[Any], ids: list[str]) -> list[ItemResult]:
+        arrays: list[np.ndarray] = []
+        errors: list[str | None] = []
+        for item in items:
+            try:
+                arrays.append(self.prepare(item))
+                errors.append(None)
+            except InputError as e:
+                errors.append(str(e))
+        batch = self.score_arrays(np.stack(arrays)) if arrays else None
+        out, j = [], 0
+        for id_, err in zip(ids, errors):
+            if err is not None:
+                out.append(ItemResult(id_, math.nan, False, -1, "", err))
+                continue
+            c = int(batch.predicted[j])
+            label = self.class_names[c] if 0 <= c < len(self.class_names) else ""
+            out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, ""))
+            j += 1
+        return out
+
+    def _check_images(self, images: Any) -> np.ndarray:
+        s = self.spec.size
+        if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
+                or images.shape[1:] != (s, s, 3)):
+            raise InputError(f"expected uint8 [N, {s}, {s}, 3] model input, got "
+                             f"{getattr(images, 'dtype', type(images).__name__)} "
+                             f"{getattr(images, 'shape', '')}", field="images")
+        return np.ascontiguousarray(images)
+
+    def _check_pixels(self, w: int, h: int) -> None:
+        if w * h > self.max_pixels:
+            raise InputError(f"image is {w}x{h} = {w * h} pixels, over the limit of "
+                             f"{self.max_pixels}", field="item")
+
+    def __repr__(self) -> str:
+        return (f"Detector({str(self.bundle.path)!r}, model_version={self.model_version!r}, "
+                f"device={self.device!r}, k={self.k}, threshold={self.threshold:.6g})")
+
+
+def _positive_int(v: Any, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise InputError(f"expected a positive integer, got {v!r}", field=name)
+    return v
