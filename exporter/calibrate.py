@@ -1,0 +1,103 @@
+"""The deployed threshold: calibration images in, `ThresholdInfo` at the target TPR out.
+
+Use `load_calibration_images` to get held-out in-distribution images (the run's calibration.npz,
+a user .npz, or an image folder) at model input, and `calibrate_threshold` on the scores the
+runtime's own `Detector` gives them, so the deployed decision is exactly the calibrated one.
+The images must not be in the index (DESIGN section 2): the run's calibration split never is;
+a user set is the user's responsibility.
+Test: tests/exporter/test_export.py.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from detector_server.bundle import ThresholdInfo
+from detector_server.errors import DataError, InputError
+from detector_server.metrics import threshold_at_tpr
+from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
+
+__all__ = ["load_calibration_images", "calibrate_threshold", "MIN_CALIBRATION", "RUN_CALIBRATION"]
+
+log = logging.getLogger(__name__)
+
+MIN_CALIBRATION = 20                    # fewer images cannot place a 95% threshold at all
+RUN_CALIBRATION = "calibration.npz"
+
+
+def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
+                            spec: PreprocessSpec) -> tuple[np.ndarray, str]:
+    """Held-out ID images at model input: (uint8 [M, S, S, 3], source description).
+
+    calibration: None = RUN_DIR/calibration.npz; a .npz file with key `images` (uint8
+    [M, H, W(, C)], resized by `spec`); or a folder searched recursively for files Pillow reads.
+    Raises DataError naming the path when it is missing, malformed or holds < MIN_CALIBRATION.
+    """
+    if calibration is None:
+        path = Path(run_dir) / RUN_CALIBRATION
+        if not path.is_file():
+            raise DataError("the run has no held-out calibration split (trained with "
+                            "calibration_fraction 0?); pass --calibration PATH with held-out "
+                            "in-distribution images", path=path)
+        images, source = _from_npz(path, spec), f"run:{RUN_CALIBRATION}"
+    else:
+        path = Path(calibration)
+        if path.is_dir():
+            images, source = _from_folder(path, spec), f"folder:{path.resolve()}"
+        elif path.is_file() and path.suffix == ".npz":
+            images, source = _from_npz(path, spec), f"npz:{path.resolve()}"
+        else:
+            raise DataError("expected an .npz file (key 'images') or a folder of images", path=path)
+    if len(images) < MIN_CALIBRATION:
+        raise DataError(f"{len(images)} calibration images; need at least {MIN_CALIBRATION}",
+                        path=path)
+    log.info("calibration: %d images from %s", len(images), source)
+    return images, source
+
+
+def _from_npz(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise DataError(f"no 'images' array (keys: {f.files})", path=path)
+            images = f["images"]
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read: {e}", path=path) from None
+    try:
+        return prepare_arrays(images, spec)
+    except InputError as e:
+        raise DataError(str(e), path=path) from None
+
+
+def _from_folder(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    exts = {e.lower() for e in Image.registered_extensions()}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    out = []
+    for f in files:
+        try:
+            out.append(to_model_array(decode_image(f.read_bytes()), spec))
+        except InputError as e:
+            raise DataError(str(e), path=f) from None
+    s = spec.size
+    return np.stack(out) if out else np.empty((0, s, s, 3), np.uint8)
+
+
+def calibrate_threshold(scores: np.ndarray, tpr: float, source: str) -> ThresholdInfo:
+    """The largest threshold keeping a fraction >= `tpr` of `scores` (float32 [M], ID images).
+
+    The achieved TPR moves in steps of 1/M (ties can add more); it is recorded as measured with
+    the runtime's own comparison (score >= threshold in float32).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    value = threshold_at_tpr(scores, tpr)
+    achieved = float(np.mean(scores >= np.float32(value)))
+    if len(scores) < 200:
+        log.warning("only %d calibration images: the achieved TPR moves in steps of %.1f points",
+                    len(scores), 100.0 / len(scores))
+    log.info("threshold %.6g: TPR %.4f on %d calibration images (target %.4f)", value, achieved,
+             len(scores), tpr)
+    return ThresholdInfo(value=float(value), target_tpr=float(tpr), achieved_tpr=achieved,
+                         n_samples=int(len(scores)), source=source)

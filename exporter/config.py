@@ -1,0 +1,53 @@
+"""`ExportConfig`: every option of one export, validated in one place.
+
+Use it to check the options of `export_bundle` before any work starts; `rwood-export`'s flags map
+one to one onto its fields. Functions downstream take explicit arguments, never the config.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from detector_server.bundle import FEATURE_OUTPUTS
+from detector_server.errors import InputError
+
+__all__ = ["ExportConfig", "DEFAULT_OPSET", "MIN_OPSET"]
+
+MIN_OPSET = 18       # torch.onnx's exporter (dynamo=True) implements opset 18 and later only
+DEFAULT_OPSET = 18   # runs on onnxruntime >= 1.14 (the runtime needs >= 1.17)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of `export_bundle` (defaults are rwood-export's)."""
+
+    feature: str = "penultimate"       # indexed embedding: penultimate (authors', CIDER) | projection
+    k: int | None = None               # KNN neighbours; None = the run's k, else 300 if > 10 classes else 100
+    tpr: float = 0.95                  # the threshold keeps this fraction of calibration ID images
+    calibration: str | None = None     # .npz (key images) or image folder of held-out ID images;
+                                       # None = the run's calibration.npz
+    index_factory: str = "Flat"        # faiss.index_factory string; "Flat" = exact search
+    quantize: str | None = None        # None | a name of exporter.quantize.list_quantizers()
+    opset: int = DEFAULT_OPSET         # ONNX opset of model.onnx (>= MIN_OPSET)
+    overwrite: bool = False            # replace an existing bundle at the output path
+    threads: int | None = None         # CPU threads for calibration scoring (None = all cores)
+
+    def __post_init__(self) -> None:
+        from .quantize import list_quantizers  # the registry owns the valid names
+        if self.feature not in FEATURE_OUTPUTS:
+            raise InputError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {self.feature!r}",
+                             field="feature")
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)
+                                   or self.k < 1):
+            raise InputError(f"expected a positive integer, got {self.k!r}", field="k")
+        if not isinstance(self.tpr, (int, float)) or not math.isfinite(self.tpr) or not 0 < self.tpr < 1:
+            raise InputError(f"expected a number in (0, 1), got {self.tpr!r}", field="tpr")
+        if not isinstance(self.index_factory, str) or not self.index_factory.strip():
+            raise InputError(f"expected a faiss index_factory string, got {self.index_factory!r}",
+                             field="index")
+        if self.quantize is not None and self.quantize not in list_quantizers():
+            raise InputError(f"expected one of {list_quantizers()}, got {self.quantize!r}",
+                             field="quantize")
+        if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise InputError(f"expected an integer >= {MIN_OPSET} (torch's ONNX exporter writes "
+                             f"opset {MIN_OPSET} and later), got {self.opset!r}", field="opset")

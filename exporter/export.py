@@ -1,0 +1,167 @@
+"""`export_bundle`: a finished training run -> a deployable bundle directory (rwood-export).
+
+Use it once a run has model.pt and bank.npz. Steps, in a hidden staging directory beside the
+output (an interrupted export leaves no bundle behind, see detector_server.bundle.write_bundle):
+1. model.onnx: the run's DeployModel traced by `export_onnx`;
+2. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
+3. optionally the int8 model (`quantize`), which is then the served file;
+4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
+   runtime's exact code path), then `metrics.threshold_at_tpr`;
+5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
+Test: tests/exporter/test_export.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from detector_server.bundle import (FEATURE_OUTPUTS, Bundle, IndexInfo, Manifest,
+                                    ThresholdInfo, file_sha256, load_bundle, staging_dir,
+                                    write_bundle)
+from detector_server.detector import Detector
+from detector_server.errors import BundleError, CheckpointError, InputError
+from detector_server.knn import build_index
+from trainer.checkpoint import load_model
+
+from .calibrate import calibrate_threshold, load_calibration_images
+from .config import ExportConfig
+from .onnx_export import INPUT_NAME, export_onnx
+from .quantize import QUANTIZED_FILES, get_quantizer
+
+__all__ = ["export_bundle", "default_k", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
+                  k: int | None = None, tpr: float = 0.95, calibration: str | Path | None = None,
+                  index_factory: str = "Flat", quantize: str | None = None,
+                  opset: int = ExportConfig.opset, overwrite: bool = False,
+                  threads: int | None = None) -> Path:
+    """Export RUN_DIR as a bundle at `out`; returns `out`. Options: see `ExportConfig`.
+
+    Raises CheckpointError for a run without model.pt or bank.npz (or with an inconsistent
+    bank), DataError for unusable calibration data, InputError for bad options, BundleError when
+    `out` exists (without `overwrite`) or the result fails verification.
+    """
+    cfg = ExportConfig(feature=feature, k=k, tpr=tpr, index_factory=index_factory,
+                       calibration=None if calibration is None else str(calibration),
+                       quantize=quantize, opset=opset, overwrite=overwrite, threads=threads)
+    run_dir, out = Path(run_dir), Path(out)
+    _check_run_dir(run_dir)
+    if out.exists() and not cfg.overwrite:
+        raise BundleError("already exists; pass --force to replace it", path=out)
+    model, info = load_model(run_dir)
+    spec, class_names = info["preprocess"], [str(c) for c in info["class_names"]]
+    emb, labels = _read_bank(run_dir / "bank.npz", cfg.feature, class_names)
+    k = _resolve_k(cfg.k, info["config"], len(class_names), len(labels))
+    images, source = load_calibration_images(run_dir, cfg.calibration, spec)
+    with staging_dir(out) as stage:
+        log.info("[1/5] exporting ONNX (opset %d)", cfg.opset)
+        widths = export_onnx(model, stage / MODEL_FILE, spec.size, opset=cfg.opset)
+        if widths[FEATURE_OUTPUTS[cfg.feature]] != emb.shape[1]:
+            raise CheckpointError(f"bank {cfg.feature!r} rows are {emb.shape[1]}-d but the model's "
+                                  f"are {widths[FEATURE_OUTPUTS[cfg.feature]]}-d: the bank is from "
+                                  "another model", path=run_dir / "bank.npz")
+        log.info("[2/5] building faiss index %r over %d x %d bank rows", cfg.index_factory,
+                 *emb.shape)
+        faiss.write_index(build_index(emb, cfg.index_factory), str(stage / INDEX_FILE))
+        np.save(stage / LABELS_FILE, labels, allow_pickle=False)
+        served, quant = MODEL_FILE, None
+        if cfg.quantize:
+            log.info("[3/5] quantising (%s)", cfg.quantize)
+            served = QUANTIZED_FILES[cfg.quantize]
+            quant = get_quantizer(cfg.quantize)(stage / MODEL_FILE, stage / served, images,
+                                                input_name=INPUT_NAME)
+        manifest = Manifest(
+            model_version=f"{run_dir.resolve().name}-{file_sha256(stage / served)[:12]}",
+            input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
+            index=IndexInfo(ntotal=len(labels), dim=int(emb.shape[1]), file=INDEX_FILE,
+                            feature=cfg.feature, factory=cfg.index_factory),
+            class_names=tuple(class_names), k=k,
+            threshold=ThresholdInfo(0.0, cfg.tpr, 0.0, 0, "uncalibrated"),
+            model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
+            labels_file=LABELS_FILE, quantization=quant,
+            training=_training_metadata(run_dir, info), created=_now())
+        log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
+        detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
+        threshold = calibrate_threshold(detector.score_arrays(images).scores, cfg.tpr, source)
+        del detector
+        log.info("[5/5] writing the bundle")
+        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold), out,
+                     overwrite=cfg.overwrite)
+    bundle = load_bundle(out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,
+             bundle.manifest.model_version, size / 1e6, threshold.value, threshold.achieved_tpr,
+             threshold.n_samples, source)
+    return out
+
+
+def default_k(num_classes: int) -> int:
+    """CIDER's settings (DESIGN section 2): 300 for more than 10 classes, else 100."""
+    return 300 if num_classes > 10 else 100
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise CheckpointError("run directory not found", path=run_dir)
+    for name, what in (("model.pt", "final model (rwood-train writes it when training ends)"),
+                       ("bank.npz", "embedding bank (rwood-train writes it after the model)")):
+        if not (run_dir / name).is_file():
+            raise CheckpointError(f"no {what}; is the run finished?", path=run_dir / name)
+
+
+def _read_bank(path: Path, feature: str, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, D] rows of `feature`, int64 [N] labels) from bank.npz, checked."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [key for key in (feature, "labels") if key not in f.files]
+            if missing:
+                raise CheckpointError(f"missing array(s) {missing} (keys: {f.files})", path=path)
+            emb, labels = f[feature], f["labels"]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the bank: {e}", path=path) from None
+    if emb.dtype != np.float32 or emb.ndim != 2 or labels.shape != (len(emb),) or not len(emb):
+        raise CheckpointError(f"expected {feature} float32 [N, D] and labels [N], got {emb.dtype} "
+                              f"{emb.shape} and {labels.shape}", path=path)
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(class_names):
+        raise CheckpointError(f"labels outside [0, {len(class_names)})", path=path, field="labels")
+    return emb, labels.astype(np.int64)
+
+
+def _resolve_k(k: int | None, run_config: dict[str, Any], num_classes: int, ntotal: int) -> int:
+    if k is not None:
+        if k > ntotal:
+            raise InputError(f"k={k} exceeds the {ntotal} rows of the bank", field="k")
+        return k
+    run_k = (run_config.get("config") or {}).get("k")
+    k = int(run_k) if run_k else default_k(num_classes)
+    if k > ntotal:
+        log.warning("k=%d exceeds the bank's %d rows; using k=%d", k, ntotal, ntotal)
+    return min(k, ntotal)
+
+
+def _training_metadata(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    cfg = info.get("config") or {}
+    return {"run_name": run_dir.resolve().name, "config": cfg.get("config"),
+            "model_args": info.get("model_args"), "data": cfg.get("data"),
+            "git_rev": cfg.get("git_rev"), "created": cfg.get("created"),
+            "versions": cfg.get("versions"),
+            "export_versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                                "onnxruntime": ort.__version__, "faiss": faiss.__version__}}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
