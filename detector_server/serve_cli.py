@@ -1,0 +1,66 @@
+"""`rwood-serve BUNDLE`: the command line of the gRPC detector (parses flags, calls `serve`).
+
+Examples:
+
+    rwood-serve bundles/cifar10 --address 127.0.0.1:50051 --metrics-port 9100
+    rwood-serve bundles/cifar10 --address 0.0.0.0:50051 --tls-cert srv.pem --tls-key srv.key \\
+        --tls-client-ca clients-ca.pem --auth-token-file token.txt --watch
+
+SIGTERM/SIGINT drain and stop; SIGHUP reloads the bundle.
+"""
+from __future__ import annotations
+
+import click
+
+from .cli_common import run_cli, setup_logging
+from .server import ServeConfig, serve
+
+__all__ = ["serve_main"]
+
+_D = ServeConfig()  # the defaults, from the one definition
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
+@click.option("--address", default=_D.address,
+              help="host:port to listen on (loopback by default; port 0 picks a free one).")
+@click.option("--max-batch", type=int, default=_D.max_batch, help="Most images per model call.")
+@click.option("--max-wait-ms", type=float, default=_D.max_wait_ms,
+              help="Longest a lone image waits for others to share its batch (0: never waits; "
+                   "under load batches fill while the model is busy anyway).")
+@click.option("--max-images", type=int, default=_D.max_images,
+              help="Most images per request (more: INVALID_ARGUMENT).")
+@click.option("--max-message-mb", type=float, default=_D.max_message_mb,
+              help="Largest request in MiB (more: RESOURCE_EXHAUSTED).")
+@click.option("--max-pixels", type=int, default=_D.max_pixels,
+              help="Images with more pixels get an error (decompression-bomb guard).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D.device,
+              help="Where ONNX Runtime and FAISS run.")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime/FAISS threads (default: the detector's choice for this machine).")
+@click.option("--decode-threads", type=int, default=_D.decode_threads, help="Image decoding threads.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="PEM certificate chain: serve TLS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="PEM CA bundle: require client certificates signed by it (mutual TLS).")
+@click.option("--auth-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File with a bearer token every call must carry (health checks exempt).")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (off by default).")
+@click.option("--metrics-host", default=_D.metrics_host, help="Where the metrics port listens.")
+@click.option("--watch/--no-watch", default=_D.watch,
+              help="Reload when the bundle's manifest.json changes (SIGHUP always reloads).")
+@click.option("--watch-interval", "watch_interval_s", type=float, default=_D.watch_interval_s,
+              help="Seconds between --watch checks.")
+@click.option("--grace", "grace_s", type=float, default=_D.grace_s,
+              help="On SIGTERM, seconds in-flight requests get to finish.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve_main(bundle: str, address: str, verbose: bool, **options: object) -> None:
+    """Serve the ReweightOOD detector in BUNDLE over gRPC (rwood.v1.Detector, health, reflection)."""
+    setup_logging(verbose)
+    run_cli(serve, address, bundle, **options)
+
+
+if __name__ == "__main__":
+    serve_main()
