@@ -129,9 +129,12 @@ def to_model_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
                 nw, nh = s, max(s, int(s * h / w + 0.5))
             else:
                 nw, nh = max(s, int(s * w / h + 0.5)), s
-            img = img.resize((nw, nh), Image.BILINEAR)
             left, top = (nw - s) // 2, (nh - s) // 2
-            img = img.crop((left, top, left + s, top + s))
+            # Resize only the source region that lands in the crop (PIL's `box`): the same pixels as
+            # resize-then-crop, without a (long side x size) intermediate for extreme aspect ratios.
+            sx, sy = w / nw, h / nh
+            img = img.resize((s, s), Image.BILINEAR,
+                             box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
     return np.asarray(img, dtype=np.uint8).reshape(s, s, 3)
 
 

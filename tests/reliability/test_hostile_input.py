@@ -75,10 +75,6 @@ def test_non_bytes_items_are_per_item_errors(detector, hostile_corpus):
     assert all(r.error for r in results[:-1]) and results[-1].error == ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (preprocess.to_model_array): an allowed image with an "
-                   "extreme aspect ratio is resized to shorter-side=S before cropping, so a "
-                   "1,000,000x1 PNG of 3 KB asks for a 32,000,000x32 intermediate (3 GB); up to "
-                   "max_pixels (40,000,000x1) it is 123 GB. See the reliability report.")
 def test_extreme_aspect_ratio_is_bounded(tmp_path):
     """A 3 KB PNG of 1,000,000 x 1 pixels (inside max_pixels) must become model input or a per-item
     InputError within 800 MB of address space and a few seconds, never a MemoryError."""
