@@ -1,0 +1,56 @@
+"""`rwood-score BUNDLE INPUT --out TABLE`: score a folder of images (parses flags, calls `score_folder`).
+
+Examples:
+
+    rwood-score bundles/cifar10 photos/ --out scores.csv --recursive --plot scores.png
+    rwood-score bundles/cifar10 photos/ --out scores.parquet --resume       # after a crash
+    RAY_ADDRESS=ray://head:10001 rwood-score bundles/cifar10 /shared/photos \\
+        --out scores.jsonl --recursive --engine ray --workers 16
+
+One row per image file (see detector_server/score_folder.py); bad files get an error row and
+never stop the run. Exit status 2 with a one-line message for a bad bundle, folder or option.
+"""
+from __future__ import annotations
+
+import click
+
+from .cli_common import run_cli, setup_logging
+from .preprocess import DEFAULT_MAX_PIXELS
+from .score_folder import DEFAULT_BATCH_SIZE, ENGINES, score_folder
+
+__all__ = ["score_main"]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
+@click.argument("input_dir", metavar="INPUT", type=click.Path(file_okay=False, dir_okay=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The table to write: .csv, .jsonl or .parquet (Parquet needs pyarrow).")
+@click.option("--recursive", is_flag=True, help="Also score the images in subfolders.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per model call.")
+@click.option("--workers", type=int, default=None,
+              help="Decoding processes (local engine; default: cores - 1; 0: decode in the main "
+                   "process) or Detector actors (ray engine; default: cluster CPUs - 1).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="Where ONNX Runtime and FAISS run.")
+@click.option("--resume", is_flag=True,
+              help="Keep the rows already in --out (or its .partial.jsonl after a crash) and "
+                   "score only the other files.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Also save a histogram of the scores with the threshold (needs matplotlib).")
+@click.option("--engine", type=click.Choice(sorted(ENGINES)), default="local",
+              help="local: worker processes on this machine; ray: Ray Data (RAY_ADDRESS picks "
+                   "the cluster; needs the [ray] extra).")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+              help="Images with more pixels get an error row (decompression-bomb guard).")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:
+    """Score every image file under INPUT with the detector in BUNDLE into one table."""
+    setup_logging(verbose)
+    summary = run_cli(score_folder, bundle, input_dir, out, **options)
+    click.echo(summary.describe())
+
+
+if __name__ == "__main__":
+    score_main()
