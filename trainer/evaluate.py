@@ -29,7 +29,7 @@ from .embedding_quality import QUALITY_NOTE, embedding_quality
 from .mahalanobis import MahalanobisScorer
 from .ood_sets import load_image_set, parse_set_arg
 
-__all__ = ["Evaluation", "evaluate", "evaluate_run", "default_k", "list_postprocessors",
+__all__ = ["Evaluation", "evaluate", "evaluate_many", "evaluate_run", "default_k", "list_postprocessors",
            "FEATURES", "METRIC_KEYS", "REPORT_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
@@ -177,14 +177,26 @@ def _accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float |
 def evaluate(run_dir: str | Path, id_test: str | None = None, ood: dict[str, str] | None = None,
              postprocessor: str = "knn", k: int | None = None, feature: str = "penultimate",
              batch_size: int = 512, device: str = "auto", progress: bool = False) -> Evaluation:
-    """Evaluate one run (see the module doc). `ood` maps a set name to an .npz / folder / root.
+    """Evaluate one run with one postprocessor (see the module doc and `evaluate_many`)."""
+    return evaluate_many(run_dir, id_test, ood, (postprocessor,), k, feature, batch_size, device,
+                         progress)[postprocessor]
 
-    Raises InputError for bad settings, CheckpointError for an incomplete run directory and
-    DataError for unreadable image sets, each naming the option, file or folder.
+
+def evaluate_many(run_dir: str | Path, id_test: str | None = None,
+                  ood: dict[str, str] | None = None, postprocessors: tuple[str, ...] = ("knn",),
+                  k: int | None = None, feature: str = "penultimate", batch_size: int = 512,
+                  device: str = "auto", progress: bool = False) -> dict[str, Evaluation]:
+    """Evaluate one run with several postprocessors, embedding every image set once.
+
+    `ood` maps a set name to an .npz / folder / torchvision root (`trainer.ood_sets`); `id_test`
+    defaults to the run's test split, else its calibration split. Returns {postprocessor:
+    Evaluation}. Raises InputError for bad settings, CheckpointError for an incomplete run
+    directory and DataError for unreadable image sets, each naming the option, file or folder.
     """
     from .checkpoint import load_model
 
-    _check_settings(postprocessor, feature, batch_size, k)
+    for post in postprocessors:
+        _check_settings(post, feature, batch_size, k)
     if ood and "id" in ood:
         raise InputError("'id' is reserved for the in-distribution set; rename the OOD set",
                          field="ood")
@@ -196,40 +208,38 @@ def evaluate(run_dir: str | Path, id_test: str | None = None, ood: dict[str, str
     bank_labels = bank["labels"].astype(np.int64)
     configured = info.get("config", {}).get("config", {}).get("k")
     k = default_k(len(class_names), len(bank_labels), k if k is not None else configured)
-    knn_scorer = knn(bank_emb, bank_labels, k, len(class_names), device)
-    scorer = knn_scorer if postprocessor == "knn" else \
-        _POSTPROCESSORS[postprocessor](bank_emb, bank_labels, k, len(class_names), device)
 
-    # in-distribution test set: scores, accuracies
+    # embed the ID test set (with the linear head's logits when there is one) and the OOD sets
     id_name, id_source, id_images, id_labels = _id_test_set(id_test, info, run_dir)
     log.info("ID test %s: %d images", id_name, len(id_images))
     id_out = _embed(model, id_images, id_name, batch_size, device, progress)
     embeddings = {"id": id_out[FEATURES[feature]]}
-    id_scores, id_pred = scorer(embeddings["id"])
-    scores = {"id": id_scores}
-    knn_pred = id_pred if postprocessor == "knn" else knn_scorer(embeddings["id"])[1]
-    accuracy = {"knn": _accuracy(knn_pred, id_labels, len(class_names)),
-                postprocessor: _accuracy(id_pred, id_labels, len(class_names)),
-                "linear_head": (_accuracy(id_out["logits"].argmax(1), id_labels, len(class_names))
-                                if "logits" in id_out else None)}
-
-    # OOD sets
-    sizes = {}
     for name, path in (ood or {}).items():
         images, _ = load_image_set(name, path, info["preprocess"])
         log.info("OOD %s: %d images", name, len(images))
         embeddings[name] = _embed(model, images, name, batch_size, device, progress)[FEATURES[feature]]
-        scores[name] = scorer(embeddings[name])[0]
-        sizes[name] = int(len(images))
-
-    settings = {"postprocessor": postprocessor, "k": k, "feature": feature, "index_factory": "Flat",
-                "tpr": TPR, "batch_size": batch_size, "device": device,
-                "bank_size": int(len(bank_labels)),
+    accuracy: dict[str, float | None] = {
+        "knn": None, "linear_head": (_accuracy(id_out["logits"].argmax(1), id_labels,
+                                               len(class_names)) if "logits" in id_out else None)}
+    settings = {"k": k, "feature": feature, "index_factory": "Flat", "tpr": TPR,
+                "batch_size": batch_size, "device": device, "bank_size": int(len(bank_labels)),
                 "id_test": {"name": id_name, "source": id_source, "n": int(len(id_images))},
-                "ood": {n: {"path": str(p), "n": sizes[n]} for n, p in (ood or {}).items()}}
-    report = _report(run_dir, settings, info, scores, accuracy,
-                     {f: embedding_quality(bank[f], bank_labels) for f in FEATURES if f in bank})
-    return Evaluation(report, scores, embeddings, id_labels, class_names)
+                "ood": {n: {"path": str(p), "n": int(len(embeddings[n]))}
+                        for n, p in (ood or {}).items()}}
+    quality = {f: embedding_quality(bank[f], bank_labels) for f in FEATURES if f in bank}
+
+    # score with the KNN scorer (always: its vote is the reported KNN accuracy) and the others
+    results: dict[str, Evaluation] = {}
+    for post in ("knn", *[p for p in postprocessors if p != "knn"]):
+        scorer = _POSTPROCESSORS[post](bank_emb, bank_labels, k, len(class_names), device)
+        scored = {n: scorer(e) for n, e in embeddings.items()}
+        accuracy[post] = _accuracy(scored["id"][1], id_labels, len(class_names))
+        if post in postprocessors:
+            scores = {n: s for n, (s, _) in scored.items()}
+            report = _report(run_dir, {"postprocessor": post, **settings}, info, scores,
+                             dict(accuracy), quality)
+            results[post] = Evaluation(report, scores, embeddings, id_labels, class_names)
+    return results
 
 
 def _check_settings(postprocessor: str, feature: str, batch_size: int, k: int | None) -> None:
