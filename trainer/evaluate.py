@@ -29,8 +29,8 @@ from .embedding_quality import QUALITY_NOTE, embedding_quality
 from .mahalanobis import MahalanobisScorer
 from .ood_sets import load_image_set, parse_set_arg
 
-__all__ = ["Evaluation", "evaluate", "evaluate_many", "evaluate_run", "default_k", "list_postprocessors",
-           "FEATURES", "METRIC_KEYS", "REPORT_FORMAT_VERSION"]
+__all__ = ["Evaluation", "evaluate", "evaluate_many", "evaluate_run", "default_k",
+           "list_postprocessors", "FEATURES", "METRIC_KEYS", "REPORT_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ REPORT_FORMAT_VERSION = 1
 TPR = 0.95
 METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
 FEATURES = {"penultimate": "feature", "projection": "projection"}  # bank.npz key -> embed key
-# Datasets whose loader has a real test split (npz/folder runs must name --id-test).
+# Datasets whose loader has a real test split; other runs default to their calibration split.
 _HAS_TEST_SPLIT = ("digits", "cifar10", "cifar100")
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)

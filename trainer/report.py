@@ -96,7 +96,8 @@ def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] =
              f"fraction of OOD scored at or above the threshold keeping 95% of ID "
              f"(threshold {report['id']['threshold@95']:.4f}). Numbers in %.", "",
              "## Detection", "",
-             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
+             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |",
+             "|---|---|---|---|---|---|"]
     for name, m in report["ood"].items():
         lines.append(f"| {name} | {m['n']} | {_pct(m['fpr@95'])} | {_pct(m['auroc'])} | "
                      f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |")
