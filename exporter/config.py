@@ -48,6 +48,10 @@ class ExportConfig:
         if self.quantize is not None and self.quantize not in list_quantizers():
             raise InputError(f"expected one of {list_quantizers()}, got {self.quantize!r}",
                              field="quantize")
+        if self.threads is not None and (not isinstance(self.threads, int)
+                                         or isinstance(self.threads, bool) or self.threads < 1):
+            raise InputError(f"expected a positive integer or None, got {self.threads!r}",
+                             field="threads")
         if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
             raise InputError(f"expected an integer >= {MIN_OPSET} (torch's ONNX exporter writes "
                              f"opset {MIN_OPSET} and later), got {self.opset!r}", field="opset")

@@ -34,7 +34,7 @@ from trainer.checkpoint import load_model
 
 from .calibrate import calibrate_threshold, load_calibration_images
 from .config import ExportConfig
-from .onnx_export import INPUT_NAME, export_onnx
+from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
 __all__ = ["export_bundle", "default_k", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
@@ -65,15 +65,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     model, info = load_model(run_dir)
     spec, class_names = info["preprocess"], [str(c) for c in info["class_names"]]
     emb, labels = _read_bank(run_dir / "bank.npz", cfg.feature, class_names)
+    _check_bank_width(model, spec.size, cfg.feature, emb.shape[1], run_dir / "bank.npz")
     k = _resolve_k(cfg.k, info["config"], len(class_names), len(labels))
     images, source = load_calibration_images(run_dir, cfg.calibration, spec)
     with staging_dir(out) as stage:
         log.info("[1/5] exporting ONNX (opset %d)", cfg.opset)
         widths = export_onnx(model, stage / MODEL_FILE, spec.size, opset=cfg.opset)
-        if widths[FEATURE_OUTPUTS[cfg.feature]] != emb.shape[1]:
-            raise CheckpointError(f"bank {cfg.feature!r} rows are {emb.shape[1]}-d but the model's "
-                                  f"are {widths[FEATURE_OUTPUTS[cfg.feature]]}-d: the bank is from "
-                                  "another model", path=run_dir / "bank.npz")
         log.info("[2/5] building faiss index %r over %d x %d bank rows", cfg.index_factory,
                  *emb.shape)
         faiss.write_index(build_index(emb, cfg.index_factory), str(stage / INDEX_FILE))
@@ -139,6 +136,17 @@ def _read_bank(path: Path, feature: str, class_names: list[str]) -> tuple[np.nda
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(class_names):
         raise CheckpointError(f"labels outside [0, {len(class_names)})", path=path, field="labels")
     return emb, labels.astype(np.int64)
+
+
+@torch.no_grad()
+def _check_bank_width(model: torch.nn.Module, size: int, feature: str, width: int,
+                      path: Path) -> None:
+    """The bank's rows must be as wide as the model's `feature` output (one black image tells)."""
+    outs = dict(zip(OUTPUT_NAMES, model(torch.zeros((1, size, size, 3), dtype=torch.uint8))))
+    got = int(outs[FEATURE_OUTPUTS[feature]].shape[1])
+    if got != width:
+        raise CheckpointError(f"bank {feature!r} rows are {width}-d but the model's are {got}-d: "
+                              "the bank is from another model", path=path)
 
 
 def _resolve_k(k: int | None, run_config: dict[str, Any], num_classes: int, ntotal: int) -> int:
