@@ -1,0 +1,78 @@
+"""rwood-export killed with SIGKILL mid-write: no half-written bundle, and a later export succeeds.
+
+The export stages every file in a hidden `.NAME.staging-*` directory and renames it into place
+(detector_server.bundle.write_bundle), so at any kill point `--out` is either absent, the old
+whole bundle, or the new whole bundle; never a directory that fails `load_bundle` half-way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from detector_server.bundle import MANIFEST_FILE, load_bundle
+from detector_server.errors import BundleError
+from hostile_corpus import PYTHON, subprocess_env
+
+pytestmark = pytest.mark.timeout(600)
+
+EXPORT = [PYTHON, "-c", "from exporter.cli import export_main; export_main()"]
+
+
+def _start_export(run_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([*EXPORT, str(run_dir), "--out", str(out), "--k", "10", *extra],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _staged_files(out: Path) -> list[Path]:
+    return [f for d in out.parent.glob(f".{out.name}.staging-*") for f in d.iterdir()]
+
+
+def test_export_killed_mid_write_leaves_no_bundle(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    proc = _start_export(tiny_run, out)
+    try:
+        t_end = time.monotonic() + 300
+        while not _staged_files(out):               # the ONNX file is being written
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < t_end
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not out.exists()
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(out)
+    leftovers = list(tmp_path.glob(".bundle.staging-*"))
+    assert leftovers and not any((d / MANIFEST_FILE).exists() for d in leftovers)
+
+    from exporter.export import export_bundle
+
+    export_bundle(tiny_run, out, k=10, threads=1)   # a later export succeeds beside the leftover
+    assert load_bundle(out).manifest.k == 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.5, 1.5, 3.0, 4.5, 6.0, 8.0])
+def test_forced_export_killed_keeps_a_whole_bundle(tiny_run, tiny_bundle, tmp_path, delay_s):
+    """Replacing an existing bundle (--force) and killed at various points: `--out` is the old or the
+    new bundle, whole (the only other state is the instant between two renames, see the report)."""
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    proc = _start_export(tiny_run, out, "--force", "--tpr", "0.9")
+    time.sleep(delay_s)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    proc.stderr.close()
+    bundle = load_bundle(out)
+    assert bundle.manifest.threshold.target_tpr in (0.95, 0.9)
