@@ -154,6 +154,7 @@ class ModelHost:
         self._cfg = config
         self._metrics = metrics
         self.detector: Detector | None = None
+        self.draining = False               # set by the server's stop(): new work is refused
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
@@ -191,8 +192,9 @@ class ModelHost:
             raise InputError(f"{len(images)} images, more than the server's limit of "
                              f"{self._cfg.max_images}; split the request", field="images")
         det = self.detector
-        if det is None:
-            raise ModelUnavailable("the model is still loading")
+        if det is None or self.draining:
+            raise ModelUnavailable("the server is shutting down" if self.draining
+                                   else "the model is still loading")
         self._metrics.images.inc(len(images))
         arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
         results: list[ItemResult | None] = [None] * len(images)
@@ -276,6 +278,7 @@ def _observed(method: str) -> Callable:
         @functools.wraps(fn)
         async def handler(self: "DetectorServicer", request: Any, context: grpc.aio.ServicerContext):
             t0, code = time.perf_counter(), grpc.StatusCode.OK
+            self._metrics.inflight.inc()
             try:
                 return await fn(self, request, context)
             except _MAPPED as e:
@@ -291,6 +294,7 @@ def _observed(method: str) -> Callable:
                 log.exception("%s failed", method)
                 await context.abort(code, "internal error (see the server log)")
             finally:
+                self._metrics.inflight.dec()
                 self._metrics.requests.labels(method, code.name).inc()
                 self._metrics.latency.labels(method).observe(time.perf_counter() - t0)
         return handler
@@ -351,6 +355,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def _stream_one(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
         t0, code = time.perf_counter(), grpc.StatusCode.OK
+        self._metrics.inflight.inc()
         try:
             results, version = await self._host.score(
                 [(im.id, im.data) for im in request.images], deadline)
@@ -359,7 +364,16 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             code = _status_of(e)
             return pb.ScoreResponse(request_id=request.request_id, error_code=code.value[0],
                                     error=str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("ScoreStream request failed")
+            return pb.ScoreResponse(request_id=request.request_id, error_code=code.value[0],
+                                    error="internal error (see the server log)")
         finally:
+            self._metrics.inflight.dec()
             self._metrics.requests.labels("ScoreStream", code.name).inc()
             self._metrics.latency.labels("ScoreStream").observe(time.perf_counter() - t0)
 
@@ -429,9 +443,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 # ---------------------------------------------------------------------------------------------
 # Wiring
 # ---------------------------------------------------------------------------------------------
-def _configure_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
-    """Add grpc.health.v1 to `server`; starts NOT_SERVING for "" and rwood.v1.Detector."""
-    servicer = health.aio.HealthServicer()
+class _HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 whose Watch streams end when the server drains (once they have had time to
+    report NOT_SERVING), so open watches do not hold the shutdown for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            watch.cancel()
+        if watch.done() and not watch.cancelled():
+            watch.result()  # re-raise what the watch raised, if anything
+
+    def close_watches(self) -> None:
+        self._closing.set()
+
+
+def _configure_health(server: grpc.aio.Server) -> _HealthServicer:
+    """Add grpc.health.v1 to `server` (set it NOT_SERVING with `_set_health` before starting)."""
+    servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
 
@@ -468,7 +505,7 @@ class DetectorServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._host: ModelHost | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: _HealthServicer | None = None
         self._watch_task: asyncio.Task | None = None
         self._stopping = False
         self.stopped = asyncio.Event()
@@ -556,11 +593,17 @@ class DetectorServer:
         self.metrics.serving.set(0)
         if self._watch_task is not None:
             self._watch_task.cancel()
+        if self._host is not None:
+            self._host.draining = True       # requests still arriving on open streams: UNAVAILABLE
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()    # NOT_SERVING to Check and Watch
         if self._server is not None:
             log.info("draining: in-flight requests have %.1f s", grace)
-            await self._server.stop(grace)
+            stopping = asyncio.ensure_future(self._server.stop(grace))  # refuses new RPCs at once
+            await asyncio.sleep(min(0.1, grace))     # lets open Watch streams send NOT_SERVING
+            if self._health is not None:
+                self._health.close_watches()
+            await stopping                           # in-flight RPCs finish, or are cancelled at grace
         if self._host is not None:
             await self._host.close()
         self.metrics.stop_http()

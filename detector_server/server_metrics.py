@@ -13,6 +13,7 @@ tests) in one process never collide. Metric names (all prefixed `rwood_`):
 | `rwood_batch_size` | histogram | | images per model batch |
 | `rwood_batch_requests` | histogram | | requests (parts) sharing one model batch |
 | `rwood_queue_images` | gauge | | images waiting for a batch |
+| `rwood_inflight_requests` | gauge | | Score/GetInfo calls and ScoreStream requests being handled |
 | `rwood_model_info` | gauge | model_version | 1 for the model being served |
 | `rwood_reloads_total` | counter | outcome | hot reloads: ok / refused |
 | `rwood_serving` | gauge | | 1 when serving, 0 while loading or draining |
@@ -49,6 +50,7 @@ class ServerMetrics:
         self.batch_requests = Histogram("rwood_batch_requests", "Requests sharing a model batch",
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.queue_images = Gauge("rwood_queue_images", "Images waiting for a batch", registry=r)
+        self.inflight = Gauge("rwood_inflight_requests", "Requests being handled", registry=r)
         self.model_info = Gauge("rwood_model_info", "1 for the model being served",
                                 ["model_version"], registry=r)
         self.reloads = Counter("rwood_reloads", "Hot reloads by outcome", ["outcome"], registry=r)

@@ -1,0 +1,284 @@
+"""rwood-serve in-process (a real gRPC server on a free loopback port): scoring equals the in-process
+Detector on real images, per-item and request-level errors, deadlines, stream, info, health,
+reflection, metrics, loading state, configuration errors."""
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from detector_server import server as server_mod
+from detector_server._proto import detector_pb2 as pb
+from detector_server._proto import detector_pb2_grpc as pb_grpc
+from detector_server.detector import Detector
+from detector_server.errors import BundleError, InputError
+from detector_server.server import DetectorServer, ServeConfig, start_background
+
+MAX_PIXELS = 1_000_000
+LIMITS = dict(device="cpu", threads=1, max_images=16, max_message_mb=1.0, max_pixels=MAX_PIXELS)
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(shared_data: Path) -> list[tuple[str, bytes]]:
+    """12 CIFAR-10 test PNGs, 2 MNIST PNGs (grayscale) and 2 DTD JPEGs (resized by the server)."""
+    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:12]
+    mnist = np.load(shared_data / "ood_mnist.npz")["images"][:2, :, :, 0]
+    jpegs = sorted((shared_data / "raw_textures").glob("*.jpg"), key=lambda p: p.stat().st_size)[:2]
+    return ([(f"cifar{i}", png(a)) for i, a in enumerate(cifar)]
+            + [(f"mnist{i}", png(a)) for i, a in enumerate(mnist)]
+            + [(p.name, p.read_bytes()) for p in jpegs])
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_bundle: Path) -> Detector:
+    return Detector(tiny_bundle, device="cpu", threads=1, max_pixels=MAX_PIXELS)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path):
+    srv = start_background(tiny_bundle, metrics_port=0, **LIMITS)
+    yield srv
+    srv.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.DetectorStub(channel)
+
+
+def request(items, request_id: str = "") -> pb.ScoreRequest:
+    return pb.ScoreRequest(images=[pb.Image(id=i, data=d) for i, d in items], request_id=request_id)
+
+
+def assert_same(results, reference) -> None:
+    assert len(results) == len(reference)
+    for r, ref in zip(results, reference):
+        assert r.error == ref.error == ""
+        assert r.score == pytest.approx(ref.score, rel=1e-5, abs=1e-6)
+        assert (r.is_ood, r.predicted_class, r.predicted_label) == \
+            (ref.is_ood, ref.predicted_class, ref.predicted_label)
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def test_scores_equal_in_process_detector(stub, detector, images):
+    response = stub.Score(request(images, "r1"), timeout=30)
+    assert [r.id for r in response.results] == [i for i, _ in images]
+    assert response.model_version == detector.model_version and response.request_id == "r1"
+    assert_same(response.results, detector.score_images([d for _, d in images]))
+
+
+def test_bad_images_get_per_item_errors_and_the_rest_is_scored(stub, detector, images):
+    good = images[0][1]
+    bomb = png(np.full((1000, 1001, 3), 7, np.uint8))          # 1,001,000 px > max_pixels
+    items = [("good0", good), ("empty", b""), ("garbage", b"not an image at all"),
+             ("truncated", good[: len(good) // 2]), ("bomb", bomb), ("good1", images[1][1])]
+    results = stub.Score(request(items), timeout=30).results
+    assert [r.id for r in results] == [i for i, _ in items]
+    by_id = {r.id: r for r in results}
+    assert "empty" in by_id["empty"].error
+    assert "cannot decode" in by_id["garbage"].error
+    assert by_id["truncated"].error
+    assert "over the limit" in by_id["bomb"].error
+    for name in ("empty", "garbage", "truncated", "bomb"):
+        r = by_id[name]
+        assert math.isnan(r.score) and r.predicted_class == -1 and not r.is_ood
+    assert_same([by_id["good0"], by_id["good1"]], detector.score_images([good, images[1][1]]))
+
+
+@pytest.mark.parametrize("items, code, match", [
+    ([], grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+    ([("x", b"1")] * 17, grpc.StatusCode.INVALID_ARGUMENT, "limit of 16"),
+    ([("big", b"\0" * (1_100_000))], grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+])
+def test_request_level_errors(stub, items, code, match):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(request(items), timeout=30)
+    assert e.value.code() == code
+    assert match in e.value.details()
+
+
+def test_stream_answers_in_order_and_survives_a_bad_request(stub, detector, images):
+    reqs = [request(images[:3], "a"), request([], "empty"), request(images[3:5], "b"),
+            request([("x", b"")], "c")]
+    responses = list(stub.ScoreStream(iter(reqs), timeout=30))
+    assert [r.request_id for r in responses] == ["a", "empty", "b", "c"]
+    assert responses[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no images" in responses[1].error and not responses[1].results
+    assert responses[0].error_code == responses[2].error_code == 0
+    assert_same(list(responses[0].results) + list(responses[2].results),
+                detector.score_images([d for _, d in images[:5]]))
+    assert responses[3].results[0].error
+
+
+def test_get_info(stub, detector):
+    info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+    assert info.model_version == detector.model_version
+    assert info.threshold == pytest.approx(detector.threshold)
+    assert info.k == detector.k and list(info.class_names) == list(detector.class_names)
+    assert info.input_size == detector.spec.size and info.resize == detector.spec.resize
+    assert info.device == "cpu" and "CPUExecutionProvider" in info.providers
+    assert (info.max_images, info.max_message_bytes, info.max_pixels) == (16, 2**20, MAX_PIXELS)
+
+
+# ---- health, reflection, metrics ----------------------------------------------------------------
+def test_health(server):
+    with grpc.insecure_channel(server.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "rwood.v1.Detector"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_services_and_describes_the_contract(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="rwood.v1.Detector")]
+        listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"rwood.v1.Detector", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_metrics_endpoint(server, stub, images):
+    stub.Score(request(images[:4] + [("e", b""), ("g", b"garbage")]), timeout=30)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['rwood_requests_total{code="OK",method="Score"}'] >= 1
+    assert values['rwood_image_errors_total{kind="empty"}'] >= 1
+    assert values['rwood_image_errors_total{kind="undecodable"}'] >= 1
+    assert values["rwood_images_total"] >= 6
+    assert values["rwood_batch_size_count"] >= 1 and values["rwood_batch_size_sum"] >= 4
+    assert (values['rwood_ood_decisions_total{decision="ood"}']
+            + values['rwood_ood_decisions_total{decision="id"}']) >= 4
+    assert values['rwood_request_latency_seconds_count{method="Score"}'] >= 1
+    assert any(k.startswith("rwood_model_info{") and v == 1 for k, v in values.items())
+    assert values["rwood_serving"] == 1
+
+
+# ---- deadlines and loading ----------------------------------------------------------------------
+class _SlowDetector:
+    """A real Detector whose batches take `delay` longer, recording each batch's size."""
+
+    def __init__(self, det: Detector, delay: float):
+        self._det, self.delay, self.batches = det, delay, []
+
+    def score_arrays(self, images):
+        self.batches.append(len(images))
+        time.sleep(self.delay)
+        return self._det.score_arrays(images)
+
+    def __getattr__(self, name):
+        return getattr(self._det, name)
+
+
+def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bundle, images,
+                                                                        monkeypatch):
+    slow: list[_SlowDetector] = []
+
+    def build(self):
+        slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
+        return slow[-1]
+
+    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        busy = stub.Score.future(request(images[:2]), timeout=30)     # holds the model 0.5 s
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(request(images[2:5]), timeout=0.2)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(busy.result().results) == 2
+        time.sleep(0.3)
+        assert slow[-1].batches == [2]          # the 3 expired images never reached the model
+
+
+def test_not_serving_and_unavailable_while_the_model_loads(tiny_bundle, images, monkeypatch):
+    gate = threading.Event()
+    real_build = server_mod.ModelHost._build_detector
+
+    def build(self):
+        assert gate.wait(30)
+        return real_build(self)
+
+    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+
+    async def main():
+        srv = DetectorServer(tiny_bundle, ServeConfig(address="127.0.0.1:0", **LIMITS))
+        starting = asyncio.ensure_future(srv.start())
+        while srv.port is None or srv._health is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            before = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await pb_grpc.DetectorStub(ch).Score(request(images[:1]), timeout=5)
+            gate.set()
+            await starting
+            after = (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status
+            scored = await pb_grpc.DetectorStub(ch).Score(request(images[:1]), timeout=5)
+        await srv.stop(grace=0)
+        return before, e.value.code(), after, scored
+
+    before, code, after, scored = asyncio.run(main())
+    assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert after == health_pb2.HealthCheckResponse.SERVING
+    assert scored.results[0].error == ""
+
+
+# ---- configuration errors -----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_batch": 0}, "max_batch"), ({"max_images": -1}, "max_images"),
+    ({"max_wait_ms": -1.0}, "max_wait_ms"), ({"max_message_mb": 0}, "max_message_mb"),
+    ({"max_message_mb": 4096}, "max_message_mb"), ({"tls_cert": "c.pem"}, "tls_key"),
+    ({"tls_client_ca": "ca.pem"}, "tls_client_ca"), ({"address": "localhost"}, "address"),
+    ({"grace_s": -1}, "grace_s"), ({"decode_threads": 0}, "decode_threads"),
+])
+def test_bad_config_raises_input_error_naming_the_field(kwargs, field):
+    with pytest.raises(InputError, match=field):
+        ServeConfig(**kwargs)
+
+
+def test_missing_bundle_raises_bundle_error(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        start_background(tmp_path / "nope")
+
+
+def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path):
+    with pytest.raises(InputError, match="auth_token_file"):
+        start_background(tiny_bundle, auth_token_file=str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(InputError, match="auth_token_file"):
+        start_background(tiny_bundle, auth_token_file=str(tmp_path / "empty.txt"))
+
+
+def test_address_in_use_raises_input_error(server, tiny_bundle):
+    with pytest.raises(InputError, match="address"):
+        start_background(tiny_bundle, address=server.target, device="cpu", threads=1)
