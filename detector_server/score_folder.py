@@ -283,8 +283,9 @@ def _decode_stream(root: str, chunks: list[list[str]], spec: PreprocessSpec, max
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-# Engines: name -> "module:function" with iter_local's signature (imported when used, so that
-# ray stays an optional dependency).
+# Engines: name -> "module:function" with iter_local's signature, imported when used (so that
+# ray stays an optional dependency). A module may define `check_available()`, called first, which
+# raises InputError when what the engine needs is not installed.
 ENGINES: dict[str, str] = {"local": f"{__name__}:iter_local",
                            "ray": "detector_server.score_ray:iter_ray"}
 
@@ -292,8 +293,10 @@ ENGINES: dict[str, str] = {"local": f"{__name__}:iter_local",
 def _engine(name: str) -> Callable[..., Iterator[tuple[int, list[Row]]]]:
     if name not in ENGINES:
         raise InputError(f"expected one of {sorted(ENGINES)}, got {name!r}", field="engine")
-    module, func = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    module_name, func = ENGINES[name].split(":")
+    module = importlib.import_module(module_name)
+    getattr(module, "check_available", lambda: None)()
+    return getattr(module, func)
 
 
 # ---------------------------------------------------------------- output formats
@@ -440,9 +443,11 @@ class _Journal:
     def __init__(self, out: Path, prior: Iterable[Row]):
         self.path = partial_path(out)
         tmp = self.path.with_name(self.path.name + ".tmp")
+        prior = list(prior)
         with open(tmp, "wb") as f:                      # the kept rows, rewritten atomically
             _write_jsonl(prior, f)
             _sync(f)
+        self.rows = len(prior)
         os.replace(tmp, self.path)
         self._f = open(self.path, "ab")
         self._synced = time.monotonic()
@@ -450,6 +455,7 @@ class _Journal:
     def append(self, rows: Sequence[Row]) -> None:
         _write_jsonl(rows, self._f)
         self._f.flush()
+        self.rows += len(rows)
         if time.monotonic() - self._synced >= _FSYNC_S:
             os.fsync(self._f.fileno())
             self._synced = time.monotonic()
@@ -468,8 +474,11 @@ class _Journal:
         _sync_dir(out.parent)
         self.path.unlink()
 
-    def close(self) -> None:
+    def abandon(self) -> None:
+        """After a failure: keep the partial file for --resume, unless it holds no row."""
         self._f.close()
+        if self.rows == 0:
+            self.path.unlink(missing_ok=True)
 
 
 def _sync(f: Any) -> None:
@@ -549,7 +558,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
                                    journal, len(todo), progress)
         journal.publish(out, fmt)
     except BaseException:
-        journal.close()
+        journal.abandon()
         raise
     plot_path = None
     if plot is not None:

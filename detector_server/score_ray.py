@@ -39,9 +39,14 @@ from .score_folder import ROW_FIELDS, Row, decode_blobs, make_rows
 if TYPE_CHECKING:
     from .bundle import Bundle
 
-__all__ = ["iter_ray", "RayScorer"]
+__all__ = ["iter_ray", "RayScorer", "check_available"]
 
 log = logging.getLogger(__name__)
+
+
+def check_available() -> None:
+    """Raise InputError (how to install it) when Ray Data cannot be imported."""
+    _import_ray()
 
 
 def _import_ray() -> Any:
