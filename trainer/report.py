@@ -135,12 +135,15 @@ def _histogram_figure(ev: "Evaluation"):
     thr = ev.report["id"]["threshold@95"]
     for ax, name in zip(axes.flat, names):
         both = np.concatenate([ev.scores["id"], ev.scores[name]])
-        bins = np.linspace(both.min(), both.max() + 1e-6, 50)
-        ax.hist(ev.scores["id"], bins=bins, density=True, alpha=0.55, label="ID", color="tab:blue")
-        ax.hist(ev.scores[name], bins=bins, density=True, alpha=0.55, label=name, color="tab:red")
+        lo, hi = float(np.percentile(both, 1)), float(both.max())  # long tails go in the first bin
+        bins = np.linspace(lo, hi + 1e-6 * max(1.0, abs(hi)), 50)
+        for s, label, color in ((ev.scores["id"], "ID", "tab:blue"),
+                                (ev.scores[name], name, "tab:red")):
+            ax.hist(np.clip(s, lo, hi), bins=bins, density=True, alpha=0.55, label=label,
+                    color=color)
         ax.axvline(thr, color="k", linestyle="--", linewidth=1.2, label="95% TPR threshold")
         ax.set_title(f"{name}: FPR@95 {_pct(ev.report['ood'][name]['fpr@95'])}%", fontsize=10)
-        ax.set_xlabel("score (higher = more ID)")
+        ax.set_xlabel("score (higher = more ID; lowest 1% in the first bin)")
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
