@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -92,12 +93,17 @@ class DynamicBatcher:
         if not isinstance(images, np.ndarray) or images.ndim != 4 or len(images) == 0:
             raise ValueError(f"images must be a non-empty [N, S, S, 3] array, got "
                              f"{getattr(images, 'shape', type(images))}")
+        if deadline is not None and deadline <= time.monotonic():
+            raise TimeoutError("deadline passed before queueing")
         loop = asyncio.get_running_loop()
         jobs = [_Job(model, images[i:i + self.max_batch], deadline, loop.create_future())
                 for i in range(0, len(images), self.max_batch)]
-        self._queue.extend(jobs)
-        self._queued_images += len(images)
-        self._arrived.set()
+        if len(jobs) == 1 and not self.max_wait and not self._queue and self._idle.is_set():
+            self._dispatch(jobs)           # fast path: nothing to wait for, the model is free
+        else:
+            self._queue.extend(jobs)
+            self._queued_images += len(images)
+            self._arrived.set()
         try:
             parts = [await j.future for j in jobs]
         except BaseException:
@@ -127,8 +133,7 @@ class DynamicBatcher:
             await self._idle.wait()           # the model is busy: more work piles up meanwhile
             batch = self._take()
             if batch:
-                self._idle.clear()
-                asyncio.get_running_loop().create_task(self._run(batch))
+                self._dispatch(batch)
 
     async def _wait_to_fill(self) -> None:
         """Wait until max_batch images are queued or the oldest has waited max_wait."""
@@ -173,20 +178,26 @@ class DynamicBatcher:
         self._queue.extendleft(reversed(kept))
         return batch
 
-    async def _run(self, batch: list[_Job]) -> None:
-        model = batch[0].model
+    def _dispatch(self, batch: list[_Job]) -> None:
+        """Send one batch to the worker thread; results are handed out by `_deliver`."""
+        self._idle.clear()
         if self._on_batch is not None:
             self._on_batch(sum(len(j.images) for j in batch), len(batch))
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, _score_concat, batch[0].model, [j.images for j in batch])
+        future.add_done_callback(functools.partial(self._deliver, batch))
+
+    def _deliver(self, batch: list[_Job], future: asyncio.Future) -> None:
+        """On the event loop: each caller gets its rows of the result, or the batch's error."""
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _score_concat, model, [j.images for j in batch])
-        except Exception as e:  # noqa: BLE001 - delivered to every caller of this batch
-            log.exception("model failed on a batch of %d requests", len(batch))
-            for j in batch:
-                if not j.future.done():
-                    j.future.set_exception(e)
-        else:
-            start = 0
+            error = RuntimeError("batch cancelled") if future.cancelled() else future.exception()
+            if error is not None:
+                log.error("model failed on a batch of %d requests: %r", len(batch), error)
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(error)
+                return
+            result, start = future.result(), 0
             for j in batch:
                 stop = start + len(j.images)
                 if not j.future.done():

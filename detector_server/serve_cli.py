@@ -34,6 +34,8 @@ _D = ServeConfig()  # the defaults, from the one definition
               help="Largest request in MiB (more: RESOURCE_EXHAUSTED).")
 @click.option("--max-pixels", type=int, default=_D.max_pixels,
               help="Images with more pixels get an error (decompression-bomb guard).")
+@click.option("--max-queue-images", type=int, default=_D.max_queue_images,
+              help="Images admitted at once; requests beyond are refused UNAVAILABLE (load shedding).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D.device,
               help="Where ONNX Runtime and FAISS run.")
 @click.option("--threads", type=int, default=None,

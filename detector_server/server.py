@@ -71,6 +71,7 @@ class ServeConfig:
     max_images: int = 256               # most images per ScoreRequest (more -> INVALID_ARGUMENT)
     max_message_mb: float = 64.0        # largest request message (more -> RESOURCE_EXHAUSTED)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, per image
+    max_queue_images: int = 4096        # images admitted at once; beyond, UNAVAILABLE (load shedding)
     device: str = "auto"                # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int | None = None          # ONNX Runtime/FAISS threads; None = the Detector's default
     decode_threads: int = 2             # image decode pool
@@ -86,7 +87,8 @@ class ServeConfig:
     grace_s: float = 10.0               # on SIGTERM, how long in-flight requests may take to finish
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_images", "decode_threads", "stream_window"):
+        for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
+                     "stream_window"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"expected a positive integer, got {v!r}", field=name)
@@ -155,6 +157,7 @@ class ModelHost:
         self._metrics = metrics
         self.detector: Detector | None = None
         self.draining = False               # set by the server's stop(): new work is refused
+        self._admitted = 0                  # images of requests being decoded, queued or scored
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
@@ -184,8 +187,23 @@ class ModelHost:
         """Score `(id, encoded bytes)` pairs; returns results in order and the model version used.
 
         Raises InputError for no images or more than max_images, ModelUnavailable when there is no
-        model, TimeoutError when `deadline` (time.monotonic()) passes first.
+        model (loading, draining) or too much work is queued, TimeoutError when `deadline`
+        (time.monotonic()) passes first.
         """
+        det = self._admit(images)
+        self._admitted += len(images)
+        try:
+            arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
+            batch = None
+            if arrays is not None:
+                self._metrics.queue_images.set(self._batcher.queued_images + len(arrays))
+                batch = await self._batcher.score(det, arrays, deadline)
+        finally:
+            self._admitted -= len(images)
+        return self._results(det, images, ok, batch, errors), det.model_version
+
+    def _admit(self, images: Sequence[tuple[str, bytes]]) -> Detector:
+        """The Detector to use for this request, or the reason it is refused."""
         if not images:
             raise InputError("the request has no images", field="images")
         if len(images) > self._cfg.max_images:
@@ -195,23 +213,30 @@ class ModelHost:
         if det is None or self.draining:
             raise ModelUnavailable("the server is shutting down" if self.draining
                                    else "the model is still loading")
+        if self._admitted and self._admitted + len(images) > self._cfg.max_queue_images:
+            raise ModelUnavailable(f"overloaded: {self._admitted} images waiting; retry later")
         self._metrics.images.inc(len(images))
-        arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
-        results: list[ItemResult | None] = [None] * len(images)
-        if arrays is not None:
-            self._metrics.queue_images.set(self._batcher.queued_images + len(arrays))
-            batch = await self._batcher.score(det, arrays, deadline)
-            names = det.class_names
+        return det
+
+    def _results(self, det: Detector, images: Sequence[tuple[str, bytes]], ok: list[int],
+                 batch: Any, errors: dict[int, str]) -> list[ItemResult]:
+        """ItemResults in request order from the scored rows (`ok`) and the per-image errors."""
+        results: list[ItemResult] = [None] * len(images)  # type: ignore[list-item]
+        names = det.class_names
+        if batch is not None:
             for i, s, o, c in zip(ok, batch.scores.tolist(), batch.is_ood.tolist(),
                                   batch.predicted.tolist()):
-                results[i] = ItemResult(images[i][0], s, o, c, names[c], "")
+                results[i] = ItemResult(id=images[i][0], score=s, is_ood=o, predicted_class=c,
+                                        predicted_label=names[c] if 0 <= c < len(names) else "",
+                                        error="")
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
-            results[i] = ItemResult(images[i][0], math.nan, False, -1, "", message)
-        return results, det.model_version  # type: ignore[return-value]
+            results[i] = ItemResult(id=images[i][0], score=math.nan, is_ood=False,
+                                    predicted_class=-1, predicted_label="", error=message)
+        return results
 
     async def _prepare(self, det: Detector, datas: list[bytes], deadline: float | None):
         """Decode on the pool in chunks (one per pool thread for big requests)."""

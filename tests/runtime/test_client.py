@@ -45,10 +45,8 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def _ok_count(server) -> float:
-    text = server.server.metrics.render().decode()
-    line = next(x for x in text.splitlines()
-                if x.startswith('rwood_requests_total{code="OK",method="Score"}'))
-    return float(line.split()[-1])
+    return server.server.metrics.registry.get_sample_value(
+        "rwood_requests_total", {"method": "Score", "code": "OK"}) or 0.0
 
 
 def test_every_input_kind_scores_like_the_detector(server, detector, arrays, shared_data, tmp_path):

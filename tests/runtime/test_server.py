@@ -218,6 +218,41 @@ def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bun
         assert slow[-1].batches == [2]          # the 3 expired images never reached the model
 
 
+def test_overload_is_shed_with_unavailable(tiny_bundle, images, monkeypatch):
+    def build(self):
+        return _SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5)
+
+    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    with start_background(tiny_bundle, max_queue_images=4, **LIMITS) as srv, \
+            grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        busy = stub.Score.future(request(images[:3]), timeout=30)
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(request(images[3:5]), timeout=30)      # 3 + 2 > 4 images admitted
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in e.value.details()
+        assert len(busy.result().results) == 3
+        assert len(stub.Score(request(images[3:5]), timeout=30).results) == 2   # idle again
+
+
+def test_client_leaving_a_stream_mid_way_leaves_the_server_clean(server, stub, images):
+    gate = threading.Event()
+
+    def requests():
+        yield request(images[:2], "first")
+        gate.wait(10)          # the client then goes away without closing the stream
+
+    call = stub.ScoreStream(requests(), timeout=30)
+    assert next(call).request_id == "first"
+    call.cancel()
+    gate.set()
+    deadline = time.monotonic() + 10
+    while server.server.metrics.registry.get_sample_value("rwood_inflight_requests") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert stub.Score(request(images[:1]), timeout=10).results[0].error == ""
+
+
 def test_not_serving_and_unavailable_while_the_model_loads(tiny_bundle, images, monkeypatch):
     gate = threading.Event()
     real_build = server_mod.ModelHost._build_detector
