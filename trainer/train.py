@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
     cuda = device.type == "cuda"
-    if cuda and cfg.channels_last:
+    if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
     if dist.world_size > 1:
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                 rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
                 x_u8, y = images[rows], labels[rows]
                 x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
-                if cuda and cfg.channels_last:
+                if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     out = model(x)[criterion.input]                                  # [V*b, D]
