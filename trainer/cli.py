@@ -13,16 +13,6 @@ from .data import list_datasets
 
 
 
-def _parse_ood(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=PATH, got {v!r}", param_hint="--ood")
-        out[name] = path
-    return out
-
-
 def _model_names() -> list[str]:
     from .networks import list_models
     return list_models()
@@ -101,10 +91,10 @@ def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> 
     preset = flags.pop("preset")
     flags["compile"] = compile_
     flags["amp"] = False if no_amp else None
-    ood_sets = _parse_ood(ood)
-
     def go():
+        from .ood_sets import parse_set_arg
         from .train import train
+        ood_sets = dict(parse_set_arg(v) for v in ood)
         cfg = resolve_config(preset, config_file, flags)
         return train(cfg, resume=resume, ood=ood_sets or None)
 

@@ -26,7 +26,8 @@ import numpy as np
 from detector_server.errors import DataError, InputError
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 
-__all__ = ["ImageArrays", "register_dataset", "list_datasets", "load_dataset", "dataset_stats",
+__all__ = ["ImageArrays", "register_dataset", "list_datasets", "has_test_split", "load_dataset",
+           "dataset_stats",
            "calibration_split", "parse_classes", "select_classes", "fingerprint", "read_npz",
            "read_folder"]
 
@@ -44,20 +45,30 @@ class ImageArrays:
 Loader = Callable[[str | None, str, int, bool], ImageArrays]  # (path, split, size, download)
 _DATASETS: dict[str, Loader] = {}
 _NATIVE_SIZE: dict[str, int] = {}
+_WITH_TEST_SPLIT: set[str] = set()
 
 
-def register_dataset(native_size: int | None = None) -> Callable[[Loader], Loader]:
-    """Register a loader under its function name; `native_size` is its default input side."""
+def register_dataset(native_size: int | None = None,
+                     test_split: bool = False) -> Callable[[Loader], Loader]:
+    """Register a loader under its function name; `native_size` is its default input side and
+    `test_split` says whether it has a distinct "test" split (else "test" returns the same data)."""
     def wrap(fn: Loader) -> Loader:
         _DATASETS[fn.__name__] = fn
         if native_size is not None:
             _NATIVE_SIZE[fn.__name__] = native_size
+        if test_split:
+            _WITH_TEST_SPLIT.add(fn.__name__)
         return fn
     return wrap
 
 
 def list_datasets() -> list[str]:
     return sorted(_DATASETS)
+
+
+def has_test_split(name: str) -> bool:
+    """True when dataset `name` has its own test split (digits, cifar10, cifar100)."""
+    return name in _WITH_TEST_SPLIT
 
 
 def load_dataset(name: str, path: str | None, split: str = "train", size: int | None = None,
@@ -91,7 +102,7 @@ def _spec(size: int) -> PreprocessSpec:
 
 
 # ---------------------------------------------------------------------------------- loaders
-@register_dataset(native_size=32)
+@register_dataset(native_size=32, test_split=True)
 def digits(path: str | None, split: str, size: int, download: bool) -> ImageArrays:
     try:
         from sklearn.datasets import load_digits
@@ -132,12 +143,12 @@ def _cifar(cls_name: str, path: str | None, split: str, size: int, download: boo
     return ImageArrays(images, np.asarray(ds.targets, dtype=np.int64), list(ds.classes), str(path))
 
 
-@register_dataset(native_size=32)
+@register_dataset(native_size=32, test_split=True)
 def cifar10(path: str | None, split: str, size: int, download: bool) -> ImageArrays:
     return _cifar("cifar10", path, split, size, download)
 
 
-@register_dataset(native_size=32)
+@register_dataset(native_size=32, test_split=True)
 def cifar100(path: str | None, split: str, size: int, download: bool) -> ImageArrays:
     return _cifar("cifar100", path, split, size, download)
 

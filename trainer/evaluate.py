@@ -39,7 +39,6 @@ TPR = 0.95
 METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
 FEATURES = {"penultimate": "feature", "projection": "projection"}  # bank.npz key -> embed key
 # Datasets whose loader has a real test split; other runs default to their calibration split.
-_HAS_TEST_SPLIT = ("digits", "cifar10", "cifar100")
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)
 _POSTPROCESSORS: dict[str, Callable[..., Scorer]] = {}
@@ -123,9 +122,10 @@ def _id_test_set(id_test: str | None, info: dict[str, Any],
         return name, str(path), images, labels
     cfg = info.get("config", {}).get("config", {})
     dataset = cfg.get("dataset")
-    if dataset not in _HAS_TEST_SPLIT:
+    from .data import has_test_split, load_dataset, parse_classes, select_classes
+
+    if not has_test_split(dataset):
         return _calibration_set(run_dir, dataset)
-    from .data import load_dataset, parse_classes, select_classes
 
     d = load_dataset(dataset, cfg.get("data"), "test", size=spec.size)
     if cfg.get("classes"):
