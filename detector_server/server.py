@@ -168,7 +168,8 @@ class ModelHost:
         det = Detector(self.bundle_path, device=self._cfg.device, threads=self._cfg.threads,
                        max_pixels=self._cfg.max_pixels)
         s = det.spec.size
-        det.score_arrays(np.zeros((1, s, s, 3), dtype=np.uint8))
+        for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
+            det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
         return det
 
     async def load(self) -> Detector:

@@ -197,6 +197,13 @@ class _SlowDetector:
         return getattr(self._det, name)
 
 
+def _wait_until(condition, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.01)
+
+
 def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bundle, images,
                                                                         monkeypatch):
     slow: list[_SlowDetector] = []
@@ -209,7 +216,7 @@ def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bun
     with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
         busy = stub.Score.future(request(images[:2]), timeout=30)     # holds the model 0.5 s
-        time.sleep(0.1)
+        _wait_until(lambda: slow and slow[-1].batches)
         with pytest.raises(grpc.RpcError) as e:
             stub.Score(request(images[2:5]), timeout=0.2)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -219,15 +226,18 @@ def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bun
 
 
 def test_overload_is_shed_with_unavailable(tiny_bundle, images, monkeypatch):
+    slow: list[_SlowDetector] = []
+
     def build(self):
-        return _SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5)
+        slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
+        return slow[-1]
 
     monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
     with start_background(tiny_bundle, max_queue_images=4, **LIMITS) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
         busy = stub.Score.future(request(images[:3]), timeout=30)
-        time.sleep(0.2)
+        _wait_until(lambda: slow and slow[-1].batches)
         with pytest.raises(grpc.RpcError) as e:
             stub.Score(request(images[3:5]), timeout=30)      # 3 + 2 > 4 images admitted
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in e.value.details()
@@ -246,10 +256,8 @@ def test_client_leaving_a_stream_mid_way_leaves_the_server_clean(server, stub, i
     assert next(call).request_id == "first"
     call.cancel()
     gate.set()
-    deadline = time.monotonic() + 10
-    while server.server.metrics.registry.get_sample_value("rwood_inflight_requests") != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    _wait_until(lambda: server.server.metrics.registry.get_sample_value(
+        "rwood_inflight_requests") == 0)
     assert stub.Score(request(images[:1]), timeout=10).results[0].error == ""
 
 
