@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def write_folder(root: Path, n_cifar: int, n_textures: int) -> int:
+def write_folder(root: Path, n_cifar: int, n_textures: int, data: Path = SHARED) -> int:
     """PNG files of real images under root (textures in a subfolder); returns how many."""
-    cifar = np.load(SHARED / "cifar10_test.npz")["images"][:n_cifar]
-    textures = np.load(SHARED / "ood_textures.npz")["images"][:n_textures]
+    cifar = np.load(data / "cifar10_test.npz")["images"][:n_cifar]
+    textures = np.load(data / "ood_textures.npz")["images"][:n_textures]
     (root / "textures").mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(cifar):
         Image.fromarray(a).save(root / f"cifar_{i:05d}.png")
@@ -39,7 +39,7 @@ def write_folder(root: Path, n_cifar: int, n_textures: int) -> int:
     return len(cifar) + len(textures)
 
 
-def make_bundle(work: Path) -> Path:
+def make_bundle(work: Path, data: Path = SHARED) -> Path:
     """A bundle of a 1-epoch small_cnn run on 1,000 CIFAR-10 training images (as the tests)."""
     import torch
 
@@ -47,7 +47,7 @@ def make_bundle(work: Path) -> Path:
     from trainer.config import resolve_config
     from trainer.train import train
 
-    d = np.load(SHARED / "cifar10_train.npz")
+    d = np.load(data / "cifar10_train.npz")
     npz = work / "cifar10_1k.npz"
     np.savez(npz, images=d["images"][:1000], labels=d["labels"][:1000], classes=d["classes"])
     torch.set_num_threads(2)
@@ -95,17 +95,18 @@ def library(bundle: Path, folder: Path, out: Path, batch_size: int, workers: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=SHARED, help="the shared data pack")
     ap.add_argument("--n-cifar", type=int, default=2000)
     ap.add_argument("--n-textures", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=2, help="alternate runs; the best of each counts")
+    ap.add_argument("--repeats", type=int, default=3, help="alternate runs; the best of each counts")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_score_") as tmp:
         work = Path(tmp)
-        bundle = args.bundle or make_bundle(work)
-        n = write_folder(work / "images", args.n_cifar, args.n_textures)
+        bundle = args.bundle or make_bundle(work, args.data)
+        n = write_folder(work / "images", args.n_cifar, args.n_textures, args.data)
         ceil, e2e, loop, cpu_c, cpu_l = [], [], [], [], []
         for _ in range(args.repeats):
             c, cc = ceiling(bundle, work / "images", args.batch_size, args.device)

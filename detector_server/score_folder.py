@@ -124,23 +124,33 @@ class ScoreSummary:
 # ---------------------------------------------------------------- finding and decoding files
 
 def list_files(root: str | os.PathLike, recursive: bool = False,
-               exclude: Iterable[Path] = ()) -> list[str]:
-    """Regular files under `root` (top level, or the whole tree with `recursive`), as sorted
-    "/"-separated paths relative to `root`; `exclude` (absolute paths) are left out.
+               exclude: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Regular files under `root` (top level, or the whole tree with `recursive`; symlinked
+    folders are not followed) as "/"-separated paths relative to `root`: each folder's files
+    sorted by name, then its subfolders'. `exclude`: paths to leave out (the output files).
     Raises InputError naming the path when `root` is not a directory."""
     base = Path(root)
     if not base.is_dir():
         raise InputError("expected a directory of images", path=base)
-    skip = {os.path.abspath(p) for p in exclude}
+    top = os.path.abspath(base)
+    skip = {Path(os.path.relpath(os.path.abspath(p), top)).as_posix() for p in exclude}
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            if os.path.isfile(full) and os.path.abspath(full) not in skip:
-                found.append(Path(os.path.relpath(full, base)).as_posix())
-        if not recursive:
-            break
+    stack = [("", top)]
+    while stack:
+        prefix, folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s: %s", folder, e.strerror or e)
+            continue
+        subdirs = []
+        for e in entries:
+            if e.is_file():
+                if prefix + e.name not in skip:
+                    found.append(prefix + e.name)
+            elif recursive and e.is_dir(follow_symlinks=False):
+                subdirs.append((prefix + e.name + "/", e.path))
+        stack.extend(reversed(subdirs))
     return found
 
 
@@ -229,24 +239,28 @@ def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size
     from .detector import Detector
     from .runtime import available_cores
 
-    detector = Detector(bundle, device=device, max_pixels=max_pixels)
     n_workers = max(1, available_cores() - 1) if workers is None else workers
     size = max(1, min(_CHUNK, batch_size // 2))
     chunks = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
-    decoded = _decode_stream(str(root), chunks, detector.spec, max_pixels,
-                             min(n_workers, len(chunks)), depth=max(2, 2 * batch_size // size))
-    buf_paths: list[str] = []
-    buf_status: list[str | None] = []
-    buf_arrays: list[np.ndarray] = []
-    for chunk, (arrays, status) in decoded:
-        buf_paths += chunk
-        buf_status += status
-        buf_arrays.append(arrays)
-        if len(buf_paths) >= batch_size:
+    # Start the workers first: they import and decode while the Detector loads.
+    decoded = _DecodeAhead(str(root), chunks, bundle.spec, max_pixels,
+                           min(n_workers, len(chunks)), depth=max(2, 2 * batch_size // size))
+    try:
+        detector = Detector(bundle, device=device, max_pixels=max_pixels)
+        buf_paths: list[str] = []
+        buf_status: list[str | None] = []
+        buf_arrays: list[np.ndarray] = []
+        for chunk, (arrays, status) in decoded:
+            buf_paths += chunk
+            buf_status += status
+            buf_arrays.append(arrays)
+            if len(buf_paths) >= batch_size:
+                yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+                buf_paths, buf_status, buf_arrays = [], [], []
+        if buf_paths:
             yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
-            buf_paths, buf_status, buf_arrays = [], [], []
-    if buf_paths:
-        yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+    finally:
+        decoded.close()
 
 
 def _score(detector: "Detector", paths: list[str], status: list[str | None],
@@ -256,31 +270,43 @@ def _score(detector: "Detector", paths: list[str], status: list[str | None],
     return make_rows(paths, status, batch, detector.class_names, detector.model_version)
 
 
-def _decode_stream(root: str, chunks: list[list[str]], spec: PreprocessSpec, max_pixels: int,
-                   workers: int, depth: int) -> Iterator[tuple[list[str], tuple[np.ndarray, list]]]:
-    """(chunk, decode_files(chunk)) in order; with workers, `depth` chunks are decoded ahead."""
-    if workers == 0:
-        for chunk in chunks:
-            yield chunk, decode_files(root, chunk, spec, max_pixels)
-        return
-    # spawn, not fork: the parent already runs ONNX Runtime / OpenMP threads.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        todo = iter(chunks)
-        inflight: deque = deque()
-        for chunk in todo:
-            inflight.append((chunk, pool.submit(decode_files, root, chunk, spec, max_pixels)))
-            if len(inflight) >= depth:
+class _DecodeAhead:
+    """Iterating yields (chunk, decode_files(chunk)) in order. With workers, spawned processes
+    (not forked: the parent runs ONNX Runtime / OpenMP threads) start at once and keep `depth`
+    chunks decoded or in progress ahead of the consumer; `close()` stops them."""
+
+    def __init__(self, root: str, chunks: list[list[str]], spec: PreprocessSpec,
+                 max_pixels: int, workers: int, depth: int):
+        self._args = (spec, max_pixels)
+        self._root, self._todo = root, iter(chunks)
+        self._inflight: deque = deque()
+        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                      if workers > 0 else None)
+        for _ in range(depth if self._pool else 0):
+            if not self._submit():
                 break
-        while inflight:
-            chunk, fut = inflight.popleft()
+
+    def _submit(self) -> bool:
+        chunk = next(self._todo, None)
+        if chunk is not None:
+            fut = self._pool.submit(decode_files, self._root, chunk, *self._args)
+            self._inflight.append((chunk, fut))
+        return chunk is not None
+
+    def __iter__(self) -> Iterator[tuple[list[str], tuple[np.ndarray, list[str | None]]]]:
+        if self._pool is None:
+            for chunk in self._todo:
+                yield chunk, decode_files(self._root, chunk, *self._args)
+            return
+        while self._inflight:
+            chunk, fut = self._inflight.popleft()
             result = fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                inflight.append((nxt, pool.submit(decode_files, root, nxt, spec, max_pixels)))
+            self._submit()
             yield chunk, result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Engines: name -> "module:function" with iter_local's signature, imported when used (so that
