@@ -42,16 +42,17 @@ def proc_stats(pid: int) -> dict[str, int]:
 
 
 class ServerProcess:
-    """A `python -m detector_server.serve_cli BUNDLE` child on 127.0.0.1:<free port>."""
+    """A `python -m detector_server.serve_cli BUNDLE` child on 127.0.0.1:<free port>, on the CPU
+    with `threads` ONNX Runtime/FAISS threads (None: the server's default)."""
 
     def __init__(self, bundle: str | os.PathLike, *flags: str, log_path: str | os.PathLike,
-                 threads: int = 1, env: dict[str, str] | None = None):
+                 threads: int | None = 1, env: dict[str, str] | None = None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         cmd = [PYTHON, "-m", "detector_server.serve_cli", str(bundle), "--address", self.target,
-               "--device", "cpu", "--threads", str(threads), *flags]
+               "--device", "cpu", *(["--threads", str(threads)] if threads else []), *flags]
         self.proc = subprocess.Popen(cmd, env=env or subprocess_env(), stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
