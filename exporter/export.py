@@ -31,13 +31,14 @@ from detector_server.detector import Detector
 from detector_server.errors import BundleError, CheckpointError, InputError
 from detector_server.knn import build_index
 from trainer.checkpoint import load_model
+from trainer.evaluate import default_k
 
 from .calibrate import calibrate_threshold, load_calibration_images
 from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "default_k", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     return out
 
 
-def default_k(num_classes: int) -> int:
-    """CIDER's settings (DESIGN section 2): 300 for more than 10 classes, else 100."""
-    return 300 if num_classes > 10 else 100
-
-
 def _check_run_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise CheckpointError("run directory not found", path=run_dir)
@@ -150,15 +146,11 @@ def _check_bank_width(model: torch.nn.Module, size: int, feature: str, width: in
 
 
 def _resolve_k(k: int | None, run_config: dict[str, Any], num_classes: int, ntotal: int) -> int:
-    if k is not None:
-        if k > ntotal:
-            raise InputError(f"k={k} exceeds the {ntotal} rows of the bank", field="k")
-        return k
+    """An explicit k must fit the bank; otherwise the run's k or the evaluation default, capped."""
+    if k is not None and k > ntotal:
+        raise InputError(f"k={k} exceeds the {ntotal} rows of the bank", field="k")
     run_k = (run_config.get("config") or {}).get("k")
-    k = int(run_k) if run_k else default_k(num_classes)
-    if k > ntotal:
-        log.warning("k=%d exceeds the bank's %d rows; using k=%d", k, ntotal, ntotal)
-    return min(k, ntotal)
+    return default_k(num_classes, ntotal, k if k is not None else run_k)
 
 
 def _training_metadata(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
