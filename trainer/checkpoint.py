@@ -79,13 +79,24 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint ({type(e).__name__}: {e})",
+        raise CheckpointError(f"cannot read checkpoint ({type(e).__name__}: {_reason(e)})",
                               path=str(path)) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"expected format_version {FORMAT_VERSION}, got "
                               f"{state.get('format_version') if isinstance(state, dict) else None}",
                               path=str(path), field="format_version")
     return state
+
+
+def _reason(e: Exception) -> str:
+    """One line from a torch.load error: its weights_only refusal spans paragraphs and advises
+    weights_only=False; keep only the reason (CLIs print errors as one line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in lines[1:]
+                 if not ln.startswith("Check the documentation")]
+        lines = [ln for ln in lines if ln] or ["refused by weights_only loading"]
+    return " ".join(lines) or "empty or truncated file"
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
