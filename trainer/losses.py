@@ -1,4 +1,4 @@
-"""Training losses behind a name registry: ReweightOOD, its unweighted baseline, SupCon, cross-entropy.
+"""Training losses behind a name registry: ReweightOOD, its unweighted baseline, SupCon, CE.
 
 Use `create_loss(name, **hyperparameters)` wherever a loss is needed; the training loop passes its
 full hyperparameter set and each factory takes only what its signature names. Every loss module
@@ -96,12 +96,14 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def _check_temperature(temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    ok = isinstance(temperature, (int, float)) and math.isfinite(temperature)
+    if not (ok and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
 
-def _views_to_rows(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _views_to_rows(features: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, V, D], [B] -> unit rows z [V*B, D] (view-major: all first views, then all second) and
     their labels [V*B], in the input dtype promoted to at least float32."""
     dtype = torch.promote_types(features.dtype, torch.float32)

@@ -1,4 +1,4 @@
-"""trainer/losses.py against loop-based float64 references, gradcheck, edge cases and the registry."""
+"""trainer/losses.py: loop-based float64 references, gradcheck, edge cases, the registry."""
 from __future__ import annotations
 
 import math
@@ -249,7 +249,7 @@ def test_factories_match_their_modules():
 
 
 def _cifar_features(cifar10_small, n=12):
-    """Two 'views' of real CIFAR-10 images: centred pixels and their horizontal flip, [n, 2, 3072]."""
+    """Two 'views' of real CIFAR-10 images: centred pixels and their h-flip, [n, 2, 3072]."""
     x = torch.from_numpy(cifar10_small["images"][:n].astype(np.float64) / 255.0 - 0.5)
     views = torch.stack([x, x.flip(2)], dim=1)                      # flip W of [n, H, W, C]
     return views.reshape(n, 2, -1), torch.from_numpy(cifar10_small["labels"][:n])
