@@ -145,10 +145,12 @@ def main() -> None:
     print("\nmodel-only CPU throughput, images/s (median of rounds)")
     print("model                       batch   pytorch  onnx fp32  onnx int8  onnx/pt  int8/fp32")
     for name, b, pt, f32, i8 in rows:
-        print(f"{name:<27} {b:5d} {pt:9.0f} {f32:10.0f} {i8:10.0f} {f32 / pt:8.2f} {i8 / f32:10.2f}")
+        print(f"{name:<27} {b:5d} {pt:9.0f} {f32:10.0f} {i8:10.0f} {f32 / pt:8.2f} "
+              f"{i8 / f32:10.2f}")
     print("\nwhole Detector (ONNX Runtime + FAISS KNN), images/s")
     for b, n in ((1, 200), (64, 640)):
-        r = {k: throughput(d.score_arrays, id_images, b, args.rounds, n) for k, d in detectors.items()}
+        r = {k: throughput(d.score_arrays, id_images, b, args.rounds, n)
+             for k, d in detectors.items()}
         print(f"batch {b:3d}: fp32 {r['fp32']:8.0f}   int8 {r['int8']:8.0f}   "
               f"int8/fp32 {r['int8'] / r['fp32']:.2f}")
 
@@ -156,7 +158,8 @@ def main() -> None:
     print(f"\nOOD detection, ID = {id_name} test split ({len(id_images)} images), percent")
     print("set          FPR@95 fp32  AUROC fp32  FPR@95 int8  AUROC int8   dFPR95   dAUROC")
     for name, f1, a1, f2, a2 in mrows:
-        print(f"{name:<12} {f1:11.2f} {a1:11.2f} {f2:12.2f} {a2:11.2f} {f2 - f1:+8.2f} {a2 - a1:+8.2f}")
+        print(f"{name:<12} {f1:11.2f} {a1:11.2f} {f2:12.2f} {a2:11.2f} {f2 - f1:+8.2f} "
+              f"{a2 - a1:+8.2f}")
     for k, d in detectors.items():
         t = d.manifest.threshold
         print(f"deployed threshold ({k}): TPR {100 * tprs[k]:.2f}% on the {id_name} test split "

@@ -5,9 +5,10 @@ out)` to publish one atomically (the exporter), and `check_model_io` to check an
 session against a manifest. A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
-    model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection` float32 [N, D]
-    model.int8.onnx   optional statically quantised copy (`Manifest.served_file` says which is served)
-    index.faiss       faiss.write_index of the indexed feature's bank rows (inner product, unit rows)
+    model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection`
+                      float32 [N, D]
+    model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
+    index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
     labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
@@ -86,7 +87,7 @@ class Manifest:
 
     model_version: str                  # "<run name>-<sha256(model.onnx)[:12]>"
     input_size: int                     # S: input is uint8 [N, S, S, 3]
-    outputs: dict[str, int]             # ONNX output name -> width, {"feature": Dp, "projection": 128}
+    outputs: dict[str, int]             # ONNX output -> width: {"feature": Dp, "projection": 128}
     preprocess: dict[str, Any]          # PreprocessSpec.to_dict()
     index: IndexInfo
     class_names: tuple[str, ...]
@@ -97,10 +98,10 @@ class Manifest:
     input_name: str = "image"
     labels_file: str = "labels.npy"
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
-    training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint, ...
+    training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
     files: dict[str, str] = field(default_factory=dict)
-    manifest_sha256: str = ""           # SHA-256 of this manifest's other fields (see manifest_digest)
+    manifest_sha256: str = ""           # SHA-256 of the other fields (see manifest_digest)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -123,9 +124,14 @@ class Manifest:
                               field="input_size")
         _check_index(self)
         _check_threshold(self.threshold)
-        if not self.class_names:
-            raise BundleError("expected at least one class name", field="class_names")
-        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if (isinstance(self.class_names, str) or not self.class_names
+                or not all(isinstance(c, str) for c in self.class_names)):
+            raise BundleError(f"expected a list of class names, got {self.class_names!r}",
+                              field="class_names")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if not isinstance(self.model_version, str) or not self.model_version:
+            raise BundleError(f"expected a non-empty string, got {self.model_version!r}",
+                              field="model_version")
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -191,18 +197,24 @@ def _check_file_name(name: Any, fld: str) -> None:
 
 
 def _check_index(m: Manifest) -> None:
+    if not isinstance(m.outputs, dict) or not m.outputs or not all(
+            isinstance(k, str) and _pos_int(v) for k, v in m.outputs.items()):
+        raise BundleError(f"expected output name -> positive width, got {m.outputs!r}",
+                          field="outputs")
     ix = m.index
+    if not _pos_int(ix.dim):
+        raise BundleError(f"expected a positive integer, got {ix.dim!r}", field="index.dim")
     if ix.feature not in FEATURE_OUTPUTS:
         raise BundleError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {ix.feature!r}",
                           field="index.feature")
     if ix.metric not in METRICS:
         raise BundleError(f"expected one of {METRICS}, got {ix.metric!r}", field="index.metric")
-    if not isinstance(m.outputs, dict) or FEATURE_OUTPUTS[ix.feature] not in m.outputs:
+    if FEATURE_OUTPUTS[ix.feature] not in m.outputs:
         raise BundleError(f"expected an entry for {FEATURE_OUTPUTS[ix.feature]!r}, got "
                           f"{m.outputs!r}", field="outputs")
     if m.outputs[FEATURE_OUTPUTS[ix.feature]] != ix.dim:
-        raise BundleError(f"index dim {ix.dim} != width of output "
-                          f"{FEATURE_OUTPUTS[ix.feature]!r} ({m.outputs[FEATURE_OUTPUTS[ix.feature]]})",
+        out = FEATURE_OUTPUTS[ix.feature]
+        raise BundleError(f"index dim {ix.dim} != width of output {out!r} ({m.outputs[out]})",
                           field="index.dim")
     if not _pos_int(m.k) or not _pos_int(ix.ntotal) or m.k > ix.ntotal:
         raise BundleError(f"expected 1 <= k <= ntotal, got k={m.k!r}, ntotal={ix.ntotal!r}",
@@ -256,7 +268,8 @@ class Bundle:
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
-            raise BundleError(f"cannot read FAISS index: {str(e).splitlines()[0]}", path=path) from None
+            raise BundleError(f"cannot read FAISS index: {str(e).splitlines()[0]}",
+                              path=path) from None
         if index.ntotal != ix.ntotal or index.d != ix.dim:
             raise BundleError(f"index holds {index.ntotal} x {index.d}, manifest says "
                               f"{ix.ntotal} x {ix.dim}", path=path)
@@ -275,7 +288,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def manifest_digest(d: dict[str, Any]) -> str:
-    """SHA-256 of a manifest dict's canonical JSON (sorted keys, no spaces), `manifest_sha256` left out."""
+    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
     body = {k: v for k, v in d.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -322,7 +335,8 @@ def _verify_files(root: Path, m: Manifest) -> None:
         raise BundleError("expected an object of file name -> sha256", path=mpath, field="files")
     for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
         if name not in m.files:
-            raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath, field="files")
+            raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath,
+                              field="files")
     for name, digest in m.files.items():
         _check_file_name(name, "files")
         f = root / name
@@ -354,7 +368,8 @@ def _metadata_session(path: Path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise BundleError(f"ONNX Runtime cannot load the model: {str(e)[:300]}", path=path) from None
+        raise BundleError(f"ONNX Runtime cannot load the model: {str(e)[:300]}",
+                          path=path) from None
 
 
 def check_model_io(session: ort.InferenceSession, manifest: Manifest,
@@ -381,8 +396,8 @@ def check_model_io(session: ort.InferenceSession, manifest: Manifest,
         if o is None:
             raise BundleError(f"model has no output {name!r} (outputs: {sorted(outs)})", path=path)
         if o.type != "tensor(float)" or len(o.shape) != 2:
-            raise BundleError(f"expected output {name!r} float32 [N, {dim}], got {o.type} {o.shape}",
-                              path=path)
+            raise BundleError(f"expected output {name!r} float32 [N, {dim}], got {o.type} "
+                              f"{o.shape}", path=path)
         width = o.shape[1]
         if not isinstance(width, int):
             if measured is None:
@@ -448,8 +463,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not overwrite:
-        raise BundleError("already exists; pass overwrite=True (rwood-export --force) to replace it",
-                          path=out)
+        raise BundleError("already exists; pass overwrite=True (rwood-export --force) to "
+                          "replace it", path=out)
     if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file()):
         raise BundleError("exists and is not a bundle; refusing to replace it", path=out)
 

@@ -122,7 +122,7 @@ class Detector:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def score_arrays(self, images: np.ndarray) -> ScoreBatch:
-        """uint8 [N, S, S, 3] -> ScoreBatch (scores float32, is_ood = score < threshold, predicted)."""
+        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted."""
         emb = self.embed(images)
         if emb.shape[0] == 0:
             return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64))
@@ -162,14 +162,16 @@ class Detector:
         raise InputError(f"expected encoded image bytes, a PIL image or a uint8 array, got "
                          f"{type(item).__name__}", field="item")
 
-    def score_images(self, items: Sequence[Any], ids: Sequence[str] | None = None) -> list[ItemResult]:
+    def score_images(self, items: Sequence[Any],
+                     ids: Sequence[str] | None = None) -> list[ItemResult]:
         """Score a list of items (see `prepare`); results in order, one per item.
 
         An item that fails `prepare` gets an ItemResult with `error` set (score nan, is_ood
         False, predicted_class -1, label ""); the others are still scored. `ids` default to
         "0", "1", ...; a length mismatch raises InputError naming `ids`.
         """
-        if isinstance(items, (bytes, bytearray, str)) or not isinstance(items, (Sequence, np.ndarray)):
+        if (isinstance(items, (bytes, bytearray, str))
+                or not isinstance(items, (Sequence, np.ndarray))):
             raise InputError(f"expected a sequence of items, got {type(items).__name__}",
                              field="items")
         n = len(items)
@@ -178,7 +180,8 @@ class Detector:
             raise InputError(f"expected {n} ids (one per item), got {len(ids)}", field="ids")
         results: list[ItemResult] = []
         for lo in range(0, n, self.max_batch):
-            results.extend(self._score_chunk(items[lo:lo + self.max_batch], ids[lo:lo + self.max_batch]))
+            hi = lo + self.max_batch
+            results.extend(self._score_chunk(items[lo:hi], ids[lo:hi]))
         return results
 
     def _score_chunk(self, items: Sequence[Any], ids: list[str]) -> list[ItemResult]:

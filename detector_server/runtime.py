@@ -98,7 +98,8 @@ def open_session(path: str | Path, device: str, threads: int) -> tuple[ort.Infer
     try:
         session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as e:  # onnxruntime's own exception types
-        raise BundleError(f"ONNX Runtime cannot load the model: {str(e)[:300]}", path=path) from None
+        raise BundleError(f"ONNX Runtime cannot load the model: {str(e)[:300]}",
+                          path=path) from None
     used = "cuda" if session.get_providers()[0] == CUDA_EP else "cpu"
     wanted_cuda = providers[0] != CPU_EP
     if wanted_cuda and used != "cuda":

@@ -33,10 +33,12 @@ __all__ = ["export_main"]
               help="Held-out ID images for the threshold: .npz (key 'images') or an image folder "
                    "[default: the run's calibration.npz]. Must not overlap the bank.")
 @click.option("--index", "index_factory", default="Flat", show_default=True,
-              help="faiss index_factory string, e.g. 'IVF1024,Flat' or 'IVF1024,PQ32' for big banks.")
+              help="faiss index_factory string, e.g. 'IVF1024,Flat' or 'IVF1024,PQ32' for "
+                   "big banks.")
 @click.option("--quantize", type=click.Choice(list_quantizers()), default=None,
               help="Also write a statically quantised model and serve it.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (>= 18).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset (>= 18).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")

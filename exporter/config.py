@@ -21,8 +21,9 @@ DEFAULT_OPSET = 18   # runs on onnxruntime >= 1.14 (the runtime needs >= 1.17)
 class ExportConfig:
     """Options of `export_bundle` (defaults are rwood-export's)."""
 
-    feature: str = "penultimate"       # indexed embedding: penultimate (authors', CIDER) | projection
-    k: int | None = None               # KNN neighbours; None = the run's k, else 300 if > 10 classes else 100
+    feature: str = "penultimate"       # indexed embedding: penultimate (authors') | projection
+    k: int | None = None               # KNN neighbours; None = the run's k, else
+                                       # trainer.evaluate.default_k (300 if > 10 classes, else 100)
     tpr: float = 0.95                  # the threshold keeps this fraction of calibration ID images
     calibration: str | None = None     # .npz (key images) or image folder of held-out ID images;
                                        # None = the run's calibration.npz
@@ -40,7 +41,8 @@ class ExportConfig:
         if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)
                                    or self.k < 1):
             raise InputError(f"expected a positive integer, got {self.k!r}", field="k")
-        if not isinstance(self.tpr, (int, float)) or not math.isfinite(self.tpr) or not 0 < self.tpr < 1:
+        if (not isinstance(self.tpr, (int, float)) or not math.isfinite(self.tpr)
+                or not 0 < self.tpr < 1):
             raise InputError(f"expected a number in (0, 1), got {self.tpr!r}", field="tpr")
         if not isinstance(self.index_factory, str) or not self.index_factory.strip():
             raise InputError(f"expected a faiss index_factory string, got {self.index_factory!r}",

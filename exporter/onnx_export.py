@@ -32,7 +32,8 @@ OUTPUT_NAMES = ("feature", "projection")
 
 
 @contextlib.contextmanager
-def _quiet_loggers(names: tuple[str, ...] = ("onnxscript", "onnx_ir", "torch.onnx")) -> Iterator[None]:
+def _quiet_loggers(names: tuple[str, ...] = ("onnxscript", "onnx_ir", "torch.onnx"),
+                   ) -> Iterator[None]:
     """Raise the exporter's chatty INFO loggers to WARNING for the duration (restored after)."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]

@@ -77,14 +77,17 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, images: np.ndarr
     images: uint8 [N, S, S, 3] in-distribution calibration images (the first `max_images`,
     evenly spread, are used). Returns the manifest's `quantization` description.
     """
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or not len(images):
+    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
+            or not len(images)):
         raise InputError("expected non-empty uint8 [N, S, S, 3] calibration images", field="images")
     pick = np.linspace(0, len(images) - 1, min(max_images, len(images))).round().astype(int)
     sample = images[np.unique(pick)]
     ops = ["Conv", "Gemm", "MatMul"]
     with tempfile.TemporaryDirectory(prefix="rwood-quant-") as tmp:
         prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(float_path), str(prepped), skip_symbolic_shape=True)  # ONNX shapes + ORT opt
+        # ONNX shape inference + ORT graph optimisation; the symbolic pass cannot follow the
+        # Expand of the L2 normalisation, and ONNX's own shape inference is enough here.
+        quant_pre_process(str(float_path), str(prepped), skip_symbolic_shape=True)
         quantize_static(str(prepped), str(out_path), _ArrayReader(sample, input_name),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

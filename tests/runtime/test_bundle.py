@@ -1,4 +1,4 @@
-"""The bundle format: round trip, atomic write, and every refusal of `load_bundle` naming the file."""
+"""The bundle format: round trip, atomic write, every refusal of `load_bundle` naming the file."""
 from __future__ import annotations
 
 import dataclasses
@@ -121,6 +121,9 @@ def test_not_a_directory_refused(tmp_path: Path) -> None:
     (lambda d: d.update(input_size=64), "input_size"),
     (lambda d: d.pop("k"), "k"),
     (lambda d: d["index"].update(extra=1), "index"),
+    (lambda d: d.update(outputs={"feature": "128", "projection": 128}), "outputs"),
+    (lambda d: d.update(class_names="airplane"), "class_names"),
+    (lambda d: d.update(model_version=""), "model_version"),
 ])
 def test_invalid_manifest_fields_refused(tiny_bundle: Path, edit, field: str) -> None:
     raw = json.loads((tiny_bundle / MANIFEST_FILE).read_text())

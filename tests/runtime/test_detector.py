@@ -1,4 +1,4 @@
-"""`Detector`: scores equal brute-force KNN over the bank, the calibrated decision, item handling."""
+"""`Detector`: scores equal brute-force KNN over the bank, calibrated decision, items."""
 from __future__ import annotations
 
 import io
@@ -21,7 +21,7 @@ def detector(tiny_bundle: Path) -> Detector:
 
 @pytest.fixture(scope="module")
 def test_images(shared_data: Path) -> np.ndarray:
-    """256 CIFAR-10 test images (ID, not in the bank) and 128 textures (OOD), uint8 [384, 32, 32, 3]."""
+    """256 CIFAR-10 test images (ID, not banked) + 128 textures (OOD): uint8 [384, 32, 32, 3]."""
     cifar = np.load(shared_data / "cifar10_test.npz")["images"][:256]
     tex = np.load(shared_data / "ood_textures.npz")["images"][:128]
     return np.concatenate([cifar, tex])
@@ -70,7 +70,8 @@ def test_calibrated_decision_reproduced(detector: Detector, tiny_run: Path,
     t = load_bundle(tiny_bundle).manifest.threshold
     images = np.load(tiny_run / "calibration.npz")["images"]
     accepted = ~detector.score_arrays(images).is_ood
-    assert t.n_samples == len(images) and accepted.mean() == pytest.approx(t.achieved_tpr, abs=1e-12)
+    assert t.n_samples == len(images)
+    assert accepted.mean() == pytest.approx(t.achieved_tpr, abs=1e-12)
     assert t.achieved_tpr >= t.target_tpr and t.achieved_tpr - t.target_tpr <= 1.0 / len(images)
 
 
@@ -189,3 +190,12 @@ def test_public_api() -> None:
     assert detector_server.__all__ == ["load_bundle", "Detector", "DetectorClient"]
     with pytest.raises(AttributeError):
         detector_server.no_such_name
+
+
+def test_thread_budget_applied(tiny_bundle: Path) -> None:
+    """ONNX Runtime and FAISS get the same thread count (they run one after the other)."""
+    import faiss
+    det = Detector(tiny_bundle, device="cpu", threads=1)
+    assert det.threads == 1 and faiss.omp_get_max_threads() == 1
+    Detector(tiny_bundle, device="cpu", threads=2)
+    assert faiss.omp_get_max_threads() == 2
