@@ -180,7 +180,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
     if dist.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+        # The ce baseline leaves the projection head out of the loss: DDP must expect unused params.
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if cuda else None,
+            find_unused_parameters=criterion.input != "projection")
     if cfg.compile:
         model = torch.compile(model)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.amp else nullcontext())
