@@ -34,7 +34,7 @@ def embed_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int 
     model = model.to(device).eval()
     feats, projs = [], []
     steps = range(0, len(images), batch_size)
-    for i in tqdm(steps, desc=desc, unit="batch", disable=not progress, leave=False):
+    for i in tqdm(steps, desc=desc, unit="batch", disable=None if progress else True, leave=False):
         x = torch.from_numpy(images[i:i + batch_size]).to(device, non_blocking=True)
         f, p = model(x)
         feats.append(f.float().cpu().numpy())

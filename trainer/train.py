@@ -233,7 +233,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                 cfg.seed * 1_000_003 + epoch)).to(device)
             first = start_step if epoch == start_epoch else 0
             bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not dist.is_main, leave=False, dynamic_ncols=True)
+                       unit="step", leave=False, dynamic_ncols=True,
+                       disable=None if dist.is_main else True)  # None: off when not a TTY
             t0, seen = time.perf_counter(), 0
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
