@@ -31,6 +31,7 @@ Test: tests/runtime/test_score_folder.py. Benchmark: bench/score_folder.py.
 from __future__ import annotations
 
 import csv
+import errno
 import importlib
 import io
 import json
@@ -39,9 +40,11 @@ import math
 import multiprocessing
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -73,6 +76,8 @@ DEFAULT_BATCH_SIZE = 256
 _CHUNK = 32                     # files per decoding task
 _PARQUET_ROWS = 65536           # rows per Parquet row group when finishing
 _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial file
+_MAX_FILE_BYTES = 1 << 30       # larger files get an error row without being read
+_SNIFF_BYTES = 1 << 16          # header read from a file without an image suffix
 
 
 class Row(NamedTuple):
@@ -182,28 +187,50 @@ def decode_blobs(blobs: Sequence[Any], names: Sequence[str], spec: PreprocessSpe
 
 def decode_files(root: str, paths: Sequence[str], spec: PreprocessSpec,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str | None]]:
-    """Read `paths` (relative to `root`) and `decode_blobs` them; a worker process's task."""
-    blobs: list[Any] = []
-    for p in paths:
-        try:
-            with open(os.path.join(root, p), "rb") as f:
-                blobs.append(f.read())
-        except OSError as e:
-            blobs.append(e)
-    return decode_blobs(blobs, paths, spec, max_pixels)
+    """Read `paths` (relative to `root`) and `decode_blobs` them; a worker process's task.
+
+    Files without an image suffix are read only when their first bytes are an image header, and
+    files over `_MAX_FILE_BYTES` are not read at all (error row), so no file can exhaust memory.
+    """
+    return decode_blobs([_read_file(os.path.join(root, p)) for p in paths], paths, spec,
+                        max_pixels)
+
+
+def _read_file(path: str) -> bytes | OSError:
+    """The file's bytes; b"" for a file that is not an image by suffix or header; or the OSError."""
+    try:
+        with open(path, "rb") as f:
+            head = b""
+            if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+                head = f.read(_SNIFF_BYTES)
+                if not _looks_like_image(head):
+                    return b""
+            size = os.fstat(f.fileno()).st_size
+            if size > _MAX_FILE_BYTES:
+                return OSError(errno.EFBIG, f"file is {size} bytes, over the limit of "
+                                            f"{_MAX_FILE_BYTES}")
+            return head + f.read()
+    except OSError as e:
+        return e
 
 
 def _looks_like_image(data: bytes) -> bool:
-    """True when Pillow identifies `data`'s header as an image format (header only, no decode)."""
+    """True when Pillow recognises `data` (or its first bytes) as an image header.
+
+    Pillow raises UnidentifiedImageError when no format claims the bytes; any other error
+    (a header cut short, a decompression bomb) comes from a format that did claim them.
+    """
     if not data:
         return False
     try:
-        with Image.open(io.BytesIO(data)):
-            return True
-    except Image.DecompressionBombError:
-        return True
-    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)):
+                return True
+    except Image.UnidentifiedImageError:
         return False
+    except Exception:
+        return True
 
 
 def make_rows(paths: Sequence[str], status: Sequence[str | None], batch: "ScoreBatch",
@@ -271,38 +298,75 @@ def _score(detector: "Detector", paths: list[str], status: list[str | None],
 
 
 class _DecodeAhead:
-    """Iterating yields (chunk, decode_files(chunk)) in order. With workers, spawned processes
-    (not forked: the parent runs ONNX Runtime / OpenMP threads) start at once and keep `depth`
-    chunks decoded or in progress ahead of the consumer; `close()` stops them."""
+    """Iterating yields (chunk, decode(root, chunk, spec, max_pixels)) in order.
+
+    With workers, spawned processes (not forked: the parent runs ONNX Runtime / OpenMP threads)
+    start at once and keep `depth` chunks decoded or in progress ahead of the consumer. If a
+    worker dies (a decoder crash, the OOM killer), the pool is restarted and the chunk at the
+    head is decoded file by file in a process of its own, so the file at fault gets an error
+    instead of stopping the run. `close()` stops the workers.
+    """
 
     def __init__(self, root: str, chunks: list[list[str]], spec: PreprocessSpec,
-                 max_pixels: int, workers: int, depth: int):
-        self._args = (spec, max_pixels)
-        self._root, self._todo = root, iter(chunks)
+                 max_pixels: int, workers: int, depth: int, decode: Callable = decode_files):
+        self._root, self._args, self._decode = root, (spec, max_pixels), decode
+        self._todo, self._workers = iter(chunks), workers
         self._inflight: deque = deque()
-        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                      if workers > 0 else None)
+        self._pool = self._new_pool(workers) if workers > 0 else None
         for _ in range(depth if self._pool else 0):
             if not self._submit():
                 break
 
+    @staticmethod
+    def _new_pool(workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
     def _submit(self) -> bool:
         chunk = next(self._todo, None)
         if chunk is not None:
-            fut = self._pool.submit(decode_files, self._root, chunk, *self._args)
+            fut = self._pool.submit(self._decode, self._root, chunk, *self._args)
             self._inflight.append((chunk, fut))
         return chunk is not None
 
     def __iter__(self) -> Iterator[tuple[list[str], tuple[np.ndarray, list[str | None]]]]:
         if self._pool is None:
             for chunk in self._todo:
-                yield chunk, decode_files(self._root, chunk, *self._args)
+                yield chunk, self._decode(self._root, chunk, *self._args)
             return
         while self._inflight:
             chunk, fut = self._inflight.popleft()
-            result = fut.result()
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                result = self._recover(chunk)
             self._submit()
             yield chunk, result
+
+    def _recover(self, chunk: list[str]) -> tuple[np.ndarray, list[str | None]]:
+        """The pool broke: restart it with the other chunks in flight, isolate this one."""
+        log.warning("a decoding process died; decoding %d files one by one", len(chunk))
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._new_pool(self._workers)
+        pending = [c for c, _ in self._inflight]
+        self._inflight.clear()
+        for c in pending:
+            self._inflight.append((c, self._pool.submit(self._decode, self._root, c, *self._args)))
+        arrays, status = [], []
+        solo = self._new_pool(1)
+        try:
+            for path in chunk:
+                try:
+                    a, st = solo.submit(self._decode, self._root, [path], *self._args).result()
+                except BrokenProcessPool:
+                    solo.shutdown(wait=True)
+                    solo = self._new_pool(1)
+                    a, st = None, ["the decoding process died on this file"]
+                arrays += [a] if a is not None and len(a) else []
+                status += st
+        finally:
+            solo.shutdown(wait=True)
+        s = self._args[0].size
+        return (np.concatenate(arrays) if arrays else np.empty((0, s, s, 3), np.uint8)), status
 
     def close(self) -> None:
         if self._pool is not None:
@@ -331,7 +395,7 @@ def _row_to_json(row: Row) -> str:
     d = row._asdict()
     if math.isnan(row.score):
         d["score"] = None
-    return json.dumps(d, ensure_ascii=False)
+    return json.dumps(d)   # ASCII: a file name that is not UTF-8 survives as \udcXX escapes
 
 
 def _row_from_dict(d: dict[str, Any]) -> Row:
@@ -359,7 +423,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 
 def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
-    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
     w = csv.writer(text)
     w.writerow(ROW_FIELDS)
     for r in rows:
@@ -371,7 +435,7 @@ def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         for d in csv.DictReader(f):
             yield _row_from_dict(d)
 
@@ -404,7 +468,10 @@ def _write_parquet(rows: Iterable[Row], f: io.BufferedWriter) -> None:
 def _arrow_table(pa: Any, schema: Any, rows: list[Row]) -> Any:
     cols = list(zip(*rows)) if rows else [[] for _ in ROW_FIELDS]
     scores = [None if math.isnan(s) else s for s in cols[1]]
-    return pa.table([cols[0], scores, *cols[2:]], schema=schema)
+    # Parquet strings are UTF-8: the bytes of a non-UTF-8 file name are written as \xNN.
+    paths = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+             for p in cols[0]]
+    return pa.table([paths, scores, *cols[2:]], schema=schema)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from detector_server import score_folder as sf
-from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
 from detector_server.score_cli import score_main
 from detector_server.score_folder import (OUTPUT_FORMATS, Row, partial_path, plot_scores,
@@ -69,12 +69,14 @@ def folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_bundle: Path) -> Detector:
+def detector(tiny_bundle: Path):
+    from detector_server.detector import Detector   # not at the top: worker processes import
+                                                    # this module (see _decode_or_die)
     return Detector(tiny_bundle, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def expected(folder: Path, detector: Detector) -> dict[str, Row]:
+def expected(folder: Path, detector) -> dict[str, Row]:
     """What Detector.score_images says about every image file (recursive)."""
     paths = sorted(TOP_GOOD | SUB_GOOD | BAD)
     res = detector.score_images([(folder / p).read_bytes() for p in paths], ids=paths)
@@ -206,6 +208,58 @@ def test_crash_keeps_previous_table_and_rerun_discards_partial(tiny_bundle, fold
     s = score_folder(tiny_bundle, folder, out, recursive=True, workers=0, progress=False)
     assert s.resumed == 0 and len(read_rows(out)) == len(TOP_GOOD | SUB_GOOD | BAD)
     assert not partial_path(out).exists()
+
+
+def _decode_or_die(root, paths, spec, max_pixels):
+    """decode_files, except that the worker process dies on a file named die*."""
+    if any(Path(p).name.startswith("die") for p in paths):
+        os._exit(3)
+    return sf.decode_files(root, paths, spec, max_pixels)
+
+
+def test_dead_decoding_process_costs_one_error_row(folder, tmp_path):
+    """A decoder that kills its process (as a segfault would) marks only that file."""
+    shutil.copy(folder / "c0.png", tmp_path / "die.png")
+    for name in ("c1.png", "c2.png", "c3.png", "empty.png"):
+        shutil.copy(folder / name, tmp_path / name)
+    names = ["c1.png", "c2.png", "die.png", "c3.png", "empty.png"]
+    chunks = [names[:2], names[2:4], names[4:]]
+    spec = sf.PreprocessSpec(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ahead = sf._DecodeAhead(str(tmp_path), chunks, spec, 10**6, workers=1, depth=3,
+                            decode=_decode_or_die)
+    try:
+        got = list(ahead)
+    finally:
+        ahead.close()
+    assert [c for c, _ in got] == chunks
+    status = [st for _, (_, sts) in got for st in sts]
+    assert status[:2] == ["", ""] and status[3] == ""
+    assert status[2] == "the decoding process died on this file"
+    assert status[4] and "empty" in status[4]
+    want, _ = sf.decode_files(str(tmp_path), ["c1.png", "c2.png", "c3.png"], spec, 10**6)
+    np.testing.assert_array_equal(np.concatenate([a for _, (a, _) in got]), want)
+
+
+def test_odd_files_oversized_and_non_utf8_names(tiny_bundle, folder, tmp_path, monkeypatch):
+    """A file over the size limit is an error row (not read); a non-UTF-8 file name round-trips
+    through CSV and JSONL; a big non-image without an image suffix is skipped."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(folder / "c0.png", src / "small.png")
+    shutil.copy(folder / "t0.jpg", src / "big.jpg")
+    odd = os.fsdecode(b"caf\xe9.png")                   # Latin-1 name: not valid UTF-8
+    shutil.copy(folder / "c1.png", src / odd)
+    (src / "video.bin").write_bytes(bytes(range(256)) * 4096)
+    monkeypatch.setattr(sf, "_MAX_FILE_BYTES", 10_000)   # the JPEG is larger, the PNGs smaller
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"s{suffix}"
+        s = score_folder(tiny_bundle, src, out, workers=0, progress=False)
+        rows = {r.path: r for r in read_rows(out)}
+        assert set(rows) == {"small.png", "big.jpg", odd} and s.skipped == 1
+        assert "over the limit" in rows["big.jpg"].error
+        assert rows[odd].error == "" and rows["small.png"].error == ""
+        again = score_folder(tiny_bundle, src, out, workers=0, resume=True, progress=False)
+        assert (again.resumed, again.scored, again.errors) == (3, 0, 0)
 
 
 def test_resume_refuses_rows_of_another_model(tiny_bundle, folder, tmp_path):
