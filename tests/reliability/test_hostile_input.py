@@ -5,9 +5,7 @@ good image's score; ids come back exactly as sent; bombs are refused from the he
 """
 from __future__ import annotations
 
-import io
 import math
-import resource
 import subprocess
 import textwrap
 import time
@@ -97,6 +95,40 @@ def test_extreme_aspect_ratio_is_bounded(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert time.perf_counter() - t0 < 15
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import io, resource, sys
+    import numpy as np
+    from PIL import Image
+    from detector_server.preprocess import PreprocessSpec, decode_image, to_model_array
+    mode, side = sys.argv[1], 6300                     # 39.7 Mpx, just under the default limit
+    img = (Image.fromarray(np.zeros((side, side), np.uint16)) if mode == "I;16"
+           else Image.new(mode, (side, side)))
+    buf = io.BytesIO(); img.save(buf, "PNG"); data = buf.getvalue(); del img, buf
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    to_model_array(decode_image(data), PreprocessSpec(32, (0.5,) * 3, (0.25,) * 3))
+    print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [
+    "L", "RGB", "RGBA", "P",
+    pytest.param("I;16", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG (preprocess._to_rgb): 16-bit images go through float64 arrays, ~25 bytes per pixel: "
+        "a 75 KB PNG at the pixel limit costs ~1 GB and ~10 s of CPU; see the report")))])
+def test_decoding_at_the_pixel_limit_has_bounded_cost(mode):
+    """An image just under max_pixels (a few KB of PNG) may cost at most ~10 bytes per pixel of
+    peak memory while decoding (RGB alone is 3; conversions add copies) and a few seconds."""
+    t0 = time.perf_counter()
+    p = subprocess.run([PYTHON, "-c", _MEMORY_PROBE, mode], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    size, peak_mb = (int(x) for x in p.stdout.split())
+    assert size < 200_000
+    assert peak_mb < 400, f"{mode}: {peak_mb} MB peak for a {size}-byte file"
+    assert time.perf_counter() - t0 < 8
 
 
 # ---------------------------------------------------------------------------------------------
