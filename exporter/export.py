@@ -3,8 +3,8 @@
 Use it once a run has model.pt and bank.npz. Steps, in a hidden staging directory beside the
 output (an interrupted export leaves no bundle behind, see detector_server.bundle.write_bundle):
 1. model.onnx: the run's DeployModel traced by `export_onnx`;
-2. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
-3. optionally the int8 model (`quantize`), which is then the served file;
+2. optionally the int8 model (`quantize`), which is then the served file;
+3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
 4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
    runtime's exact code path), then `metrics.threshold_at_tpr`;
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
@@ -70,18 +70,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     k = _resolve_k(cfg.k, info["config"], len(class_names), len(labels))
     images, source = load_calibration_images(run_dir, cfg.calibration, spec)
     with staging_dir(out) as stage:
-        log.info("[1/5] exporting ONNX (opset %d)", cfg.opset)
-        widths = export_onnx(model, stage / MODEL_FILE, spec.size, opset=cfg.opset)
-        log.info("[2/5] building faiss index %r over %d x %d bank rows", cfg.index_factory,
-                 *emb.shape)
-        faiss.write_index(build_index(emb, cfg.index_factory), str(stage / INDEX_FILE))
-        np.save(stage / LABELS_FILE, labels, allow_pickle=False)
-        served, quant = MODEL_FILE, None
-        if cfg.quantize:
-            log.info("[3/5] quantising (%s)", cfg.quantize)
-            served = QUANTIZED_FILES[cfg.quantize]
-            quant = get_quantizer(cfg.quantize)(stage / MODEL_FILE, stage / served, images,
-                                                input_name=INPUT_NAME)
+        widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
+        _stage_index(stage, emb, labels, cfg.index_factory)
         manifest = Manifest(
             model_version=f"{run_dir.resolve().name}-{file_sha256(stage / served)[:12]}",
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
@@ -105,6 +95,31 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
              bundle.manifest.model_version, size / 1e6, threshold.value, threshold.achieved_tpr,
              threshold.n_samples, source)
     return out
+
+
+def _stage_models(stage: Path, model: torch.nn.Module, size: int, images: np.ndarray,
+                  cfg: ExportConfig) -> tuple[dict[str, int], str, dict[str, Any] | None]:
+    """Steps 1 and 2: model.onnx and the optional quantised copy.
+
+    Returns (output widths, the served file's name, the quantisation description or None).
+    """
+    log.info("[1/5] exporting ONNX (opset %d)", cfg.opset)
+    widths = export_onnx(model, stage / MODEL_FILE, size, opset=cfg.opset)
+    if not cfg.quantize:
+        log.info("[2/5] no quantisation: the float model is served")
+        return widths, MODEL_FILE, None
+    log.info("[2/5] quantising (%s)", cfg.quantize)
+    served = QUANTIZED_FILES[cfg.quantize]
+    quant = get_quantizer(cfg.quantize)(stage / MODEL_FILE, stage / served, images,
+                                        input_name=INPUT_NAME)
+    return widths, served, quant
+
+
+def _stage_index(stage: Path, emb: np.ndarray, labels: np.ndarray, factory: str) -> None:
+    """Step 3: index.faiss over the bank rows and labels.npy."""
+    log.info("[3/5] building faiss index %r over %d x %d bank rows", factory, *emb.shape)
+    faiss.write_index(build_index(emb, factory), str(stage / INDEX_FILE))
+    np.save(stage / LABELS_FILE, labels, allow_pickle=False)
 
 
 def _check_run_dir(run_dir: Path) -> None:
