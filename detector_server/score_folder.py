@@ -39,6 +39,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections import deque
@@ -319,7 +320,10 @@ class _DecodeAhead:
 
     @staticmethod
     def _new_pool(workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # Ctrl-C is the main process's to handle (it stops the pool); workers ignore it.
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=signal.signal,
+                                   initargs=(signal.SIGINT, signal.SIG_IGN))
 
     def _submit(self) -> bool:
         chunk = next(self._todo, None)
@@ -414,12 +418,24 @@ def _write_jsonl(rows: Iterable[Row], f: io.BufferedWriter) -> None:
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    """Rows of a JSONL table; a last line cut short by a crash is ignored."""
+    with open(path, "rb") as f:
+        for line in f:
+            yield _row_from_dict(json.loads(line))
+
+
+def _write_journal(rows: Iterable[Row], f: io.BufferedWriter) -> None:
+    """The partial file: one JSON array per row, fields in ROW_FIELDS order (NaN allowed)."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)   # a Row is a tuple: an array
+    f.write(text.encode("ascii"))
+
+
+def _read_journal(path: Path) -> Iterator[Row]:
+    """Rows of a partial file; a last line cut short by a crash is ignored."""
     with open(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break
-            yield _row_from_dict(json.loads(line))
+            yield Row(*json.loads(line))
 
 
 def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
@@ -511,7 +527,7 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
     """All rows of a table written by `score_folder` (format from the suffix; the partial file
     `partial_path(out)` reads as JSONL). Raises InputError naming the path if it cannot be read."""
     p = Path(path)
-    reader = _read_jsonl if p.name.endswith(".partial.jsonl") else _output_format(p).read
+    reader = _read_journal if p.name.endswith(".partial.jsonl") else _output_format(p).read
     try:
         return list(reader(p))
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -527,7 +543,7 @@ def partial_path(out: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------- the journal (crash safety)
 
 class _Journal:
-    """Rows of an unfinished run, JSON lines in `partial_path(out)`.
+    """Rows of an unfinished run: `partial_path(out)`, one JSON array per line.
 
     Each append is flushed to the OS (a crash of this process loses nothing written) and fsynced
     at most every `_FSYNC_S` seconds (a power cut loses at most that much; --resume redoes it).
@@ -538,7 +554,7 @@ class _Journal:
         tmp = self.path.with_name(self.path.name + ".tmp")
         prior = list(prior)
         with open(tmp, "wb") as f:                      # the kept rows, rewritten atomically
-            _write_jsonl(prior, f)
+            _write_journal(prior, f)
             _sync(f)
         self.rows = len(prior)
         os.replace(tmp, self.path)
@@ -546,7 +562,7 @@ class _Journal:
         self._synced = time.monotonic()
 
     def append(self, rows: Sequence[Row]) -> None:
-        _write_jsonl(rows, self._f)
+        _write_journal(rows, self._f)
         self._f.flush()
         self.rows += len(rows)
         if time.monotonic() - self._synced >= _FSYNC_S:
@@ -559,7 +575,7 @@ class _Journal:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
-                fmt.write(_read_jsonl(self.path), f)
+                fmt.write(_read_journal(self.path), f)
                 _sync(f)
             os.replace(tmp, out)
         finally:

@@ -157,7 +157,7 @@ def test_resume_after_crash_scores_every_file_once(tiny_bundle, folder, expected
     kept = read_rows(partial)
     assert 0 < len(kept) < len(expected)
     with open(partial, "ab") as f:                       # a line cut short by the crash
-        f.write(b'{"path": "sub/c5.png", "sco')
+        f.write(b'["sub/c5.png", -0.2')
     s = score_folder(tiny_bundle, folder, out, recursive=True, resume=True, workers=0,
                      progress=False)
     rows = read_rows(out)
@@ -264,9 +264,7 @@ def test_odd_files_oversized_and_non_utf8_names(tiny_bundle, folder, tmp_path, m
 
 def test_resume_refuses_rows_of_another_model(tiny_bundle, folder, tmp_path):
     out = tmp_path / "scores.jsonl"
-    partial_path(out).write_text('{"path": "c0.png", "score": -0.1, "is_ood": false, '
-                                 '"predicted_label": "cat", "predicted_class": 3, "error": "", '
-                                 '"model_version": "some-other-model"}\n')
+    partial_path(out).write_text('["c0.png", -0.1, false, "cat", 3, "", "some-other-model"]\n')
     with pytest.raises(InputError, match="some-other-model"):
         score_folder(tiny_bundle, folder, out, resume=True, workers=0, progress=False)
 
