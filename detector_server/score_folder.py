@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -79,6 +80,7 @@ _PARQUET_ROWS = 65536           # rows per Parquet row group when finishing
 _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial file
 _MAX_FILE_BYTES = 1 << 30       # larger files get an error row without being read
 _SNIFF_BYTES = 1 << 16          # header read from a file without an image suffix
+_ORPHAN_CHECK_S = 0.5           # how often a decoding process checks that its parent lives
 
 
 class Row(NamedTuple):
@@ -298,6 +300,19 @@ def _score(detector: "Detector", paths: list[str], status: list[str | None],
     return make_rows(paths, status, batch, detector.class_names, detector.model_version)
 
 
+def _worker_init(parent: int) -> None:
+    """In each decoding process: leave Ctrl-C to the main process (it stops the pool), and exit
+    within a second when the main process is gone (killed by SIGKILL, say) instead of lingering."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_ORPHAN_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 class _DecodeAhead:
     """Iterating yields (chunk, decode(root, chunk, spec, max_pixels)) in order.
 
@@ -320,10 +335,8 @@ class _DecodeAhead:
 
     @staticmethod
     def _new_pool(workers: int) -> ProcessPoolExecutor:
-        # Ctrl-C is the main process's to handle (it stops the pool); workers ignore it.
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=signal.signal,
-                                   initargs=(signal.SIGINT, signal.SIG_IGN))
+                                   initializer=_worker_init, initargs=(os.getpid(),))
 
     def _submit(self) -> bool:
         chunk = next(self._todo, None)
