@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 THREADS = 2
 torch.set_num_threads(THREADS)
 
+pytestmark = pytest.mark.timeout(300)        # a hung DDP rendezvous or child fails, not blocks
+
 N_IMAGES, BATCH, EPOCHS = 256, 64, 2          # 243 training images after the 5% split: 3 steps/epoch
 STEPS_PER_EPOCH = 3
 
@@ -313,3 +315,19 @@ def test_two_process_gloo_ddp_writes_one_run(tmp_path, data):
     assert (ck["epoch"], ck["global_step"]) == (1, 1)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["loss"])   # rank 0 logs only
+
+
+# ------------------------------------------------------------------------------ the issue's criterion
+@pytest.mark.slow
+def test_one_epoch_of_2000_cifar_images_on_cpu_under_a_minute(tmp_path, cifar10_small):
+    """Done-when of the trainer issue: small_cnn, 1 epoch, 2,000 CIFAR-10 images, CPU, < 60 s
+    (defaults otherwise: batch 256, bank and calibration split included). Load-sensitive."""
+    f = tmp_path / "c10_2k.npz"
+    np.savez(f, images=cifar10_small["images"], labels=cifar10_small["labels"],
+             classes=cifar10_small["classes"])
+    t = time.perf_counter()
+    run = train(resolve_config(overrides=dict(dataset="npz", data=str(f), epochs=1, device="cpu",
+                                              out=str(tmp_path / "run"))))
+    seconds = time.perf_counter() - t
+    assert (run / "bank.npz").is_file()
+    assert seconds < 60, f"1 epoch took {seconds:.1f} s (load average {os.getloadavg()[0]:.1f})"
