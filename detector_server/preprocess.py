@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -97,6 +97,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image too large: {e}", field="data") from None
+    except UnidentifiedImageError:  # PIL's message names a memory address: keep ours stable
+        raise InputError("cannot decode image: not a recognised image format", field="data") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise InputError(f"cannot decode image: {type(e).__name__}: {e}", field="data") from None
 
