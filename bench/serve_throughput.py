@@ -7,7 +7,8 @@ Measures, in one run, on real CIFAR-10 test images encoded as PNG:
      (ONNX Runtime + FAISS, no decoding, no RPC); (a1) the same Detector on one PNG per call
      (`score_images`: decode + model + KNN), the single-image in-process time;
 (b)  the server (`rwood-serve` in its own process) under 1, 8 and 64 concurrent clients, each
-     sending one PNG per Score request and waiting for the answer (grpc.aio, one client process);
+     sending one PNG per Score request and waiting for the answer (grpc.aio, one client process
+     on the same 2 cores), plus 64 clients sending 16 PNGs per request (--batched);
 (c)  a research-style scorer: the run's PyTorch eager model (`trainer.checkpoint.load_model`) +
      a FAISS IndexFlatL2 over the bank, one PIL-decoded image at a time (c1) and in batches of 64.
 Prints images/s, p50/p99 latency (per call) and the ratios the serving issue targets:
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,12 +48,23 @@ class Row:
     p50_ms: float
     p99_ms: float
     calls: int
+    server_cores: float | None = None   # CPU seconds per second used by the server process
+    client_cores: float | None = None   # ... and by this (client) process
 
 
 def _row(name: str, n_images: int, elapsed: float, latencies: list[float]) -> Row:
     lat = np.asarray(latencies) * 1e3
     return Row(name, n_images / elapsed, float(np.percentile(lat, 50)),
                float(np.percentile(lat, 99)), len(latencies))
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of process `pid`, or of this process."""
+    if pid is None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed_loop(fn, seconds: float, warmup: int = 5) -> tuple[list[float], float]:
@@ -105,14 +118,16 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
     raise RuntimeError(f"rwood-serve did not start (exit {proc.wait()})")
 
 
-async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: float
-                   ) -> tuple[list[float], float]:
+async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: float,
+                   per_request: int = 1) -> tuple[list[float], float]:
     import grpc
 
     from detector_server._proto import detector_pb2 as pb
     from detector_server._proto import detector_pb2_grpc as pb_grpc
 
-    requests = [pb.ScoreRequest(images=[pb.Image(id=str(i), data=d)]) for i, d in enumerate(pngs)]
+    requests = [pb.ScoreRequest(images=[pb.Image(id=str(i + j), data=pngs[(i + j) % len(pngs)])
+                                        for j in range(per_request)])
+                for i in range(len(pngs))]
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.DetectorStub(channel)
@@ -126,7 +141,7 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
                 t = time.perf_counter()
                 response = await stub.Score(requests[i % len(requests)], timeout=30)
                 latencies.append(time.perf_counter() - t)
-                assert response.results[0].error == ""
+                assert len(response.results) == per_request and response.results[0].error == ""
                 i += n_clients
 
         t0 = time.perf_counter()
@@ -134,15 +149,20 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
         return latencies, time.perf_counter() - t0
 
 
-def bench_server(bundle: Path, pngs: list[bytes], clients: list[int], seconds: float,
+def bench_server(bundle: Path, pngs: list[bytes], loads: list[tuple[int, int]], seconds: float,
                  extra: list[str]) -> list[Row]:
+    """One row per (clients, PNGs per request) in `loads`, all against one server process."""
     proc, target = start_server(bundle, extra)
     try:
         rows = []
-        for n in clients:
-            lat, el = asyncio.run(_clients(target, pngs, n, seconds))
-            rows.append(_row(f"(b)  server, {n} client{'s' if n > 1 else ''}, 1 PNG per request",
-                             len(lat), el, lat))
+        for n, per_request in loads:
+            srv0, cli0 = _cpu_seconds(proc.pid), _cpu_seconds()
+            lat, el = asyncio.run(_clients(target, pngs, n, seconds, per_request))
+            row = _row(f"(b)  server, {n} client{'s' if n > 1 else ''}, {per_request} PNG"
+                       f"{'s' if per_request > 1 else ''} per request", per_request * len(lat), el, lat)
+            row.server_cores = (_cpu_seconds(proc.pid) - srv0) / el
+            row.client_cores = (_cpu_seconds() - cli0) / el
+            rows.append(row)
         return rows
     finally:
         proc.terminate()
@@ -178,17 +198,23 @@ def bench_reference(run_dir: Path, pngs: list[bytes], k: int, seconds: float) ->
 
 # ---- driver --------------------------------------------------------------------------------------
 def print_table(rows: list[Row]) -> dict[str, float]:
-    by = {r.name[:4].strip() + (r.name.split(",")[1] if r.name.startswith("(b)") else ""): r
-          for r in rows}
-    print(f"\n{'':60s} {'images/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'calls':>8s}")
+    by = {r.name[:4].strip() + ",".join(r.name.split(",")[1:]) if r.name.startswith("(b)")
+          else r.name[:4].strip(): r for r in rows}
+    print(f"\n{'':60s} {'images/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s} "
+          f"{'srv cores':>9s} {'cli cores':>9s}")
     for r in rows:
-        print(f"{r.name:60s} {r.images_per_s:10.0f} {r.p50_ms:9.2f} {r.p99_ms:9.2f} {r.calls:8d}")
+        cores = ("" if r.server_cores is None
+                 else f" {r.server_cores:9.2f} {r.client_cores:9.2f}")
+        print(f"{r.name:60s} {r.images_per_s:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.calls:7d}{cores}")
     a, a1, c1 = by["(a)"], by["(a1)"], by["(c1)"]
-    b1, b64 = by.get("(b) 1 client"), by.get("(b) 64 clients")
+    b1, b64 = by.get("(b) 1 client, 1 PNG per request"), by.get("(b) 64 clients, 1 PNG per request")
     ratios = {}
     if b64:
         ratios["(b@64) / (a)  [target >= 0.85]"] = b64.images_per_s / a.images_per_s
         ratios["(b@64) / (c1) [target >= 1.5]"] = b64.images_per_s / c1.images_per_s
+    for name, r in by.items():
+        if name.startswith("(b)") and "1 PNG per" not in name:
+            ratios[f"{name.split(' ', 1)[1]} / (a)"] = r.images_per_s / a.images_per_s
     if b1:
         ratios["p50(b@1) - p50(a1) ms  [target <= 2]"] = b1.p50_ms - a1.p50_ms
         ratios["(b@1) / (c1)  [target >= 1.5]"] = b1.images_per_s / c1.images_per_s
@@ -204,8 +230,12 @@ def main() -> None:
     p.add_argument("--run", type=Path, help="run directory (model.pt, bank.npz) for (c)")
     p.add_argument("--bundle", type=Path, help="bundle exported from --run (default: export it)")
     p.add_argument("--seconds", type=float, default=5.0, help="measuring time per row")
-    p.add_argument("--clients", default="1,8,64")
+    p.add_argument("--clients", default="1,8,64", help="concurrent clients, one PNG per request")
+    p.add_argument("--batched", default="64x16",
+                   help="extra loads CLIENTSxPNGS_PER_REQUEST, comma-separated ('' for none)")
     p.add_argument("--server-args", default="", help="extra rwood-serve flags, e.g. '--max-wait-ms 1'")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every row; each row reports its median round")
     p.add_argument("--json", type=Path, help="also write the rows and ratios here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,12 +254,20 @@ def main() -> None:
 
         k = load_bundle(bundle).manifest.k
         images, pngs = load_pngs(512)
-        rows = bench_in_process(bundle, images, pngs, args.seconds)
-        rows += bench_server(bundle, pngs, [int(c) for c in args.clients.split(",")],
-                             args.seconds, args.server_args.split())
-        rows += bench_reference(run, pngs, k, args.seconds)
-    print(f"cores: {len(os.sched_getaffinity(0))}, bundle: {bundle.name}, k={k}, "
-          f"server flags: {args.server_args or '(defaults)'}")
+        loads = [(int(c), 1) for c in args.clients.split(",")] + [
+            tuple(int(x) for x in b.split("x")) for b in args.batched.split(",") if b]
+        rounds = []
+        for r in range(args.repeat):   # interleaved rounds: load drift hits every row alike
+            rows = bench_in_process(bundle, images, pngs, args.seconds)
+            rows += bench_server(bundle, pngs, loads, args.seconds, args.server_args.split())
+            rows += bench_reference(run, pngs, k, args.seconds)
+            rounds.append(rows)
+            print(f"round {r + 1}/{args.repeat} done, load average {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr)
+    rows = [sorted(same, key=lambda r: r.images_per_s)[len(same) // 2] for same in zip(*rounds)]
+    print(f"cores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f}, "
+          f"bundle: {bundle.name}, k={k}, server flags: {args.server_args or '(defaults)'}, "
+          f"median of {args.repeat} round(s)")
     ratios = print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "ratios": ratios},
