@@ -1,4 +1,4 @@
-"""Soak test: N concurrent clients against a local rwood-serve for T seconds, good and bad images mixed.
+"""Soak test: N concurrent clients against a local rwood-serve for T seconds, good and bad images.
 
     .venv/bin/python bench/soak.py --bundle BUNDLE [--clients 64] [--duration 60] [--json out.json]
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import io
 import json
 import os
 import statistics
@@ -151,7 +150,8 @@ def problems(rep: dict, max_growth: float) -> list[str]:
     if set(rep["codes"]) - {"OK"}:
         out.append(f"requests failed: {rep['codes']}")
     if rep["good_images_refused"]:
-        out.append(f"{rep['good_images_refused']} good images refused: {rep['good_refused_examples']}")
+        out.append(f"{rep['good_images_refused']} good images refused: "
+                   f"{rep['good_refused_examples']}")
     if rep["bad_images_scored"]:
         out.append(f"{rep['bad_images_scored']} bad images were scored")
     srv = rep["server"]
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before measuring")
     ap.add_argument("--bad-fraction", type=float, default=0.1, help="share of bad images")
-    ap.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up")
+    ap.add_argument("--max-growth", type=float, default=0.05,
+                    help="allowed RSS growth after warm-up")
     ap.add_argument("--threads", type=int, default=None, help="server --threads (default: its own)")
     ap.add_argument("--data", type=Path, default=SHARED)
     ap.add_argument("--json", type=Path, default=None)

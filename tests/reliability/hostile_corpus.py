@@ -1,7 +1,7 @@
 """The hostile-input corpus of the reliability tests and bench/fuzz.py, built from real images.
 
-`build_hostile_corpus(shared_data)` returns the cases; `check_result` asserts one verdict. Every case
-names what the runtime must do with it: "score" (a finite score, no error), "error" (a per-item
+`build_hostile_corpus(shared_data)` returns the cases; `check_result` asserts one verdict. Every
+case names what the runtime must do with it: "score" (a finite score, no error), "error" (a per-item
 error, no score) or "either" (formats whose last bytes a decoder may forgive, e.g. a PNG cut inside
 IEND). Whatever the expectation, an item never raises and never takes the others down with it.
 """

@@ -1,4 +1,4 @@
-"""rwood-score killed with SIGKILL mid-run, then --resume: every file exactly once, scores unchanged.
+"""rwood-score killed by SIGKILL mid-run, then --resume: every file exactly once, scores unchanged.
 
 tests/runtime/test_score_folder.py simulates a crash inside the process (an exception, a torn
 line); here the real CLI process is killed from outside, with a decode worker running, and the

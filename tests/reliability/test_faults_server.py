@@ -1,5 +1,5 @@
-"""rwood-serve (a real child process) under faults: SIGTERM and SIGHUP during load, clients that vanish
-mid-stream, deadlines that expire in the queue.
+"""rwood-serve (a real child process) under faults: SIGTERM and SIGHUP during load, clients that
+vanish mid-stream, deadlines that expire in the queue.
 
 Not repeated here (tests/runtime/test_server.py covers them in-process): the deadline of a request
 queued behind a slow batch (its work never reaches the model) and the loading state.
@@ -14,7 +14,6 @@ import textwrap
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -29,6 +28,8 @@ from server_proc import ServerProcess, health_status
 pytestmark = pytest.mark.timeout(600)
 SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
                         health_pb2.HealthCheckResponse.NOT_SERVING)
+ACCEPTED_MARGIN_S = 0.5
+GRACE_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,10 @@ def _request(items) -> pb.ScoreRequest:
 
 class Load:
     """`n` client threads, each on its own channel, scoring `items` in a loop until stopped or
-    refused. Records (t_sent, t_done, status code, complete) per request."""
+    refused. Records (t_sent, t_done, status code, complete, details) per request."""
 
     def __init__(self, target: str, items, n: int = 4, timeout: float = 60.0):
-        self.records: list[tuple[float, float, grpc.StatusCode, bool]] = []
+        self.records: list[tuple[float, float, grpc.StatusCode, bool, str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(target, items, timeout),
@@ -66,16 +67,16 @@ class Load:
                 t0 = time.monotonic()
                 try:
                     r = stub.Score(_request(items), timeout=timeout)
-                    code, ok = grpc.StatusCode.OK, (len(r.results) == len(items)
-                                                    and all(x.error == "" for x in r.results))
+                    code, ok, details = grpc.StatusCode.OK, (len(r.results) == len(items) and all(
+                        x.error == "" for x in r.results)), ""
                 except grpc.RpcError as e:
-                    code, ok = e.code(), False
+                    code, ok, details = e.code(), False, e.details() or ""
                 with self._lock:
-                    self.records.append((t0, time.monotonic(), code, ok))
+                    self.records.append((t0, time.monotonic(), code, ok, details))
                 if code != grpc.StatusCode.OK:
                     return
 
-    def stop(self, timeout: float = 120.0) -> list[tuple[float, float, grpc.StatusCode, bool]]:
+    def stop(self, timeout: float = 120.0) -> list[tuple[float, float, grpc.StatusCode, bool, str]]:
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
@@ -98,10 +99,11 @@ def _watch_health(target: str, seen: list[tuple[float, int]], ready: threading.E
 
 
 def test_sigterm_during_load_answers_every_accepted_request(tiny_bundle, payloads, tmp_path):
-    with ServerProcess(tiny_bundle, "--grace", "30", log_path=tmp_path / "serve.log") as srv:
+    with ServerProcess(tiny_bundle, "--grace", str(GRACE_S), log_path=tmp_path / "serve.log") as srv:
         seen: list[tuple[float, int]] = []
         ready = threading.Event()
-        watcher = threading.Thread(target=_watch_health, args=(srv.target, seen, ready), daemon=True)
+        watcher = threading.Thread(target=_watch_health, args=(srv.target, seen, ready),
+                                   daemon=True)
         watcher.start()
         assert ready.wait(30)
         small = Load(srv.target, payloads["small"], n=4)
@@ -115,14 +117,21 @@ def test_sigterm_during_load_answers_every_accepted_request(tiny_bundle, payload
         watcher.join(10)
         log = srv.log()
     assert code == 0, log[-3000:]
-    sent_before = [r for r in records if r[0] < t_term - 0.05]
-    assert len(sent_before) >= 6
-    lost = [r for r in sent_before if not (r[2] == grpc.StatusCode.OK and r[3])]
+    # A request is surely accepted (admitted by the server) if it was sent well before SIGTERM:
+    # serialising and uploading a 7 MB request takes up to a few hundred ms on a loaded machine.
+    accepted = [r for r in records if r[0] < t_term - ACCEPTED_MARGIN_S]
+    assert len(accepted) >= 6
+    lost = [r for r in accepted if not (r[2] == grpc.StatusCode.OK and r[3])]
     assert not lost, f"requests sent before SIGTERM were not answered in full: {lost}"
-    drained = [r for r in sent_before if r[1] > t_term]
+    drained = [r for r in records if r[0] < t_term < r[1] and r[2] == grpc.StatusCode.OK]
     assert drained, "no request was in flight at SIGTERM: the test proved nothing"
-    after = {r[2] for r in records if r[0] > t_term}
-    assert after <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, after
+    # The others were refused cleanly (UNAVAILABLE: safe to retry); grpc itself answers CANCELLED
+    # for a call that opens just as the server stops, before any handler saw it. No handler was
+    # cut short by the grace period: the server was done long before it ran out.
+    racing = {r[2] for r in records
+              if r[0] >= t_term - ACCEPTED_MARGIN_S and r[2] != grpc.StatusCode.OK}
+    assert racing <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, racing
+    assert t_exit - t_term < GRACE_S / 2
     statuses = [s for _, s in seen]
     assert statuses[0] == SERVING and NOT_SERVING in statuses, statuses
     t_not_serving = next(t for t, s in seen if s == NOT_SERVING)
@@ -176,7 +185,8 @@ def _score(target: str, items) -> pb.ScoreResponse:
 
 
 _CORRUPTIONS = {
-    "truncated model": lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:999]),
+    "truncated model": lambda b: (b / "model.onnx").write_bytes(
+        (b / "model.onnx").read_bytes()[:999]),
     "altered labels": lambda b: (b / "labels.npy").write_bytes(
         (b / "labels.npy").read_bytes()[:-8] + b"\x01" * 8),
     "garbage manifest": lambda b: (b / "manifest.json").write_text("{not json"),
@@ -200,7 +210,7 @@ def test_sighup_with_corrupt_bundle_keeps_serving_the_old_model(served, payloads
         records = load.stop()
         for f in served.original.iterdir():                # put the good bundle back
             shutil.copy2(f, served.bundle / f.name)
-    assert records and all(code == grpc.StatusCode.OK and ok for _, _, code, ok in records)
+    assert records and all(code == grpc.StatusCode.OK and ok for _, _, code, ok, _ in records)
     assert _info(served.target).model_version == version
     after = _score(served.target, payloads["small"])
     assert after.model_version == version
@@ -235,8 +245,9 @@ def test_client_killed_mid_stream_leaves_the_server_healthy(served, payloads):
     _score(served.target, payloads["small"])
     baseline = served.stats()
     for _ in range(2):
-        client = subprocess.Popen([PYTHON, "-c", _STREAM_CLIENT, served.target], env=subprocess_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        client = subprocess.Popen([PYTHON, "-c", _STREAM_CLIENT, served.target],
+                                  env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
         try:
             for _ in range(3):                          # it is streaming: requests are in flight
                 assert client.stdout.readline().startswith("response 64")
@@ -254,7 +265,8 @@ def test_client_killed_mid_stream_leaves_the_server_healthy(served, payloads):
         time.sleep(0.05)
         future.cancel()
     _wait_idle(served)
-    received, scored = _metric(served, "rwood_images_total"), _metric(served, "rwood_batch_size_sum")
+    received = _metric(served, "rwood_images_total")
+    scored = _metric(served, "rwood_batch_size_sum")
     assert scored < received - 1000, "the work of clients that hung up was scored, not dropped"
     assert health_status(served.target) == SERVING
     assert all(r.error == "" for r in _score(served.target, payloads["small"]).results)
@@ -284,14 +296,14 @@ def test_deadline_storm_under_load(served, payloads):
         records = load.stop()
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}, set(codes)
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
-    assert all(code == grpc.StatusCode.OK and ok for _, _, code, ok in records)
+    assert all(code == grpc.StatusCode.OK and ok for _, _, code, ok, _ in records)
     _wait_idle(served)
     assert _metric(served, 'rwood_requests_total{code="DEADLINE_EXCEEDED",method="Score"}') >= 1
 
 
 @pytest.mark.xfail(strict=True, reason="BUG (server.py ModelHost.score): rwood_queue_images is set "
-                   "only when a request arrives, so after a burst whose work was dropped or done it "
-                   "keeps the old value (e.g. 1984) until the next request; see the report")
+                   "only when a request arrives, so after a burst whose work was dropped or done "
+                   "it keeps the old value (e.g. 1984) until the next request; see the report")
 def test_queue_gauge_returns_to_zero_when_idle(served):
     _wait_idle(served)
     assert _metric(served, "rwood_queue_images") == 0

@@ -1,4 +1,4 @@
-"""rwood-train killed with SIGKILL mid-epoch, then --resume: the same weights as an uninterrupted run.
+"""rwood-train killed by SIGKILL mid-epoch, then --resume: the same weights as an uninterrupted run.
 
 Deterministic CPU mode, one thread per process. The reference run and the run to be killed start
 together (two cores); the second is killed as soon as its epoch-1 checkpoint appears, i.e. inside

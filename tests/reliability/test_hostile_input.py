@@ -1,4 +1,5 @@
-"""The hostile corpus (see conftest.build_hostile_corpus) through Detector.score_images and rwood-serve.
+"""The hostile corpus (hostile_corpus.build_hostile_corpus) through Detector.score_images and the
+server.
 
 Every input gets a score or a per-item error, never an exception; bad neighbours never change a
 good image's score; ids come back exactly as sent; bombs are refused from the header, fast.
@@ -67,8 +68,8 @@ def test_hostile_ids_echoed(detector, hostile_corpus):
 
 
 def test_non_bytes_items_are_per_item_errors(detector, hostile_corpus):
-    items = [None, 12, "a/path.png", [1, 2], np.zeros((4, 4), np.float32), np.zeros((0, 5), np.uint8),
-             np.zeros((2, 2, 4), np.uint8), hostile_corpus[0].data]
+    items = [None, 12, "a/path.png", [1, 2], np.zeros((4, 4), np.float32),
+             np.zeros((0, 5), np.uint8), np.zeros((2, 2, 4), np.uint8), hostile_corpus[0].data]
     results = detector.score_images(items)
     assert all(r.error for r in results[:-1]) and results[-1].error == ""
 

@@ -7,7 +7,6 @@ in order, ids echoed, a score or an error each (Score over gRPC); any bytes as t
 """
 from __future__ import annotations
 
-import io
 import math
 
 import grpc

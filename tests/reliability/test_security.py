@@ -22,7 +22,7 @@ from PIL import ImageFile
 
 from detector_server.bundle import MANIFEST_FILE, file_sha256, load_bundle, manifest_digest
 from detector_server.errors import BundleError, CheckpointError
-from hostile_corpus import REPO, encode, png_bomb
+from hostile_corpus import REPO, png_bomb
 
 PACKAGES = ("trainer", "exporter", "detector_server")
 
@@ -46,7 +46,9 @@ def _call_name(func: ast.expr) -> tuple[str, str] | None:
 
 def _kw(call: ast.Call, name: str):
     kw = next((k for k in call.keywords if k.arg == name), None)
-    return None if kw is None else (kw.value.value if isinstance(kw.value, ast.Constant) else kw.value)
+    if kw is None:
+        return None
+    return kw.value.value if isinstance(kw.value, ast.Constant) else kw.value
 
 
 def unsafe_deserialisation(source: str, filename: str) -> list[str]:
@@ -81,7 +83,8 @@ def test_the_scanner_finds_each_unsafe_pattern():
 def test_no_unsafe_deserialisation_in_shipped_code():
     files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "_proto" not in p.parts]
     assert len(files) > 20
-    found = [f for p in files for f in unsafe_deserialisation(p.read_text(), str(p.relative_to(REPO)))]
+    found = [f for p in files
+             for f in unsafe_deserialisation(p.read_text(), str(p.relative_to(REPO)))]
     assert not found, found
 
 
