@@ -72,7 +72,7 @@ def _alive(pid: int) -> bool:
 
 
 def _reap(pids: list[int]) -> None:
-    """Kill what is left of the children of a killed run (see the xfail below): no orphans."""
+    """Kill what is left of the children of a killed run: no orphans, even if a test fails."""
     for pid in pids:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
@@ -141,10 +141,9 @@ def test_killed_mid_run_then_resume_scores_every_file_once(tiny_bundle, folder, 
     assert not partial_path(out).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (score_folder.py): a spawned decode worker (and its "
-                   "multiprocessing resource tracker) outlives an rwood-score killed by SIGKILL, "
-                   "forever; fix: a pool initializer that exits when the parent dies (report)")
 def test_decode_workers_exit_with_their_killed_parent(killed_run):
+    """The spawned decode worker and multiprocessing's resource tracker go away within seconds of
+    their parent's SIGKILL (they used to live forever: fixed in score_folder._worker_init)."""
     _, children = killed_run
     assert children, "the decode worker was not running"
     t_end = time.monotonic() + 5
