@@ -2,7 +2,8 @@
 
 Use `run_cli(fn, *args, **kwargs)` inside a click command: it calls the library function and turns
 a `ReweightOODError` (bad input the user can fix) into one line on stderr and exit status 2, and
-Ctrl-C into exit status 130, instead of a traceback.
+Ctrl-C into exit status 130, instead of a traceback. Declare commands with `cls=Command` so that
+click's own usage errors (unknown option, bad choice) are one `error:` line with status 2 too.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import click
 
 from .errors import ReweightOODError
 
-__all__ = ["run_cli", "setup_logging"]
+__all__ = ["run_cli", "setup_logging", "Command"]
 
 T = TypeVar("T")
 
@@ -23,6 +24,24 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with a short format; INFO by default, DEBUG with `verbose`."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+class Command(click.Command):
+    """A click command whose usage errors print `error: <message> (see --help)` and exit 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()} (see --help)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
 
 
 def run_cli(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -16,14 +16,14 @@ import logging
 
 import click
 
-from .cli_common import run_cli, setup_logging
+from .cli_common import Command, run_cli, setup_logging
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_folder import DEFAULT_BATCH_SIZE, ENGINES, score_folder
 
 __all__ = ["score_main"]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
 @click.argument("input_dir", metavar="INPUT", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_common import run_cli, setup_logging
+from .cli_common import Command, run_cli, setup_logging
 from .server import ServeConfig, serve
 
 __all__ = ["serve_main"]
@@ -20,7 +20,7 @@ __all__ = ["serve_main"]
 _D = ServeConfig()  # the defaults, from the one definition
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("--address", default=_D.address,
               help="host:port to listen on (loopback by default; port 0 picks a free one).")

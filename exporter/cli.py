@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from detector_server.bundle import FEATURE_OUTPUTS
-from detector_server.cli_common import run_cli, setup_logging
+from detector_server.cli_common import Command, run_cli, setup_logging
 
 from .config import DEFAULT_OPSET
 from .export import export_bundle
@@ -19,7 +19,7 @@ from .quantize import list_quantizers
 __all__ = ["export_main"]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (must not exist unless --force).")

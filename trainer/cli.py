@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from detector_server.cli_common import run_cli, setup_logging
+from detector_server.cli_common import Command, run_cli, setup_logging
 
 from .config import PRESETS, resolve_config
 from .data import list_datasets
@@ -23,7 +23,7 @@ def _loss_names() -> list[str]:
     return list_losses()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--dataset", type=click.Choice(list_datasets()), default=None,
               help="Training set. 'digits' (default) is scikit-learn's bundled handwritten digits, "
                    "works offline; cifar10/cifar100 read a torchvision root; npz/folder read --data.")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from detector_server.cli_common import run_cli, setup_logging
+from detector_server.cli_common import Command, run_cli, setup_logging
 from detector_server.errors import InputError
 
 from .ood_sets import parse_set_arg
@@ -22,7 +22,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--id-test", default=None, metavar="PATH|NAME=PATH",
               help="In-distribution test images: .npz, image folder (ROOT/<class>/... gives labels), "

@@ -134,7 +134,11 @@ def _check_keys(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML file of TrainConfig settings; returns the checked mapping."""
+    """Read a JSON or TOML file of TrainConfig settings; returns the checked mapping.
+
+    A run's RUN_DIR/config.json is accepted too: its recorded settings (all but `out`) are used,
+    so `rwood-train --config runs/a/config.json --out runs/b` repeats run a.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("config file not found", path=str(path))
@@ -147,7 +151,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(f"cannot parse: {e}", path=str(path)) from None
     if not isinstance(values, dict):
         raise InputError("expected a mapping of setting names to values", path=str(path))
-    values.pop("config", None)
+    if values.get("format") == "reweightood-run":  # a run's config.json: reproduce that run
+        values = dict(values.get("config") or {})
+        values.pop("out", None)
     return _check_keys(values, str(path))
 
 

@@ -94,6 +94,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _stop_requested(local: bool, world_size: int, device: torch.device) -> bool:
+    """True when any rank was asked to stop: all ranks must leave at the same step, or the ones
+    still training would block forever in the next all-gather."""
+    if world_size == 1:
+        return local
+    flag = torch.tensor([float(local)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
                 model_args: dict, finished: bool) -> dict[str, Any]:
     import torchvision
@@ -126,7 +136,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             raise CheckpointError("--resume given but there is no checkpoint to resume from",
                                   path=str(ckpt_path))
         state = load_state(ckpt_path)
-        cfg = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
+        saved = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
+        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != saved.to_dict()[k]]
+        if ignored:  # a resumed run continues exactly as it started
+            log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
+        cfg = saved
     dist = init_distributed()
     device = pick_device(cfg.device, dist.local_rank)
     if dist.is_main:
@@ -266,7 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                     if writer:
                         writer.add_scalar("loss", rec["loss"], global_step)
                         writer.add_scalar("lr", rec["lr"], global_step)
-                if stop.raised:
+                if _stop_requested(stop.raised, dist.world_size, device):
                     # a stop on an epoch's last step resumes at the start of the next epoch
                     at = (epoch + 1, 0) if step + 1 == steps_per_epoch else (epoch, step + 1)
                     checkpoint(*at)
