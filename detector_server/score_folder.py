@@ -107,6 +107,8 @@ class ScoreSummary:
     errors: int                 # error rows written by this call
     skipped: int                # files that are not images (no row)
     seconds: float              # wall time of the scoring loop
+    startup_s: float = 0.0      # of which until the first batch was scored (model load, workers)
+    first_batch: int = 0        # files in that first batch
     plot: Path | None = None
 
     @property
@@ -115,6 +117,13 @@ class ScoreSummary:
         done = self.scored + self.errors + self.skipped
         return done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Files per second after the first batch: the rate to expect on a large folder."""
+        done = self.scored + self.errors + self.skipped - self.first_batch
+        t = self.seconds - self.startup_s
+        return done / t if done > 0 and t > 0 else self.images_per_s
+
     def describe(self) -> str:
         """The human summary the CLI prints."""
         rate = f" ({self.ood / self.scored:.1%} of scored)" if self.scored else ""
@@ -122,7 +131,9 @@ class ScoreSummary:
                  f"{self.skipped} not images)",
                  f"scored      {self.scored}", f"OOD         {self.ood}{rate}",
                  f"errors      {self.errors}",
-                 f"throughput  {self.images_per_s:.1f} images/s ({self.seconds:.1f} s)",
+                 f"throughput  {self.images_per_s:.1f} images/s ({self.seconds:.1f} s, of which "
+                 f"{self.startup_s:.1f} s start-up; {self.steady_images_per_s:.1f} images/s "
+                 f"after it)",
                  f"output      {self.out}"]
         if self.plot is not None:
             lines.append(f"plot        {self.plot}")
@@ -675,9 +686,9 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     todo = [p for p in files if p not in done]
     journal = _Journal(out, prior)
     try:
-        counts, seconds = _consume(run(b, Path(input_dir), todo, batch_size=batch_size,
-                                       workers=workers, device=device, max_pixels=max_pixels),
-                                   journal, len(todo), progress)
+        counts, times = _consume(run(b, Path(input_dir), todo, batch_size=batch_size,
+                                     workers=workers, device=device, max_pixels=max_pixels),
+                                 journal, len(todo), progress)
         journal.publish(out, fmt)
     except BaseException:
         journal.abandon()
@@ -687,16 +698,18 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
         scores = np.array([r.score for r in read_rows(out)], dtype=np.float64)
         plot_path = plot_scores(scores, b.manifest.threshold.value, plot, title=version)
     return ScoreSummary(out, len(files), len(files) - len(todo), counts["scored"], counts["ood"],
-                        counts["errors"], counts["skipped"], seconds, plot_path)
+                        counts["errors"], counts["skipped"], *times, plot=plot_path)
 
 
 def _consume(batches: Iterator[tuple[int, list[Row]]], journal: _Journal, total: int,
-             progress: bool) -> tuple[dict[str, int], float]:
-    """Append each batch's rows to the journal; count; drive the progress bar."""
+             progress: bool) -> tuple[dict[str, int], tuple[float, float, int]]:
+    """Append each batch's rows to the journal; count; drive the progress bar.
+    Returns the counts and (seconds, seconds to the first batch, files in the first batch)."""
     from tqdm import tqdm
 
     counts = dict(scored=0, ood=0, errors=0, skipped=0)
     t0 = time.perf_counter()
+    first: tuple[float, int] | None = None
     with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True,
               desc="scoring") as bar:
         for consumed, rows in batches:
@@ -707,10 +720,11 @@ def _consume(batches: Iterator[tuple[int, list[Row]]], journal: _Journal, total:
             counts["ood"] += sum(1 for r in rows if r.is_ood)
             counts["skipped"] += consumed - len(rows)
             bar.update(consumed)
+            first = first or (time.perf_counter() - t0, consumed)
             if counts["scored"]:
                 bar.set_postfix(ood=f"{counts['ood'] / counts['scored']:.1%}",
                                 errors=counts["errors"], refresh=False)
-    return counts, time.perf_counter() - t0
+    return counts, (time.perf_counter() - t0, *(first or (0.0, 0)))
 
 
 def _load_bundle(bundle: "str | os.PathLike | Bundle") -> "Bundle":
