@@ -24,6 +24,8 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with a short format; INFO by default, DEBUG with `verbose`."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # faiss logs which SIMD build it loaded, six lines before anything useful
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 class Command(click.Command):

@@ -108,9 +108,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits by the type's range instead of clipping at 255.
-        a = np.asarray(img, dtype=np.float64)
-        a = np.clip(a / (65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0), 0, 1)
-        img = Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), mode="L")
+        # Integer rescaling in row blocks: a float64 copy of a 40-Mpx image would cost ~1 GB.
+        a = np.asarray(img)
+        scale = 65535 if img.mode.startswith("I;16") or a.max() > 255 else 255
+        out = np.empty(a.shape, np.uint8)
+        for r in range(0, a.shape[0], 512):
+            blk = np.clip(a[r:r + 512].astype(np.int64), 0, scale)
+            out[r:r + 512] = (blk * 255 + scale // 2) // scale
+        img = Image.fromarray(out, mode="L")
     elif img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB")

@@ -12,7 +12,6 @@ never stop the run. Exit status 2 with a one-line message for a bad bundle, fold
 """
 from __future__ import annotations
 
-import logging
 
 import click
 
@@ -50,8 +49,6 @@ __all__ = ["score_main"]
 def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:
     """Score every image file under INPUT with the detector in BUNDLE into one table."""
     setup_logging(verbose)
-    if not verbose:  # faiss logs its CPU-feature probing at INFO: noise before a one-line error
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     summary = run_cli(score_folder, bundle, input_dir, out, **options)
     click.echo(summary.describe())
 

@@ -161,6 +161,8 @@ class ModelHost:
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
+        # Read at scrape time, so the gauge falls back to 0 when the queue drains.
+        metrics.queue_images.set_function(lambda: self._batcher.queued_images)
         self._load_lock = asyncio.Lock()
 
     def _build_detector(self) -> Detector:
@@ -197,7 +199,6 @@ class ModelHost:
             arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
             batch = None
             if arrays is not None:
-                self._metrics.queue_images.set(self._batcher.queued_images + len(arrays))
                 batch = await self._batcher.score(det, arrays, deadline)
         finally:
             self._admitted -= len(images)

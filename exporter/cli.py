@@ -52,3 +52,7 @@ def export_main(run_dir: Path, out: Path, feature: str, k: int | None, tpr: floa
                    calibration=calibration, index_factory=index_factory, quantize=quantize,
                    opset=opset, overwrite=force, threads=threads)
     click.echo(str(path))
+
+
+if __name__ == "__main__":
+    export_main()

@@ -301,9 +301,6 @@ def test_deadline_storm_under_load(served, payloads):
     assert _metric(served, 'rwood_requests_total{code="DEADLINE_EXCEEDED",method="Score"}') >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (server.py ModelHost.score): rwood_queue_images is set "
-                   "only when a request arrives, so after a burst whose work was dropped or done "
-                   "it keeps the old value (e.g. 1984) until the next request; see the report")
 def test_queue_gauge_returns_to_zero_when_idle(served):
     _wait_idle(served)
     assert _metric(served, "rwood_queue_images") == 0

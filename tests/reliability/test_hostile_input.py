@@ -115,10 +115,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [
-    "L", "RGB", "RGBA", "P",
-    pytest.param("I;16", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG (preprocess._to_rgb): 16-bit images go through float64 arrays, ~25 bytes per pixel: "
-        "a 75 KB PNG at the pixel limit costs ~1 GB and ~10 s of CPU; see the report")))])
+    "L", "RGB", "RGBA", "P", "I;16"])
 def test_decoding_at_the_pixel_limit_has_bounded_cost(mode):
     """An image just under max_pixels (a few KB of PNG) may cost at most ~10 bytes per pixel of
     peak memory while decoding (RGB alone is 3; conversions add copies) and a few seconds."""
