@@ -1,9 +1,9 @@
 # Two entry points for a fresh machine: `make demo` (the whole product, offline) and `make test`.
-# Both create or reuse .venv and install the package with the CPU runtime; set EXTRAS=train,gpu,dev
+# Both create or reuse .venv and install the package with the CPU runtime; set EXTRAS=train,gpu,dev,ray
 # on a CUDA machine (never install the cpu and gpu extras into one environment).
 PYTHON ?= python3
 VENV   ?= .venv
-EXTRAS ?= train,cpu,dev
+EXTRAS ?= train,cpu,dev,ray
 BIN    := $(VENV)/bin
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
