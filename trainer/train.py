@@ -137,7 +137,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                                   path=str(ckpt_path))
         state = load_state(ckpt_path)
         saved = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
-        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != saved.to_dict()[k]]
+        default, kept = TrainConfig().to_dict(), saved.to_dict()
+        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != kept[k] and v != default[k]]
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
