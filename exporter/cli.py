@@ -26,8 +26,7 @@ __all__ = ["export_main"]
 @click.option("--feature", type=click.Choice(sorted(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Embedding to index and score.")
 @click.option("--k", type=int, default=None,
-              help="KNN neighbours [default: the run's k, else CIDER's 100 (<= 10 classes) or 300, "
-                   "scaled by bank size / 50,000].")
+              help="KNN neighbours [default: the run's k, else 300 if > 10 classes else 100].")
 @click.option("--tpr", type=float, default=0.95, show_default=True,
               help="Fraction of held-out ID images the threshold keeps.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,

@@ -61,8 +61,7 @@ def _loss_names() -> list[str]:
 @click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm under torchrun.")
 @click.option("--calibration-fraction", type=float, default=None,
               help="Held-out share of the training set for the threshold (0.05).")
-@click.option("--k", type=int, default=None, help="KNN neighbours for evaluation (default: 100, or 300 for > 10 classes, "
-                   "scaled by bank size / 50,000).")
+@click.option("--k", type=int, default=None, help="KNN neighbours for evaluation (100 / 300).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/default).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,

@@ -34,8 +34,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--postprocessor", type=click.Choice(["knn", "mahalanobis"]), default="knn",
               show_default=True, help="knn: the deployed runtime's scorer; mahalanobis: MDS.")
 @click.option("--k", type=int, default=None,
-              help="KNN neighbours (default: the run's k, else 100, or 300 for > 10 classes, "
-                   "scaled by bank size / 50,000).")
+              help="KNN neighbours (default: the run's k, else 300 for > 10 classes, else 100).")
 @click.option("--feature", type=click.Choice(["penultimate", "projection"]), default="penultimate",
               show_default=True, help="Which bank embedding is scored.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

@@ -64,7 +64,7 @@ class TrainConfig:
     log_every: int = 10                # steps between metrics.jsonl lines
     tensorboard: bool = False          # also write TensorBoard events (needs tensorboard installed)
     eval_batch_size: int = 512         # batch for the embedding bank and evaluation
-    k: int | None = None               # KNN neighbours; None = CIDER's 100/300 scaled to the bank
+    k: int | None = None               # KNN neighbours; None = 300 if > 10 classes else 100
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "head_dim", "checkpoint_every", "log_every",

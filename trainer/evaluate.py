@@ -65,23 +65,10 @@ def list_postprocessors() -> list[str]:
     return sorted(_POSTPROCESSORS)
 
 
-# CIDER's K (100 for CIFAR-10, 300 for CIFAR-100) was tuned on banks of the full 50,000 CIFAR
-# training images. KNN+ (Sun et al., 2022) shows the best K scales with the bank: K = alpha * K_full
-# for a bank that is a fraction alpha of the data. A fixed K=100 on a bank of ~800 embeddings
-# (~140 per class) measures the far edge of each class cluster instead of local density: on the
-# demo's held-out digits it gave FPR@95 96% where K=1 gave 9%.
-_K_REFERENCE_BANK = 50_000
-
-
 def default_k(num_classes: int, bank_size: int, configured: int | None = None) -> int:
-    """K: `configured` if given; else CIDER's setting (300 for > 10 classes, 100 otherwise)
-    scaled by bank_size / 50,000 (the CIFAR bank it was tuned on), at least 1. Always capped at
-    the bank size (logged)."""
-    if configured is None:
-        k_full = 300 if num_classes > 10 else 100
-        k = max(1, round(k_full * bank_size / _K_REFERENCE_BANK))
-    else:
-        k = configured
+    """K: `configured` if given, else 300 for > 10 classes and 100 otherwise (CIDER's settings for
+    CIFAR-100 / CIFAR-10); capped at the bank size (logged)."""
+    k = configured if configured is not None else (300 if num_classes > 10 else 100)
     if k > bank_size:
         log.warning("K=%d is larger than the bank (%d rows); using K=%d", k, bank_size, bank_size)
     return min(k, bank_size)

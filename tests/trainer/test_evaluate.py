@@ -219,9 +219,7 @@ def test_image_set_errors(tmp_path):
 
 def test_default_k():
     assert default_k(10, 50_000) == 100 and default_k(100, 50_000) == 300
-    assert default_k(10, 9_500) == 19 and default_k(100, 10_000) == 60     # scaled with the bank
-    assert default_k(10, 800) == 2 and default_k(10, 40) == 1              # never below 1
-    assert default_k(100, 50_000, configured=7) == 7 and default_k(10, 40, configured=90) == 40
+    assert default_k(10, 40) == 40 and default_k(100, 50_000, configured=7) == 7
 
 
 def test_evaluate_errors(tiny_run, small_sets, tmp_path):
