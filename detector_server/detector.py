@@ -126,6 +126,7 @@ class Detector:
         emb = self.embed(images)
         if emb.shape[0] == 0:
             return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64))
+        runtime.bind_faiss_threads(self.threads)   # OpenMP's count is per calling thread
         if self._gpu_lock is None:
             scores, predicted = self._scorer.score(emb)
         else:
