@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -183,11 +183,14 @@ class DynamicBatcher:
         self._idle.clear()
         if self._on_batch is not None:
             self._on_batch(sum(len(j.images) for j in batch), len(batch))
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, _score_concat, batch[0].model, [j.images for j in batch])
-        future.add_done_callback(functools.partial(self._deliver, batch))
+        # A plain executor future, answered with one call_soon_threadsafe: run_in_executor would
+        # also wrap it in an asyncio future and chain the two (more loop work per batch).
+        call_soon = asyncio.get_running_loop().call_soon_threadsafe
+        deliver = functools.partial(self._deliver, batch)
+        done = self._executor.submit(_score_concat, batch[0].model, [j.images for j in batch])
+        done.add_done_callback(lambda f: call_soon(deliver, f))
 
-    def _deliver(self, batch: list[_Job], future: asyncio.Future) -> None:
+    def _deliver(self, batch: list[_Job], future: Future) -> None:
         """On the event loop: each caller gets its rows of the result, or the batch's error."""
         try:
             error = RuntimeError("batch cancelled") if future.cancelled() else future.exception()
