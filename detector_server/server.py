@@ -132,23 +132,29 @@ def _error_kind(data: bytes, message: str) -> str:
     return "undecodable"
 
 
-# Requests whose images declare at most this many pixels in all are decoded on the event loop:
-# four 32x32 PNGs take ~0.15 ms, less than handing them to a pool thread and back (two thread
-# wake-ups, ~0.5 ms of latency on 2 busy cores). Bigger images go to the decode pool.
+# Requests of at most this many images declaring at most this many pixels in all are decoded on
+# the event loop: four 32x32 PNGs take ~0.15 ms, less than handing them to a pool thread and back
+# (two thread wake-ups, ~0.5 ms of latency on 2 busy cores). Anything bigger goes to the pool.
+INLINE_DECODE_IMAGES = 4
 INLINE_DECODE_PIXELS = 4 * 32 * 32
 
 
-def _declared_pixels(datas: Sequence[bytes]) -> int:
-    """Pixels the images' headers declare (Pillow reads the header only, ~10 us). An image whose
-    header cannot be read counts as 0: decoding it fails at once, wherever that happens."""
+def _decode_inline(datas: Sequence[bytes]) -> bool:
+    """Whether `datas` are small enough to decode on the event loop, judged from the images'
+    headers (Pillow reads the header only, ~10 us each). An image whose header cannot be read
+    counts as 0 pixels: decoding it fails at once, wherever that happens."""
+    if len(datas) > INLINE_DECODE_IMAGES:
+        return False
     total = 0
     for data in datas:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 total += img.width * img.height
         except Exception:  # noqa: BLE001 - empty, unknown format, bomb warning: the decoder reports it
-            pass
-    return total
+            continue
+        if total > INLINE_DECODE_PIXELS:
+            return False
+    return True
 
 
 def _prepare_all(detector: Detector, datas: Sequence[bytes]) -> tuple[np.ndarray | None, list[int],
@@ -268,7 +274,7 @@ class ModelHost:
         in chunks (one per pool thread for big requests)."""
         if deadline is not None and deadline <= time.monotonic():
             raise TimeoutError("deadline passed before decoding")
-        if _declared_pixels(datas) <= INLINE_DECODE_PIXELS:
+        if _decode_inline(datas):
             return _prepare_all(det, datas)
         loop = asyncio.get_running_loop()
         step = max(8, -(-len(datas) // self._cfg.decode_threads))
