@@ -27,9 +27,13 @@ from pathlib import Path
 
 # libgomp reads this once, when faiss loads it, so it only takes effect when this is the first import
 # of faiss in the process (it is for rwood-serve and rwood-score: detector.py imports runtime first).
+# It is removed again right after: other OpenMP runtimes loaded later (PyTorch's own libgomp in the
+# same process, child processes) keep their defaults; PyTorch eager at batch 1 is 2x slower passive.
+_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import faiss  # noqa: E402 - after the OpenMP wait policy above
+import faiss  # noqa: E402 - libgomp reads the wait policy now
+if _USER_WAIT_POLICY is None:
+    del os.environ["OMP_WAIT_POLICY"]
 import onnxruntime as ort  # noqa: E402
 
 from .errors import BundleError, InputError
@@ -130,7 +134,7 @@ def set_faiss_threads(threads: int) -> None:
     """Set FAISS's OpenMP thread count for the calling thread, and log it (see the module docstring)."""
     faiss.omp_set_num_threads(threads)
     log.info("faiss %s: %d OpenMP threads, wait policy %s", faiss.__version__, threads,
-             os.environ.get("OMP_WAIT_POLICY", "libgomp's default"))
+             _USER_WAIT_POLICY or "PASSIVE (unless faiss was loaded before detector_server.runtime)")
 
 
 def bind_faiss_threads(threads: int) -> None:
