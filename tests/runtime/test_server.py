@@ -325,3 +325,19 @@ def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path
 def test_address_in_use_raises_input_error(server, tiny_bundle):
     with pytest.raises(InputError, match="address"):
         start_background(tiny_bundle, address=server.target, device="cpu", threads=1)
+
+
+def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
+    """Inline decoding is judged from headers: a few small images (or unreadable bytes, which fail
+    at once) stay on the event loop; many images or a large one go to the decode pool."""
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    small = png(np.load(shared_data / "cifar10_test.npz")["images"][0])
+    big = png(np.zeros((256, 256, 3), np.uint8))
+    assert server_mod._decode_inline([small])
+    assert server_mod._decode_inline([b"not an image", b""])
+    assert not server_mod._decode_inline([small] * (server_mod.INLINE_DECODE_IMAGES + 1))
+    assert not server_mod._decode_inline([big])
