@@ -30,7 +30,7 @@ from .errors import InputError
 from .knn import KNNScorer, index_to_device
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
 
-__all__ = ["Detector", "ItemResult", "ScoreBatch", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Detector", "ItemResult", "ScoreBatch", "merge_results", "DEFAULT_MAX_PIXELS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ class ScoreBatch:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+
+def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: ScoreBatch | None,
+                  class_names: Sequence[str]) -> list[ItemResult]:
+    """One ItemResult per id, in order: where `errors[i]` is set, an error result (score nan,
+    predicted_class -1); otherwise the next row of `batch`, which holds the other items in order.
+    The one place per-item errors and scored rows are put back together (Detector, server,
+    rwood-score)."""
+    out: list[ItemResult] = []
+    j = 0
+    for id_, err in zip(ids, errors):
+        if err is not None:
+            out.append(ItemResult(id_, math.nan, False, -1, "", err))
+            continue
+        c = int(batch.predicted[j])
+        label = class_names[c] if 0 <= c < len(class_names) else ""
+        out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, ""))
+        j += 1
+    return out
 
 
 class Detector:
@@ -195,16 +214,7 @@ class Detector:
             except InputError as e:
                 errors.append(str(e))
         batch = self.score_arrays(np.stack(arrays)) if arrays else None
-        out, j = [], 0
-        for id_, err in zip(ids, errors):
-            if err is not None:
-                out.append(ItemResult(id_, math.nan, False, -1, "", err))
-                continue
-            c = int(batch.predicted[j])
-            label = self.class_names[c] if 0 <= c < len(self.class_names) else ""
-            out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, ""))
-            j += 1
-        return out
+        return merge_results(ids, errors, batch, self.class_names)
 
     def _check_images(self, images: Any) -> np.ndarray:
         s = self.spec.size

@@ -251,20 +251,13 @@ def make_rows(paths: Sequence[str], status: Sequence[str | None], batch: "ScoreB
               class_names: Sequence[str], model_version: str) -> list[Row]:
     """Rows for `paths` in order: scored ones take the next entry of `batch` (the decoded images
     in order), error ones get nan/-1, and status None (not an image) gets no row."""
-    rows: list[Row] = []
-    j = 0
-    for path, st in zip(paths, status):
-        if st is None:
-            continue
-        if st:
-            rows.append(Row(path, math.nan, False, "", -1, st, model_version))
-            continue
-        c = int(batch.predicted[j])
-        label = class_names[c] if 0 <= c < len(class_names) else ""
-        rows.append(Row(path, float(batch.scores[j]), bool(batch.is_ood[j]), label, c, "",
-                        model_version))
-        j += 1
-    return rows
+    from .detector import merge_results
+
+    kept = [(p, st) for p, st in zip(paths, status) if st is not None]
+    results = merge_results([p for p, _ in kept], [st or None for _, st in kept], batch,
+                            class_names)
+    return [Row(r.id, r.score, r.is_ood, r.predicted_label, r.predicted_class, r.error,
+                model_version) for r in results]
 
 
 # ---------------------------------------------------------------- the local engine

@@ -32,7 +32,6 @@ import functools
 import hmac
 import io
 import logging
-import math
 import os
 import signal
 import threading
@@ -51,7 +50,7 @@ from PIL import Image
 from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
 from .batcher import DynamicBatcher
-from .detector import Detector, ItemResult
+from .detector import Detector, ItemResult, merge_results
 from .errors import BundleError, InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .server_metrics import ServerMetrics
@@ -252,22 +251,14 @@ class ModelHost:
     def _results(self, det: Detector, images: Sequence[tuple[str, bytes]], ok: list[int],
                  batch: Any, errors: dict[int, str]) -> list[ItemResult]:
         """ItemResults in request order from the scored rows (`ok`) and the per-image errors."""
-        results: list[ItemResult] = [None] * len(images)  # type: ignore[list-item]
-        names = det.class_names
         if batch is not None:
-            for i, s, o, c in zip(ok, batch.scores.tolist(), batch.is_ood.tolist(),
-                                  batch.predicted.tolist()):
-                results[i] = ItemResult(id=images[i][0], score=s, is_ood=o, predicted_class=c,
-                                        predicted_label=names[c] if 0 <= c < len(names) else "",
-                                        error="")
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
-            results[i] = ItemResult(id=images[i][0], score=math.nan, is_ood=False,
-                                    predicted_class=-1, predicted_label="", error=message)
-        return results
+        return merge_results([id_ for id_, _ in images],
+                             [errors.get(i) for i in range(len(images))], batch, det.class_names)
 
     async def _prepare(self, det: Detector, datas: list[bytes], deadline: float | None):
         """Decode inline when the images are small (cheaper than a thread hop), else on the pool
