@@ -94,11 +94,14 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _stop_requested(local: bool, world_size: int, device: torch.device) -> bool:
+def _stop_requested(local: bool, world_size: int, device: torch.device, step: int) -> bool:
     """True when any rank was asked to stop: all ranks must leave at the same step, or the ones
-    still training would block forever in the next all-gather."""
+    still training would block forever in the next all-gather. Under DDP the ranks agree every
+    16th step only: the all-reduce forces a host sync that would stall the GPU every step."""
     if world_size == 1:
         return local
+    if step % 16:
+        return False
     flag = torch.tensor([float(local)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
@@ -281,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                     if writer:
                         writer.add_scalar("loss", rec["loss"], global_step)
                         writer.add_scalar("lr", rec["lr"], global_step)
-                if _stop_requested(stop.raised, dist.world_size, device):
+                if _stop_requested(stop.raised, dist.world_size, device, global_step):
                     # a stop on an epoch's last step resumes at the start of the next epoch
                     at = (epoch + 1, 0) if step + 1 == steps_per_epoch else (epoch, step + 1)
                     checkpoint(*at)
