@@ -57,6 +57,9 @@ _D = ServeConfig()  # the defaults, from the one definition
               help="Seconds between --watch checks.")
 @click.option("--grace", "grace_s", type=float, default=_D.grace_s,
               help="On SIGTERM, seconds in-flight requests get to finish.")
+@click.option("--drain-delay", "drain_delay_s", type=float, default=_D.drain_delay_s,
+              help="On SIGTERM, seconds of NOT_SERVING health and UNAVAILABLE answers before the "
+                   "port closes, so load balancers and clients move away (counts toward --grace).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve_main(bundle: str, address: str, verbose: bool, **options: object) -> None:
     """Serve the ReweightOOD detector in BUNDLE over gRPC (rwood.v1.Detector, health, reflection)."""

@@ -88,6 +88,8 @@ class ServeConfig:
     watch: bool = False                 # reload when the bundle's manifest.json changes
     watch_interval_s: float = 2.0       # how often --watch looks
     grace_s: float = 10.0               # on SIGTERM, how long in-flight requests may take to finish
+    drain_delay_s: float = 0.5          # on SIGTERM, NOT_SERVING + UNAVAILABLE answers this long
+                                        # before the listener closes (part of grace_s)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
@@ -95,7 +97,7 @@ class ServeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"expected a positive integer, got {v!r}", field=name)
-        for name in ("max_wait_ms", "grace_s"):
+        for name in ("max_wait_ms", "grace_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"expected a number >= 0, got {getattr(self, name)!r}", field=name)
         for name in ("max_message_mb", "watch_interval_s"):
@@ -649,6 +651,11 @@ class DetectorServer:
             await self._health.enter_graceful_shutdown()    # NOT_SERVING to Check and Watch
         if self._server is not None:
             log.info("draining: in-flight requests have %.1f s", grace)
+            # New calls get our UNAVAILABLE (retryable) while the listener is still open: closing
+            # it at once lets grpc cancel calls that were arriving at that instant (CANCELLED).
+            delay = min(self.config.drain_delay_s, grace)
+            await asyncio.sleep(delay)
+            grace -= delay
             stopping = asyncio.ensure_future(self._server.stop(grace))  # refuses new RPCs at once
             await asyncio.sleep(min(0.1, grace))     # lets open Watch streams send NOT_SERVING
             if self._health is not None:
