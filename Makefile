@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: install demo test test-all bench-train clean
+.PHONY: install demo test test-all lint bench-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check .
 
 test-all: install
 	$(BIN)/python -m pytest -q tests

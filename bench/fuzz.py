@@ -42,9 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "reliability")]
 SHARED = Path(os.environ.get("RWOOD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+from hostile_corpus import build_hostile_corpus  # noqa: E402
+
 from detector_server.errors import InputError  # noqa: E402
 from detector_server.preprocess import PreprocessSpec, decode_image, to_model_array  # noqa: E402
-from hostile_corpus import build_hostile_corpus  # noqa: E402
 
 Mutator = Callable[[np.random.Generator, bytes, list[bytes]], bytes]
 _BOUNDARY = (0x00, 0xFF, 0x7F, 0x80, 0x01, 0xFE)
@@ -181,11 +182,11 @@ def fuzz_server(inputs: list[tuple[str, bytes]], local_ok: list, bundle: Path, b
     pass, while allocator high-water marks stop growing once the largest inputs have been seen."""
     import grpc
     from grpc_health.v1 import health_pb2
+    from hostile_corpus import subprocess_env
+    from server_proc import ServerProcess, health_status
 
     from detector_server._proto import detector_pb2 as pb
     from detector_server._proto import detector_pb2_grpc as pb_grpc
-    from hostile_corpus import subprocess_env
-    from server_proc import ServerProcess, health_status
 
     kinds: collections.Counter = collections.Counter()
     crashes, disagreements, after_pass = [], [], []

@@ -25,8 +25,8 @@ from typing import Any
 import click
 import numpy as np
 
+from detector_server.atomic import atomic_write, write_json_atomic, write_text_atomic
 from detector_server.cli_common import run_cli, setup_logging
-from trainer.checkpoint import save_atomic, write_json_atomic
 from trainer.config import resolve_config
 from trainer.evaluate import evaluate_many
 from trainer.report import detection_table, quality_table, write_report
@@ -62,7 +62,7 @@ def _subset_npz(src: str, dst: Path, n: int) -> str:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    save_atomic(dst, write)
+    atomic_write(dst, write)
     return str(dst)
 
 
@@ -118,7 +118,7 @@ def run_paper_table(budget: str, out: str | Path, train_dataset: str = "npz",
               "claims": _claims(reports)}
     write_json_atomic(out / "paper_table.json", result)
     md = _markdown(result)
-    save_atomic(out / "paper_table.md", lambda tmp: Path(tmp).write_text(md))
+    write_text_atomic(out / "paper_table.md", md)
     return result
 
 

@@ -30,6 +30,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .validate import is_int
+
 __all__ = ["DynamicBatcher", "BatchModel"]
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class DynamicBatcher:
 
     def __init__(self, max_batch: int = 64, max_wait_ms: float = 0.0, *,
                  on_batch: Callable[[int, int], None] | None = None):
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")

@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import onnxruntime as ort
 
+from ._faiss import faiss
+from .atomic import fsync_dir, fsync_file, write_json_atomic
 from .errors import BundleError, InputError
 from .preprocess import PreprocessSpec
+from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
@@ -198,11 +200,11 @@ def _check_file_name(name: Any, fld: str) -> None:
 
 def _check_index(m: Manifest) -> None:
     if not isinstance(m.outputs, dict) or not m.outputs or not all(
-            isinstance(k, str) and _pos_int(v) for k, v in m.outputs.items()):
+            isinstance(k, str) and (is_int(v) and v >= 1) for k, v in m.outputs.items()):
         raise BundleError(f"expected output name -> positive width, got {m.outputs!r}",
                           field="outputs")
     ix = m.index
-    if not _pos_int(ix.dim):
+    if not (is_int(ix.dim) and ix.dim >= 1):
         raise BundleError(f"expected a positive integer, got {ix.dim!r}", field="index.dim")
     if ix.feature not in FEATURE_OUTPUTS:
         raise BundleError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {ix.feature!r}",
@@ -216,7 +218,7 @@ def _check_index(m: Manifest) -> None:
         out = FEATURE_OUTPUTS[ix.feature]
         raise BundleError(f"index dim {ix.dim} != width of output {out!r} ({m.outputs[out]})",
                           field="index.dim")
-    if not _pos_int(m.k) or not _pos_int(ix.ntotal) or m.k > ix.ntotal:
+    if not (is_int(m.k) and m.k >= 1) or not (is_int(ix.ntotal) and ix.ntotal >= 1) or m.k > ix.ntotal:
         raise BundleError(f"expected 1 <= k <= ntotal, got k={m.k!r}, ntotal={ix.ntotal!r}",
                           field="k")
 
@@ -228,12 +230,9 @@ def _check_threshold(t: ThresholdInfo) -> None:
         v = getattr(t, name)
         if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise BundleError(f"expected a number in [0, 1], got {v!r}", field=f"threshold.{name}")
-    if not isinstance(t.n_samples, int) or t.n_samples < 0:
+    if not is_int(t.n_samples) or t.n_samples < 0:
         raise BundleError(f"expected a count, got {t.n_samples!r}", field="threshold.n_samples")
 
-
-def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass(frozen=True)
@@ -439,8 +438,7 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     files = _stage_checksums(stage, manifest)
     d = dataclasses.replace(manifest, files=files).to_dict()
     d["manifest_sha256"] = manifest_digest(d)
-    _write_json_durably(stage / MANIFEST_FILE, d)
-    _fsync_dir(stage)
+    write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -452,7 +450,7 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
             os.rename(old, out)
         raise BundleError(f"cannot move the staged bundle into place ({e}); the staging directory "
                           f"must be on the same filesystem", path=out) from None
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     log.info("wrote bundle %s (%d files)", out, len(files) + 1)
@@ -479,31 +477,6 @@ def _stage_checksums(stage: Path, m: Manifest) -> dict[str, str]:
     for f in sorted(stage.iterdir()):
         if f.name == MANIFEST_FILE or not f.is_file():
             raise BundleError("staging directory must hold only payload files", path=f)
-        _fsync_file(f)
+        fsync_file(f)
         files[f.name] = file_sha256(f)
     return files
-
-
-def _write_json_durably(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems do not support fsync on directories
-        pass

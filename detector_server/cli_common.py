@@ -29,7 +29,18 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 class Command(click.Command):
-    """A click command whose usage errors print `error: <message> (see --help)` and exit 2."""
+    """A click command whose usage errors print `error: <message> (see --help)` and exit 2.
+
+    Every command of the project takes -h as well as --help and wraps its help at 100 columns;
+    `context_settings` given to the decorator add to (or override) these.
+    """
+
+    CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+    def __init__(self, *args: Any, context_settings: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, context_settings={**self.CONTEXT_SETTINGS,
+                                                  **(context_settings or {})}, **kwargs)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("standalone_mode", True) is False:

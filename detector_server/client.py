@@ -31,6 +31,7 @@ from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
 from .detector import ItemResult
 from .errors import InputError
+from .validate import check_int
 
 __all__ = ["DetectorClient", "RemoteResult", "ServerInfo"]
 
@@ -130,12 +131,10 @@ class DetectorClient:
                  client_key: bytes | str | os.PathLike | None = None, token: str | None = None,
                  timeout: float = 10.0, max_batch: int = 64, retries: int = 3,
                  max_request_mb: float = 16.0, tls: bool = False):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"expected a positive integer, got {max_batch!r}", field="max_batch")
+        check_int(max_batch, "max_batch", minimum=1)
         if not timeout > 0:
             raise InputError(f"expected seconds > 0, got {timeout!r}", field="timeout")
-        if not isinstance(retries, int) or retries < 0:
-            raise InputError(f"expected an integer >= 0, got {retries!r}", field="retries")
+        check_int(retries, "retries", minimum=0)
         if (client_cert is None) != (client_key is None):
             raise InputError("give both client_cert and client_key, or neither", field="client_key")
         self.target, self.timeout, self.max_batch, self.retries = target, timeout, max_batch, retries

@@ -29,6 +29,7 @@ from .bundle import Bundle, check_model_io, load_bundle
 from .errors import InputError
 from .knn import KNNScorer, index_to_device
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
+from .validate import check_int
 
 __all__ = ["Detector", "ItemResult", "ScoreBatch", "merge_results", "DEFAULT_MAX_PIXELS"]
 
@@ -103,9 +104,9 @@ class Detector:
         self.bundle, self.manifest, self.spec = bundle, m, bundle.spec
         self.model_version, self.threshold, self.k = m.model_version, float(m.threshold.value), m.k
         self.class_names: tuple[str, ...] = m.class_names
-        self.max_pixels = _positive_int(max_pixels, "max_pixels")
+        self.max_pixels = check_int(max_pixels, "max_pixels", minimum=1)
         s = self.spec.size
-        self.max_batch = (_positive_int(max_batch, "max_batch") if max_batch is not None
+        self.max_batch = (check_int(max_batch, "max_batch", minimum=1) if max_batch is not None
                           else max(16, min(256, 256 * 32 * 32 // (s * s))))
         self.threads = runtime.resolve_threads(threads)
         path = bundle.served_model_path
@@ -234,8 +235,3 @@ class Detector:
         return (f"Detector({str(self.bundle.path)!r}, model_version={self.model_version!r}, "
                 f"device={self.device!r}, k={self.k}, threshold={self.threshold:.6g})")
 
-
-def _positive_int(v: Any, name: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise InputError(f"expected a positive integer, got {v!r}", field=name)
-    return v

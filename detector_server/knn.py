@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
+from ._faiss import faiss
 from .errors import InputError
 
 __all__ = ["build_index", "knn_score_from_similarities", "index_to_device", "KNNScorer",

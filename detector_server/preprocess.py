@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .validate import check_int
 
 __all__ = ["PreprocessSpec", "RESIZE_RULES", "decode_image", "to_model_array", "prepare_arrays",
            "DEFAULT_MAX_PIXELS"]
@@ -43,8 +44,7 @@ class PreprocessSpec:
     layout: str = "NHWC"                    # the model input's layout (always NHWC uint8)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise InputError(f"expected a positive integer, got {self.size!r}", field="size")
+        check_int(self.size, "size", minimum=1)
         if self.resize not in RESIZE_RULES:
             raise InputError(f"expected one of {RESIZE_RULES}, got {self.resize!r}", field="resize")
         for name in ("mean", "std"):

@@ -12,10 +12,8 @@ same budget of T threads (default: the cores this process may run on, `os.sched_
 - FAISS: `faiss.omp_set_num_threads(T)` on the thread that searches (`bind_faiss_threads`, called
   by every `Detector.score_arrays`): OpenMP keeps the count per calling thread, so setting it once
   where the Detector was built would not reach the server's batch thread. FAISS's OpenMP pool
-  also sleeps as soon as a search ends (`OMP_WAIT_POLICY=PASSIVE`, set below before faiss loads,
-  unless the environment already says otherwise): by default libgomp spins for milliseconds after
-  every parallel region, on the very cores the next model call and the server's event loop need
-  (measured: 64-image batches 27-30 -> 24-25 ms, KNN CPU time for 8 queries 6.6 -> 1.7 ms).
+  also sleeps as soon as a search ends (`OMP_WAIT_POLICY=PASSIVE`, see `detector_server._faiss`,
+  the runtime's one import of faiss).
 Callers that run several Detector calls at once (they should not need to: the server's batcher
 runs one batch at a time) should divide the cores between them with `threads=`.
 """
@@ -25,18 +23,11 @@ import logging
 import os
 from pathlib import Path
 
-# libgomp reads this once, when faiss loads it, so it only takes effect when this is the first import
-# of faiss in the process (it is for rwood-serve and rwood-score: detector.py imports runtime first).
-# It is removed again right after: other OpenMP runtimes loaded later (PyTorch's own libgomp in the
-# same process, child processes) keep their defaults; PyTorch eager at batch 1 is 2x slower passive.
-_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import faiss  # noqa: E402 - libgomp reads the wait policy now
-if _USER_WAIT_POLICY is None:
-    del os.environ["OMP_WAIT_POLICY"]
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
+from ._faiss import WAIT_POLICY, faiss
 from .errors import BundleError, InputError
+from .validate import check_int
 
 __all__ = ["DEVICES", "available_cores", "resolve_threads", "select_providers", "session_options",
            "open_session", "set_faiss_threads", "bind_faiss_threads", "faiss_gpu_count"]
@@ -59,9 +50,7 @@ def resolve_threads(threads: int | None) -> int:
     """`threads` validated, or `available_cores()` when None. Raises InputError naming `threads`."""
     if threads is None:
         return available_cores()
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise InputError(f"expected a positive integer or None, got {threads!r}", field="threads")
-    return threads
+    return check_int(threads, "threads", minimum=1)
 
 
 def _parse_device(device: str) -> tuple[str, int]:
@@ -134,7 +123,7 @@ def set_faiss_threads(threads: int) -> None:
     """Set FAISS's OpenMP thread count for the calling thread, and log it (see the module docstring)."""
     faiss.omp_set_num_threads(threads)
     log.info("faiss %s: %d OpenMP threads, wait policy %s", faiss.__version__, threads,
-             _USER_WAIT_POLICY or "PASSIVE (unless faiss was loaded before detector_server.runtime)")
+             WAIT_POLICY)
 
 
 def bind_faiss_threads(threads: int) -> None:

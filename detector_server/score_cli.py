@@ -12,7 +12,6 @@ never stop the run. Exit status 2 with a one-line message for a bad bundle, fold
 """
 from __future__ import annotations
 
-
 import click
 
 from .cli_common import Command, run_cli, setup_logging
@@ -22,7 +21,7 @@ from .score_folder import DEFAULT_BATCH_SIZE, ENGINES, score_folder
 __all__ = ["score_main"]
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
 @click.argument("input_dir", metavar="INPUT", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),

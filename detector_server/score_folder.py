@@ -56,6 +56,7 @@ from PIL import Image
 
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS, PreprocessSpec, decode_image, to_model_array
+from .validate import check_int
 
 if TYPE_CHECKING:  # the heavy runtime (onnxruntime, faiss) is imported only in the main process
     from .bundle import Bundle
@@ -730,8 +731,7 @@ def _load_bundle(bundle: "str | os.PathLike | Bundle") -> "Bundle":
 def _check_options(batch_size: Any, workers: Any, plot: Any, max_pixels: Any) -> None:
     for name, v, lo in (("batch_size", batch_size, 1), ("max_pixels", max_pixels, 1),
                         ("workers", 0 if workers is None else workers, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise InputError(f"expected an integer >= {lo}, got {v!r}", field=name)
+        check_int(v, name, minimum=lo)
     if plot is not None:
         _matplotlib_figure()
 

@@ -20,7 +20,7 @@ __all__ = ["serve_main"]
 _D = ServeConfig()  # the defaults, from the one definition
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
 @click.option("--address", default=_D.address,
               help="host:port to listen on (loopback by default; port 0 picks a free one).")

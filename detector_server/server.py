@@ -54,6 +54,7 @@ from .detector import Detector, ItemResult, merge_results
 from .errors import BundleError, InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .server_metrics import ServerMetrics
+from .validate import check_int
 
 __all__ = ["ServeConfig", "serve", "start_background", "BackgroundServer", "DetectorServer",
            "SERVICE_NAME"]
@@ -94,9 +95,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
                      "stream_window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise InputError(f"expected a positive integer, got {v!r}", field=name)
+            check_int(getattr(self, name), name, minimum=1)
         for name in ("max_wait_ms", "grace_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"expected a number >= 0, got {getattr(self, name)!r}", field=name)

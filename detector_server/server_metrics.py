@@ -9,7 +9,7 @@ tests) in one process never collide. Metric names (all prefixed `rwood_`):
 | `rwood_request_latency_seconds` | histogram | method | RPC wall time in the handler |
 | `rwood_images_total` | counter | | images received in Score/ScoreStream requests |
 | `rwood_image_errors_total` | counter | kind | images not scored: empty, undecodable, too_large |
-| `rwood_ood_decisions_total` | counter | decision | scored images by decision (ood / id); `rate()` gives the OOD rate |
+| `rwood_ood_decisions_total` | counter | decision | scored images by decision (ood, id); `rate()`: OOD rate |
 | `rwood_batch_size` | histogram | | images per model batch |
 | `rwood_batch_requests` | histogram | | requests (parts) sharing one model batch |
 | `rwood_queue_images` | gauge | | images waiting for a batch |
@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
-                               start_http_server)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 __all__ = ["ServerMetrics", "IMAGE_ERROR_KINDS"]
 

@@ -19,7 +19,7 @@ from .quantize import list_quantizers
 __all__ = ["export_main"]
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to write (must not exist unless --force).")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.errors import InputError
+from detector_server.validate import check_int, is_int
 
 __all__ = ["ExportConfig", "DEFAULT_OPSET", "MIN_OPSET"]
 
@@ -38,9 +39,8 @@ class ExportConfig:
         if self.feature not in FEATURE_OUTPUTS:
             raise InputError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {self.feature!r}",
                              field="feature")
-        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool)
-                                   or self.k < 1):
-            raise InputError(f"expected a positive integer, got {self.k!r}", field="k")
+        if self.k is not None:
+            check_int(self.k, "k", minimum=1)
         if (not isinstance(self.tpr, (int, float)) or not math.isfinite(self.tpr)
                 or not 0 < self.tpr < 1):
             raise InputError(f"expected a number in (0, 1), got {self.tpr!r}", field="tpr")
@@ -50,10 +50,8 @@ class ExportConfig:
         if self.quantize is not None and self.quantize not in list_quantizers():
             raise InputError(f"expected one of {list_quantizers()}, got {self.quantize!r}",
                              field="quantize")
-        if self.threads is not None and (not isinstance(self.threads, int)
-                                         or isinstance(self.threads, bool) or self.threads < 1):
-            raise InputError(f"expected a positive integer or None, got {self.threads!r}",
-                             field="threads")
-        if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+        if self.threads is not None:
+            check_int(self.threads, "threads", minimum=1)
+        if not is_int(self.opset) or self.opset < MIN_OPSET:
             raise InputError(f"expected an integer >= {MIN_OPSET} (torch's ONNX exporter writes "
                              f"opset {MIN_OPSET} and later), got {self.opset!r}", field="opset")

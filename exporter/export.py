@@ -24,9 +24,17 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from detector_server.bundle import (FEATURE_OUTPUTS, Bundle, IndexInfo, Manifest,
-                                    ThresholdInfo, file_sha256, load_bundle, staging_dir,
-                                    write_bundle)
+from detector_server.bundle import (
+    FEATURE_OUTPUTS,
+    Bundle,
+    IndexInfo,
+    Manifest,
+    ThresholdInfo,
+    file_sha256,
+    load_bundle,
+    staging_dir,
+    write_bundle,
+)
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, CheckpointError, InputError
 from detector_server.knn import build_index

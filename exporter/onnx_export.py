@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from detector_server.errors import InputError
+from detector_server.validate import is_int
 
 from .config import DEFAULT_OPSET, MIN_OPSET
 
@@ -55,7 +56,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, size: int, *,
     `onnx.checker.check_model(full_check=True)` and declares input uint8 [batch, size, size, 3]
     and outputs float32 [batch, D]. Weights are stored inside the one file (no external data).
     """
-    if not isinstance(opset, int) or opset < MIN_OPSET:
+    if not is_int(opset) or opset < MIN_OPSET:
         raise InputError(f"expected an integer >= {MIN_OPSET}, got {opset!r}", field="opset")
     model = model.cpu().eval()
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)

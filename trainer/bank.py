@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from detector_server.atomic import atomic_write
 from detector_server.errors import InputError
-
-from .checkpoint import save_atomic
 
 __all__ = ["embed_arrays", "write_bank", "read_bank"]
 
@@ -53,7 +52,7 @@ def write_bank(path: str | Path, embeddings: dict[str, np.ndarray], labels: np.n
                      projection=embeddings["projection"].astype(np.float32),
                      labels=labels.astype(np.int64), indices=indices.astype(np.int64),
                      class_names=np.asarray(class_names, dtype=str))
-    save_atomic(path, write)
+    atomic_write(path, write)
 
 
 def read_bank(path: str | Path) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Checkpoints and the run directory's model file: atomic writes, safe loads, resumable state.
 
-Use `save_atomic` for every file a run writes (a crash leaves the old file or the new one, never a
-torn one), `load_state` to resume, and `load_model(run_dir)` to get the trained network back as a
+Files are written with `detector_server.atomic` (a crash leaves the old file or the new one, never
+a torn one); use `load_state` to resume, and `load_model(run_dir)` to get the trained network back as a
 `DeployModel` for evaluation and export. Everything loads with `weights_only=True`: a checkpoint is a
 plain dict of tensors, numbers, strings and lists, never arbitrary pickled objects.
 
@@ -14,43 +14,19 @@ Final model (`RUN_DIR/model.pt`):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from detector_server.atomic import atomic_write
 from detector_server.errors import CheckpointError
 from detector_server.preprocess import PreprocessSpec
 
-__all__ = ["FORMAT_VERSION", "save_atomic", "write_json_atomic", "save_state", "load_state",
+__all__ = ["FORMAT_VERSION", "save_state", "load_state",
            "load_model", "rng_state", "set_rng_state"]
 
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def save_atomic(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    save_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,7 +44,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write a resumable training state dict atomically."""
-    save_atomic(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
+    atomic_write(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
 
 
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -12,7 +12,6 @@ from .config import PRESETS, resolve_config
 from .data import list_datasets
 
 
-
 def _model_names() -> list[str]:
     from .networks import list_models
     return list_models()
@@ -23,7 +22,7 @@ def _loss_names() -> list[str]:
     return list_losses()
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command)
 @click.option("--dataset", type=click.Choice(list_datasets()), default=None,
               help="Training set. 'digits' (default) is scikit-learn's bundled handwritten digits, "
                    "works offline; cifar10/cifar100 read a torchvision root; npz/folder read --data.")

@@ -22,7 +22,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=Command)
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--id-test", default=None, metavar="PATH|NAME=PATH",
               help="In-distribution test images: .npz, image folder (ROOT/<class>/... gives labels), "

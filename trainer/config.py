@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+import tomllib
 
 from detector_server.errors import InputError
 

@@ -24,6 +24,7 @@ import numpy as np
 from detector_server.errors import CheckpointError, InputError
 from detector_server.knn import KNNScorer, build_index, index_to_device
 from detector_server.metrics import ood_metrics, threshold_at_tpr
+from detector_server.validate import check_int
 
 from .embedding_quality import QUALITY_NOTE, embedding_quality
 from .mahalanobis import MahalanobisScorer
@@ -248,10 +249,9 @@ def _check_settings(postprocessor: str, feature: str, batch_size: int, k: int | 
                          field="postprocessor")
     if feature not in FEATURES:
         raise InputError(f"expected one of {list(FEATURES)}, got {feature!r}", field="feature")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"expected a positive integer, got {batch_size!r}", field="batch_size")
-    if k is not None and (not isinstance(k, int) or k < 1):
-        raise InputError(f"expected a positive integer, got {k!r}", field="k")
+    check_int(batch_size, "batch_size", minimum=1)
+    if k is not None:
+        check_int(k, "k", minimum=1)
 
 
 def _report(run_dir: Path, settings: dict[str, Any], info: dict[str, Any],

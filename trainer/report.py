@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .checkpoint import save_atomic, write_json_atomic
+from detector_server.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .evaluate import Evaluation
@@ -34,10 +34,10 @@ def write_report(ev: "Evaluation", out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json", out / "report.md"]
-    write_json_atomic(written[0], ev.report)
+    write_json_atomic(written[0], ev.report, default=str)
     md = render_markdown(ev.report, plots=[p for p in PLOTS if p != "score_histograms.png"
                                            or len(ev.scores) > 1])
-    save_atomic(written[1], lambda tmp: Path(tmp).write_text(md))
+    write_text_atomic(written[1], md)
     figures = {"embedding_2d.png": _embedding_figure(ev)}
     if len(ev.scores) > 1:
         figures["score_histograms.png"] = _histogram_figure(ev)
@@ -45,7 +45,8 @@ def write_report(ev: "Evaluation", out_dir: str | Path) -> list[Path]:
     for name, fig in figures.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        save_atomic(out / name, lambda tmp, data=buf.getvalue(): Path(tmp).write_bytes(data))
+        data = buf.getvalue()
+        write_bytes_atomic(out / name, data)
         written.append(out / name)
     return written
 

@@ -27,16 +27,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from detector_server.atomic import atomic_write, write_json_atomic
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
 
 from .augment import Augment
 from .bank import embed_arrays, write_bank
-from .checkpoint import (load_state, rng_state, save_atomic, save_state, set_rng_state,
-                         write_json_atomic, FORMAT_VERSION)
+from .checkpoint import (
+    FORMAT_VERSION,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from .config import TrainConfig, loss_kwargs
-from .data import (calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes,
-                   select_classes)
+from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
 from .networks import DeployModel, create_model
@@ -232,7 +237,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, False))
+                                                               data_info, model_args, False),
+                          default=str)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
@@ -306,7 +312,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
                 cfg.eval_batch_size)
         write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, True))
+                                                               data_info, model_args, True),
+                          default=str)
         log.info("run written to %s", run_dir)
         if ood:
             from .evaluate import evaluate_run
@@ -328,7 +335,7 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     def write_cal(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, images=full.images[cal_idx], labels=full.labels[cal_idx], indices=cal_idx)
-    save_atomic(run_dir / "calibration.npz", write_cal)
+    atomic_write(run_dir / "calibration.npz", write_cal)
 
 
 def _tensorboard(run_dir: Path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from hostile_corpus import HostileCase, build_hostile_corpus
 
 

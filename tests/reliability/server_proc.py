@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from hostile_corpus import PYTHON, free_port, subprocess_env
 
 __all__ = ["ServerProcess", "health_status", "proc_stats"]

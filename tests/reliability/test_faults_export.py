@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hostile_corpus import PYTHON, subprocess_env
 
 from detector_server.bundle import MANIFEST_FILE, load_bundle
 from detector_server.errors import BundleError
-from hostile_corpus import PYTHON, subprocess_env
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_corpus import PYTHON, encode, raw_jpeg_files, subprocess_env
 from PIL import Image
 
 from detector_server.score_folder import partial_path, read_rows, score_folder
-from hostile_corpus import PYTHON, encode, raw_jpeg_files, subprocess_env
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,11 +19,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hostile_corpus import PYTHON, encode, free_port, raw_jpeg_files, subprocess_env
+from server_proc import ServerProcess, health_status
 
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
-from hostile_corpus import PYTHON, encode, free_port, raw_jpeg_files, subprocess_env
-from server_proc import ServerProcess, health_status
 
 pytestmark = pytest.mark.timeout(600)
 SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hostile_corpus import PYTHON, subprocess_env
 
 pytestmark = pytest.mark.timeout(600)

@@ -14,9 +14,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
-
 from hostile_corpus import HOSTILE_IDS, PYTHON, check_result, encode, png_bomb, subprocess_env
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -177,8 +176,9 @@ def test_hostile_ids_through_server(stub, hostile_corpus):
 
 
 def test_server_alive_after_corpus(stub, live_server, hostile_corpus):
-    from detector_server._proto import detector_pb2 as pb
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from detector_server._proto import detector_pb2 as pb
 
     stub.Score(_request([(c.name, c.data) for c in hostile_corpus]), timeout=60)
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)

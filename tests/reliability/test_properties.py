@@ -12,6 +12,7 @@ import math
 import grpc
 import numpy as np
 import pytest
+from hostile_corpus import encode, seed_images
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -19,7 +20,6 @@ from PIL import Image
 
 from detector_server.errors import InputError
 from detector_server.preprocess import decode_image
-from hostile_corpus import encode, seed_images
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -136,7 +136,7 @@ def test_score_handler_any_images(channel, seeds, detector, items):
     request = pb.ScoreRequest(images=[pb.Image(id=i, data=d) for i, d in items])
     response = pb_grpc.DetectorStub(channel).Score(request, timeout=30)
     assert [r.id for r in response.results] == [i for i, _ in items]
-    for (_, data), r in zip(items, response.results):
+    for r in response.results:
         assert bool(r.error) != math.isfinite(r.score)
         if not r.error:
             assert 0 <= r.predicted_class < len(detector.class_names)

@@ -18,11 +18,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from hostile_corpus import REPO, png_bomb
 from PIL import ImageFile
 
 from detector_server.bundle import MANIFEST_FILE, file_sha256, load_bundle, manifest_digest
 from detector_server.errors import BundleError, CheckpointError
-from hostile_corpus import REPO, png_bomb
 
 PACKAGES = ("trainer", "exporter", "detector_server")
 

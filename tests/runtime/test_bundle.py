@@ -10,8 +10,16 @@ import numpy as np
 import onnx
 import pytest
 
-from detector_server.bundle import (FORMAT_VERSION, MANIFEST_FILE, Bundle, Manifest, load_bundle,
-                                    manifest_digest, staging_dir, write_bundle)
+from detector_server.bundle import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    Bundle,
+    Manifest,
+    load_bundle,
+    manifest_digest,
+    staging_dir,
+    write_bundle,
+)
 from detector_server.errors import BundleError
 
 PAYLOAD = ("model.onnx", "index.faiss", "labels.npy")

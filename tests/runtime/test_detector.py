@@ -185,11 +185,12 @@ def test_cuda_without_provider_refused(tiny_bundle: Path) -> None:
 
 def test_public_api() -> None:
     import detector_server
-    from detector_server import Detector as D, load_bundle as lb
+    from detector_server import Detector as D
+    from detector_server import load_bundle as lb
     assert D is Detector and lb is load_bundle
     assert detector_server.__all__ == ["load_bundle", "Detector", "DetectorClient"]
     with pytest.raises(AttributeError):
-        detector_server.no_such_name
+        _ = detector_server.no_such_name
 
 
 def test_thread_budget_applied(tiny_bundle: Path) -> None:

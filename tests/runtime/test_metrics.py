@@ -7,8 +7,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from detector_server.errors import InputError
 from detector_server.knn import KNNScorer, build_index
-from detector_server.metrics import (aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics,
-                                     threshold_at_tpr)
+from detector_server.metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics, threshold_at_tpr
 from detector_server.preprocess import PreprocessSpec, prepare_arrays
 
 SPEC = PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

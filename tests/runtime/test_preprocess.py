@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from detector_server.errors import InputError
-from detector_server.preprocess import (PreprocessSpec, decode_image, prepare_arrays,
-                                        to_model_array)
+from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 
 SPEC = PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

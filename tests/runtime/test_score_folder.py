@@ -23,8 +23,14 @@ from PIL import Image
 from detector_server import score_folder as sf
 from detector_server.errors import BundleError, InputError
 from detector_server.score_cli import score_main
-from detector_server.score_folder import (OUTPUT_FORMATS, Row, partial_path, plot_scores,
-                                          read_rows, score_folder)
+from detector_server.score_folder import (
+    OUTPUT_FORMATS,
+    Row,
+    partial_path,
+    plot_scores,
+    read_rows,
+    score_folder,
+)
 
 BAD = {"text.png", "truncated.png", "empty.png"}          # error rows
 NOT_IMAGES = {"README.txt"}                               # no row
@@ -70,7 +76,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def detector(tiny_bundle: Path):
-    from detector_server.detector import Detector   # not at the top: worker processes import
+    from detector_server.detector import Detector  # not at the top: worker processes import
                                                     # this module (see _decode_or_die)
     return Detector(tiny_bundle, device="cpu")
 

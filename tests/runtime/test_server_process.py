@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from test_server_reload import corrupt, republish
 
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
-
-from test_server_reload import corrupt, republish
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "detector_server.serve_cli"]

@@ -3,7 +3,6 @@ naming the file, RNG state round trips and load_model on a hand-made run directo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,14 @@ import torch
 
 from detector_server.errors import CheckpointError
 from detector_server.preprocess import PreprocessSpec
-from trainer.checkpoint import (FORMAT_VERSION, load_model, load_state, rng_state, save_atomic,
-                                save_state, set_rng_state, write_json_atomic)
+from trainer.checkpoint import (
+    FORMAT_VERSION,
+    load_model,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from trainer.networks import DeployModel, create_model, model_args
 
 torch.set_num_threads(2)
@@ -82,32 +87,6 @@ def test_wrong_format_version_is_refused(tmp_path, obj, found):
     with pytest.raises(CheckpointError) as e:
         load_state(path)
     assert e.value.field == "format_version" and found in str(e.value)
-
-
-def test_save_atomic_leaves_old_file_and_no_temp_on_failure(tmp_path):
-    target = tmp_path / "model.pt"
-    target.write_bytes(b"old contents")
-
-    def failing(tmp: str) -> None:
-        Path(tmp).write_bytes(b"half of the new")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        save_atomic(target, failing)
-    assert target.read_bytes() == b"old contents"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
-
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the middle of a write: same guarantee
-        save_atomic(target, lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
-
-
-def test_save_atomic_creates_parents_and_normal_permissions(tmp_path):
-    target = tmp_path / "a" / "b" / "c.json"
-    write_json_atomic(target, {"x": 1, "p": Path("/tmp")})
-    assert json.loads(target.read_text()) == {"x": 1, "p": "/tmp"}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_rng_state_round_trip():

@@ -10,8 +10,17 @@ from PIL import Image
 
 from detector_server.errors import DataError, InputError
 from detector_server.preprocess import PreprocessSpec, prepare_arrays, to_model_array
-from trainer.data import (calibration_split, dataset_stats, fingerprint, list_datasets,
-                          load_dataset, parse_classes, read_folder, read_npz, select_classes)
+from trainer.data import (
+    calibration_split,
+    dataset_stats,
+    fingerprint,
+    list_datasets,
+    load_dataset,
+    parse_classes,
+    read_folder,
+    read_npz,
+    select_classes,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from trainer.distributed import (DistInfo, cleanup, gather_no_grad, gather_with_grad,
-                                 init_distributed)
+from trainer.distributed import DistInfo, cleanup, gather_no_grad, gather_with_grad, init_distributed
 from trainer.losses import create_loss
 
 WORLD, B, D = 2, 8, 6  # processes, global batch, projection width

@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import losses
-from trainer.losses import (CrossEntropyLoss, ReweightOODLoss, SupConLoss, create_loss, list_losses,
-                            register_loss)
+from trainer.losses import (
+    CrossEntropyLoss,
+    ReweightOODLoss,
+    SupConLoss,
+    create_loss,
+    list_losses,
+    register_loss,
+)
 
 HPARAMS = {"temperature": 0.07, "m_b": 5.0, "c_b": -2.0, "m_w": 2.0, "c_w": -1.0}
 SETTINGS = [  # (m_b, c_b, m_w, c_w, temperature, weighted)
@@ -231,7 +237,7 @@ def test_reweightood_matches_loop_reference(m_b, c_b, m_w, c_w, temperature, wei
     loss = ReweightOODLoss(**kw)
     for seed, (b, v, n_classes) in enumerate([(6, 2, 3), (9, 2, 2), (5, 3, 4)]):
         feats, labels = _batch(b=b, v=v, d=5, n_classes=n_classes, seed=seed)
-        _assert_matches(loss, lambda f, y: ref_reweightood(f, y, **kw), feats, labels)
+        _assert_matches(loss, lambda f, y, kw=kw: ref_reweightood(f, y, **kw), feats, labels)
 
 
 def test_factories_match_their_modules():
@@ -255,7 +261,7 @@ def test_losses_match_references_on_real_cifar(cifar10_small):
     for m_b, c_b, m_w, c_w, tau, weighted in SETTINGS[:2]:        # CIFAR-10 and CIFAR-100
         kw = {"m_b": m_b, "c_b": c_b, "m_w": m_w, "c_w": c_w, "temperature": tau,
               "weighted": weighted}
-        _assert_matches(ReweightOODLoss(**kw), lambda f, y: ref_reweightood(f, y, **kw),
+        _assert_matches(ReweightOODLoss(**kw), lambda f, y, kw=kw: ref_reweightood(f, y, **kw),
                         feats, labels)
     _assert_matches(SupConLoss(0.1), ref_supcon, feats, labels)
 

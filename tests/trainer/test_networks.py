@@ -16,9 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector_server.errors import CheckpointError
-from trainer.networks import (DeployModel, EmbeddingNet, build_from_args, create_model,
-                              list_models, model_args, register_model)
-from trainer.networks import registry
+from trainer.networks import (
+    DeployModel,
+    EmbeddingNet,
+    build_from_args,
+    create_model,
+    list_models,
+    model_args,
+    register_model,
+    registry,
+)
 from trainer.networks.encoder import Encoder
 from trainer.networks.resnet_imagenet import ResNet50Encoder
 

@@ -22,8 +22,15 @@ from __future__ import annotations
 # importing the family modules registers their architectures
 from . import densenet, resnet_cifar, resnet_imagenet, small_cnn, wide_resnet  # noqa: F401
 from .embedding import DeployModel, EmbeddingNet
-from .registry import (ModelArgs, build_from_args, create_model, is_model, list_models,
-                       model_args, register_model)
+from .registry import (
+                       ModelArgs,
+                       build_from_args,
+                       create_model,
+                       is_model,
+                       list_models,
+                       model_args,
+                       register_model,
+)
 from .weights import load_state_dict_file
 
 __all__ = ["register_model", "create_model", "list_models", "is_model", "EmbeddingNet",

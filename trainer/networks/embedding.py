@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detector_server.validate import is_int
+
 __all__ = ["EmbeddingNet", "DeployModel"]
 
 
@@ -35,9 +37,9 @@ class EmbeddingNet(nn.Module):
                  num_classes: int | None = None):
         super().__init__()
         for name, v in (("feat_dim", feat_dim), ("head_dim", head_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (not is_int(num_classes) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.encoder = encoder
         self.head = nn.Sequential(nn.Linear(feat_dim, feat_dim), nn.ReLU(inplace=True),

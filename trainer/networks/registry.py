@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from detector_server.errors import CheckpointError
+from detector_server.validate import is_int
 
 from .embedding import EmbeddingNet
 
@@ -114,7 +115,7 @@ class ModelArgs:
             raise CheckpointError(f"unknown architecture {arch!r}; valid names: "
                                   f"{', '.join(list_models())}", field="model_args.arch")
         for key, v in (("num_classes", d["num_classes"]), ("head_dim", head_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise CheckpointError(f"expected a positive int, got {v!r}",
                                       field=f"model_args.{key}")
         with_classifier = d.get("with_classifier", False)
@@ -142,5 +143,5 @@ def build_from_args(args: Mapping[str, Any]) -> EmbeddingNet:
 
 
 def _check_positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not is_int(v) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
