@@ -1,0 +1,37 @@
+"""Real embeddings for the approximate-index tests (imported by test_ann*.py, test_index_choice.py).
+
+The bank is the tiny run's bank.npz (penultimate rows of 950 CIFAR-10 training images under the
+run's small_cnn); queries are the same network's embeddings (through the exported bundle) of
+CIFAR-10 test images (in-distribution, never in the bank) and DTD textures (OOD). Larger banks
+repeat the real rows with small Gaussian noise, renormalised.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+K = 100
+
+
+@lru_cache(maxsize=1)
+def real_embeddings(tiny_run: Path, tiny_bundle: Path, shared_data: Path) -> dict[str, np.ndarray]:
+    """{"bank": float32 [950, 128], "labels": int64 [950], "id": float32 [500, 128] (CIFAR-10
+    test), "ood": float32 [300, 128] (textures)}; every row unit-norm."""
+    from detector_server.detector import Detector
+
+    with np.load(tiny_run / "bank.npz") as f:
+        bank, labels = f["penultimate"], f["labels"]
+    det = Detector(tiny_bundle, device="cpu", threads=1)
+    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:500]
+    textures = np.load(shared_data / "ood_textures.npz")["images"][:300]
+    return {"bank": bank, "labels": labels, "id": det.embed(cifar), "ood": det.embed(textures)}
+
+
+def noisy_copies(x: np.ndarray, copies: int, noise: float = 0.01, seed: int = 0) -> np.ndarray:
+    """x [N, D] then copies - 1 noisy copies of it, rows renormalised: float32 [copies * N, D]."""
+    rng = np.random.default_rng(seed)
+    parts = [x] + [x + rng.normal(0, noise, x.shape).astype(np.float32) for _ in range(copies - 1)]
+    out = np.concatenate(parts)
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
