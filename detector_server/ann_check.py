@@ -34,8 +34,8 @@ from .knn import DEFAULT_CHUNK_ROWS, knn_score_from_similarities
 from .metrics import threshold_at_tpr
 from .validate import is_int
 
-__all__ = ["Neighbours", "SearchCheck", "exact_neighbours", "search_neighbours", "check_index",
-           "TIE_TOL"]
+__all__ = ["Neighbours", "SearchCheck", "exact_neighbours", "search_neighbours", "recalls",
+           "check_index", "TIE_TOL"]
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,10 @@ def _true_sims(bank: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.nda
     return out
 
 
-def _recalls(bank: np.ndarray, queries: np.ndarray, approx: Neighbours,
-             exact: Neighbours) -> tuple[float, float, int]:
-    """(recall_kth, recall_at_k, short_queries) of `approx` against `exact` (module doc)."""
+def recalls(bank: np.ndarray, queries: np.ndarray, approx: Neighbours,
+            exact: Neighbours) -> tuple[float, float, int]:
+    """(recall_kth, recall_at_k, short_queries) of `approx` against `exact` (module doc) for
+    `queries` float32 [M, D] searched in `bank` float32 [N, D]."""
     k = exact.ids.shape[1]
     kth = exact.ids[:, -1:]
     found = (approx.ids == kth).any(axis=1)
@@ -167,7 +168,7 @@ def check_index(index: Any, bank: np.ndarray, queries: np.ndarray, k: int, *,
     queries = _check_queries(queries, index.d, "queries")
     exact = exact if exact is not None else exact_neighbours(bank, queries, k)
     approx = search_neighbours(index, queries, k)
-    recall_kth, recall_at_k, short = _recalls(bank, queries, approx, exact)
+    recall_kth, recall_at_k, short = recalls(bank, queries, approx, exact)
     a_scores, e_scores = approx.scores, exact.scores
     t = float(threshold_at_tpr(a_scores, tpr) if threshold is None else threshold)
     ood = None
@@ -175,7 +176,7 @@ def check_index(index: Any, bank: np.ndarray, queries: np.ndarray, k: int, *,
         ood_queries = _check_queries(ood_queries, index.d, "ood_queries")
         ood_exact = ood_exact if ood_exact is not None else exact_neighbours(bank, ood_queries, k)
         ood_approx = search_neighbours(index, ood_queries, k)
-        o_recall, _, o_short = _recalls(bank, ood_queries, ood_approx, ood_exact)
+        o_recall, _, o_short = recalls(bank, ood_queries, ood_approx, ood_exact)
         t_exact = threshold_at_tpr(e_scores, tpr)
         fpr_exact = float(np.mean(ood_exact.scores >= np.float32(t_exact)))
         fpr_approx = float(np.mean(ood_approx.scores >= np.float32(t)))
