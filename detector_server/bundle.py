@@ -37,6 +37,7 @@ import onnxruntime as ort
 from ._faiss import faiss
 from .atomic import fsync_dir, fsync_file, write_json_atomic
 from .errors import BundleError, InputError
+from .knn import FEATURE_OUTPUTS
 from .preprocess import PreprocessSpec
 from .validate import is_int
 
@@ -49,8 +50,6 @@ log = logging.getLogger(__name__)
 FORMAT = "reweightood-bundle"
 FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
 MANIFEST_FILE = "manifest.json"
-# Indexable feature -> the ONNX output (and bank.npz key is the feature name itself).
-FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
 
 
