@@ -133,6 +133,7 @@ class Manifest:
         if not isinstance(self.model_version, str) or not self.model_version:
             raise BundleError(f"expected a non-empty string, got {self.model_version!r}",
                               field="model_version")
+        _check_json(self)
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -232,6 +233,16 @@ def _check_threshold(t: ThresholdInfo) -> None:
     if not is_int(t.n_samples) or t.n_samples < 0:
         raise BundleError(f"expected a count, got {t.n_samples!r}", field="threshold.n_samples")
 
+
+def _check_json(m: Manifest) -> None:
+    """Every field must be strict JSON: a NaN or infinity (Python's json reads them) in a free-form
+    field such as `training` would otherwise get past the checks above and fail the checksum."""
+    for name, value in m.to_dict().items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"expected plain JSON values (no NaN or infinity): {e}",
+                              field=name) from None
 
 
 @dataclass(frozen=True)
