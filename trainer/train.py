@@ -40,7 +40,7 @@ from .checkpoint import (
     save_state,
     set_rng_state,
 )
-from .config import TrainConfig, loss_kwargs
+from .config import TrainConfig, changed_settings, loss_kwargs
 from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
@@ -145,8 +145,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                                   path=str(ckpt_path))
         state = load_state(ckpt_path)
         saved = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
-        default, kept = TrainConfig().to_dict(), saved.to_dict()
-        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != kept[k] and v != default[k]]
+        kept = saved.to_dict()
+        ignored = [f"{k}={v!r}" for k, v in changed_settings(cfg).items() if v != kept[k]]
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
