@@ -2,7 +2,7 @@
 
 Use it when one machine cannot read, decode and score the folder fast enough: Ray Data reads the
 listed files (`read_binary_files`), and `map_batches` sends batches of them through an actor pool
-in which every actor holds one `Detector` (decoding with `score_folder.decode_blobs`, so rows are
+in which every actor holds one `Detector` (decoding with `score_decode.decode_blobs`, so rows are
 exactly the local engine's). The driver (`score_folder`) lists the folder, writes the table and
 handles --resume as for the local engine. Ray is an optional extra: `pip install
 "reweightood[cpu,ray]"`. Test: tests/runtime/test_score_ray.py.
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InputError
-from .score_folder import ROW_FIELDS, Row, decode_blobs, make_rows
+from .score_decode import decode_blobs
+from .score_table import ROW_FIELDS, Row, make_rows
 
 if TYPE_CHECKING:
     from .bundle import Bundle

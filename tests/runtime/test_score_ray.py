@@ -13,7 +13,8 @@ import pytest
 from test_score_folder import BAD, SUB_GOOD, TOP_GOOD, make_mixed_folder
 
 from detector_server.errors import InputError
-from detector_server.score_folder import read_rows, score_folder
+from detector_server.score_folder import score_folder
+from detector_server.score_table import read_rows
 
 
 def test_ray_engine_rows_equal_local_engine(tiny_bundle, shared_data, tmp_path):
