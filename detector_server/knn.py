@@ -21,16 +21,12 @@ from ._faiss import faiss
 from .errors import InputError
 
 __all__ = ["build_index", "knn_score_from_similarities", "index_to_device", "KNNScorer",
-           "DEFAULT_CHUNK_ROWS", "FEATURE_OUTPUTS", "default_k"]
+           "DEFAULT_CHUNK_ROWS", "default_k"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 4096  # query rows per faiss search call: bounds the [rows, K] result arrays
 _UNIT_TOL = 1e-3           # |norm - 1| allowed for a row given to build_index
-
-# The embeddings a bank can index: feature name (bank.npz key, --feature, a manifest's
-# index.feature) -> the model output holding it (ONNX output and DeployModel output name).
-FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 
 
 def default_k(num_classes: int, bank_size: int) -> int:

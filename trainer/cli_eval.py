@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
+from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.cli_common import Command, run_cli, setup_logging
 from detector_server.errors import InputError
-from detector_server.knn import FEATURE_OUTPUTS
 
 from .evaluate import list_postprocessors
 from .ood_sets import parse_set_arg

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.errors import InputError
-from detector_server.knn import FEATURE_OUTPUTS, KNNScorer, build_index, index_to_device
+from detector_server.knn import KNNScorer, build_index, index_to_device
 from detector_server.metrics import ood_metrics, threshold_at_tpr
 from detector_server.validate import check_int
 

@@ -7,7 +7,7 @@ Every refusal is a `CheckpointError` (config.json, model.pt, bank.npz) or a `Dat
 (calibration.npz) naming the file and, where there is one, the key. The training loop writes
 config.json, bank.npz and calibration.npz with `write_run_info`, `write_bank` and
 `write_calibration`; model.pt and checkpoints/ belong to `trainer.checkpoint` (torch).
-Layout: docs/CONTRACTS.md. Numpy only (no torch). Test: tests/trainer/test_run_dir.py.
+Layout: docs/CONTRACTS.md. No torch (numpy and detector_server only). Test: tests/trainer/test_run_dir.py.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from detector_server.atomic import atomic_write, write_json_atomic
+from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.errors import CheckpointError, DataError, InputError, ReweightOODError
-from detector_server.knn import FEATURE_OUTPUTS, default_k
+from detector_server.knn import default_k
 from detector_server.preprocess import PreprocessSpec
 from detector_server.validate import check_int, is_int
 
