@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from detector_server import server as server_mod
+from detector_server import model_host
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
 from detector_server.detector import Detector
@@ -212,7 +212,7 @@ def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bun
         slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
         return slow[-1]
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
     with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
         busy = stub.Score.future(request(images[:2]), timeout=30)     # holds the model 0.5 s
@@ -232,7 +232,7 @@ def test_overload_is_shed_with_unavailable(tiny_bundle, images, monkeypatch):
         slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
         return slow[-1]
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
     with start_background(tiny_bundle, max_queue_images=4, **LIMITS) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
@@ -263,13 +263,13 @@ def test_client_leaving_a_stream_mid_way_leaves_the_server_clean(server, stub, i
 
 def test_not_serving_and_unavailable_while_the_model_loads(tiny_bundle, images, monkeypatch):
     gate = threading.Event()
-    real_build = server_mod.ModelHost._build_detector
+    real_build = model_host.ModelHost._build_detector
 
     def build(self):
         assert gate.wait(30)
         return real_build(self)
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
 
     async def main():
         srv = DetectorServer(tiny_bundle, ServeConfig(address="127.0.0.1:0", **LIMITS))
@@ -337,7 +337,7 @@ def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
 
     small = png(np.load(shared_data / "cifar10_test.npz")["images"][0])
     big = png(np.zeros((256, 256, 3), np.uint8))
-    assert server_mod._decode_inline([small])
-    assert server_mod._decode_inline([b"not an image", b""])
-    assert not server_mod._decode_inline([small] * (server_mod.INLINE_DECODE_IMAGES + 1))
-    assert not server_mod._decode_inline([big])
+    assert model_host._decode_inline([small])
+    assert model_host._decode_inline([b"not an image", b""])
+    assert not model_host._decode_inline([small] * (model_host.INLINE_DECODE_IMAGES + 1))
+    assert not model_host._decode_inline([big])
