@@ -10,10 +10,11 @@ a `ScoreResponse` carrying `error_code`/`error` and the stream stays open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 
@@ -56,31 +57,57 @@ def _to_response(results: Sequence[ItemResult], model_version: str, request_id: 
         model_version=model_version, request_id=request_id)
 
 
+class _Outcome:
+    """How one handled request ended: its status code and, when not OK, the client's message."""
+
+    __slots__ = ("code", "details")
+
+    def __init__(self) -> None:
+        self.code, self.details = grpc.StatusCode.OK, ""
+
+
+@contextlib.contextmanager
+def _handled(metrics: ServerMetrics, method: str,
+             context: grpc.aio.ServicerContext | None) -> Iterator[_Outcome]:
+    """The bookkeeping of one request: a unary call (`context` given) or one ScoreStream request
+    (`context` None).
+
+    While the block runs the request counts in `rwood_inflight_requests`; when it ends,
+    `rwood_requests_total{method, code}` and `rwood_request_latency_seconds{method}` record it.
+    An InputError, ModelUnavailable or TimeoutError raised in the block is swallowed and mapped to
+    its status code, any other Exception to INTERNAL (logged with its traceback, never shown to the
+    client); the caller answers with the yielded outcome's `code` and `details` after the block.
+    Cancellation is recorded (DEADLINE_EXCEEDED when the call's deadline has passed, else
+    CANCELLED; always CANCELLED for a stream request) and re-raised.
+    """
+    outcome, t0 = _Outcome(), time.perf_counter()
+    metrics.inflight.inc()
+    try:
+        yield outcome
+    except _MAPPED as e:
+        outcome.code, outcome.details = _status_of(e), str(e)
+    except asyncio.CancelledError:
+        remaining = None if context is None else context.time_remaining()
+        outcome.code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                        else grpc.StatusCode.CANCELLED)
+        raise
+    except Exception:
+        outcome.code, outcome.details = grpc.StatusCode.INTERNAL, "internal error (see the server log)"
+        log.exception("%s failed", method if context is not None else f"{method} request")
+    finally:
+        metrics.inflight.dec()
+        metrics.requests.labels(method, outcome.code.name).inc()
+        metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+
 def _observed(method: str) -> Callable:
-    """Unary handler wrapper: maps known errors to status codes and records metrics."""
+    """Unary handler wrapper: `_handled` bookkeeping; a failed call aborts with its status."""
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def handler(self: "DetectorServicer", request: Any, context: grpc.aio.ServicerContext):
-            t0, code = time.perf_counter(), grpc.StatusCode.OK
-            self._metrics.inflight.inc()
-            try:
+            with _handled(self._metrics, method, context) as outcome:
                 return await fn(self, request, context)
-            except _MAPPED as e:
-                code = _status_of(e)
-                await context.abort(code, str(e))
-            except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                        else grpc.StatusCode.CANCELLED)
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", method)
-                await context.abort(code, "internal error (see the server log)")
-            finally:
-                self._metrics.inflight.dec()
-                self._metrics.requests.labels(method, code.name).inc()
-                self._metrics.latency.labels(method).observe(time.perf_counter() - t0)
+            await context.abort(outcome.code, outcome.details)
         return handler
     return wrap
 
@@ -138,26 +165,10 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                     task.cancel()
 
     async def _stream_one(self, request: pb.ScoreRequest, deadline: float | None) -> pb.ScoreResponse:
-        t0, code = time.perf_counter(), grpc.StatusCode.OK
-        self._metrics.inflight.inc()
-        try:
+        """One stream request's response; a failure is answered in it, the stream stays open."""
+        with _handled(self._metrics, "ScoreStream", None) as outcome:
             results, version = await self._host.score(
                 [(im.id, im.data) for im in request.images], deadline)
             return _to_response(results, version, request.request_id)
-        except _MAPPED as e:
-            code = _status_of(e)
-            return pb.ScoreResponse(request_id=request.request_id, error_code=code.value[0],
-                                    error=str(e))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("ScoreStream request failed")
-            return pb.ScoreResponse(request_id=request.request_id, error_code=code.value[0],
-                                    error="internal error (see the server log)")
-        finally:
-            self._metrics.inflight.dec()
-            self._metrics.requests.labels("ScoreStream", code.name).inc()
-            self._metrics.latency.labels("ScoreStream").observe(time.perf_counter() - t0)
-
+        return pb.ScoreResponse(request_id=request.request_id, error_code=outcome.code.value[0],
+                                error=outcome.details)

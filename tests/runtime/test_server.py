@@ -4,6 +4,7 @@ reflection, metrics, loading state, configuration errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import threading
@@ -17,12 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from detector_server import model_host
+from detector_server import model_host, servicer
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
+from detector_server.model_host import ModelUnavailable
 from detector_server.server import DetectorServer, ServeConfig, start_background
+from detector_server.server_metrics import ServerMetrics
 
 MAX_PIXELS = 1_000_000
 LIMITS = dict(device="cpu", threads=1, max_images=16, max_message_mb=1.0, max_pixels=MAX_PIXELS)
@@ -179,6 +182,84 @@ def test_metrics_endpoint(server, stub, images):
     assert values['rwood_request_latency_seconds_count{method="Score"}'] >= 1
     assert any(k.startswith("rwood_model_info{") and v == 1 for k, v in values.items())
     assert values["rwood_serving"] == 1
+
+
+class _Context:
+    """What `servicer._handled` reads of a grpc.aio context: the time left."""
+
+    def __init__(self, remaining: float | None):
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize("raised, context, code, details", [
+    (None, _Context(None), "OK", ""),
+    (InputError("bad", field="images"), _Context(5.0), "INVALID_ARGUMENT", "field 'images': bad"),
+    (ModelUnavailable("loading"), None, "UNAVAILABLE", "loading"),
+    (TimeoutError("late"), _Context(None), "DEADLINE_EXCEEDED", "late"),
+    (RuntimeError("secret"), None, "INTERNAL", "internal error (see the server log)"),
+    (RuntimeError("secret"), _Context(5.0), "INTERNAL", "internal error (see the server log)"),
+    (asyncio.CancelledError(), _Context(0.0), "DEADLINE_EXCEEDED", ""),
+    (asyncio.CancelledError(), _Context(3.0), "CANCELLED", ""),
+    (asyncio.CancelledError(), _Context(None), "CANCELLED", ""),
+    (asyncio.CancelledError(), None, "CANCELLED", ""),    # a stream request: always CANCELLED
+])
+def test_one_bookkeeping_maps_errors_and_records_metrics(raised, context, code, details):
+    metrics = ServerMetrics()
+    inflight = []
+    cancelled = isinstance(raised, asyncio.CancelledError)
+    with pytest.raises(asyncio.CancelledError) if cancelled else contextlib.nullcontext():
+        with servicer._handled(metrics, "Score", context) as outcome:
+            inflight.append(metrics.registry.get_sample_value("rwood_inflight_requests"))
+            if raised is not None:
+                raise raised
+    assert inflight == [1.0] and metrics.registry.get_sample_value("rwood_inflight_requests") == 0
+    assert (outcome.code.name, outcome.details) == (code, details)
+    assert metrics.registry.get_sample_value(
+        "rwood_requests_total", {"method": "Score", "code": code}) == 1
+    assert metrics.registry.get_sample_value(
+        "rwood_request_latency_seconds_count", {"method": "Score"}) == 1
+
+
+def test_internal_errors_abort_a_call_and_answer_in_a_stream_that_stays_open(tiny_bundle, images,
+                                                                             monkeypatch):
+    class Broken(Detector):
+        def score_arrays(self, images):
+            raise RuntimeError("secret")
+
+    real_build = model_host.ModelHost._build_detector
+
+    def build(self):                    # breaks after the warm-up batches
+        det = real_build(self)
+        det.__class__ = Broken
+        return det
+
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
+    with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(request(images[:1]), timeout=30)
+        responses = list(stub.ScoreStream(iter([request(images[:1], "a"), request([], "b"),
+                                                request(images[1:2], "c")]), timeout=30))
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).model_version
+        sample = srv.server.metrics.registry.get_sample_value
+        counts = {(m, c): sample("rwood_requests_total", {"method": m, "code": c})
+                  for m, c in [("Score", "INTERNAL"), ("ScoreStream", "INTERNAL"),
+                               ("ScoreStream", "INVALID_ARGUMENT"), ("GetInfo", "OK")]}
+        latency = {m: sample("rwood_request_latency_seconds_count", {"method": m})
+                   for m in ("Score", "ScoreStream", "GetInfo")}
+        inflight = sample("rwood_inflight_requests")
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert e.value.details() == "internal error (see the server log)"
+    assert [(r.request_id, r.error_code, r.error) for r in responses] == [
+        ("a", grpc.StatusCode.INTERNAL.value[0], "internal error (see the server log)"),
+        ("b", grpc.StatusCode.INVALID_ARGUMENT.value[0], "field 'images': the request has no images"),
+        ("c", grpc.StatusCode.INTERNAL.value[0], "internal error (see the server log)")]
+    assert counts == {("Score", "INTERNAL"): 1, ("ScoreStream", "INTERNAL"): 2,
+                      ("ScoreStream", "INVALID_ARGUMENT"): 1, ("GetInfo", "OK"): 1}
+    assert latency == {"Score": 1, "ScoreStream": 3, "GetInfo": 1} and inflight == 0
 
 
 # ---- deadlines and loading ----------------------------------------------------------------------
