@@ -124,13 +124,41 @@ class DetectorServer:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Bind and load; raises InputError (options, address) or BundleError (bundle)."""
+        """Listen and load; raises InputError (options, address, metrics port) or BundleError
+        (bundle), and then leaves nothing listening or running."""
         cfg = self.config
         if not (self.bundle_path / "manifest.json").is_file():
             raise BundleError("not a bundle directory (no manifest.json)", path=str(self.bundle_path))
         creds = server_credentials(cfg)
         interceptors = ([BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)]
                         if cfg.auth_token_file else [])
+        if cfg.metrics_port is not None:    # before gRPC: a busy metrics port leaves nothing bound
+            self.metrics_port = self._start_metrics()
+        try:
+            await self._start_grpc(creds, interceptors)
+            await self._host.load()
+        except BaseException:
+            await self.stop(grace=0)        # closes what was started: gRPC port, host, /metrics
+            raise
+        await _set_health(self._health, True)
+        self.metrics.serving.set(1)
+        if cfg.watch:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
+    def _start_metrics(self) -> int:
+        """Serve /metrics on the configured host and port; InputError when it cannot listen there."""
+        host, port = self.config.metrics_host, self.config.metrics_port
+        try:
+            return self.metrics.start_http(host, port)
+        except (OSError, OverflowError) as e:   # busy, not an address here, port out of range
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise InputError(f"cannot listen on {host}:{port}: {reason}",
+                             field="metrics_port") from None
+
+    async def _start_grpc(self, creds: grpc.ServerCredentials | None, interceptors: list) -> None:
+        """Build the gRPC server (Detector, health NOT_SERVING, reflection) and the model host,
+        bind the address and start answering (UNAVAILABLE until the model is loaded)."""
+        cfg = self.config
         server = self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -144,17 +172,6 @@ class DetectorServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = self._bind(server, creds)
         await server.start()
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port)
-        try:
-            await self._host.load()
-        except BaseException:
-            await self.stop(grace=0)
-            raise
-        await _set_health(self._health, True)
-        self.metrics.serving.set(1)
-        if cfg.watch:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     def _bind(self, server: grpc.aio.Server, creds: grpc.ServerCredentials | None) -> int:
         address = self.config.address
@@ -211,7 +228,8 @@ class DetectorServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()    # NOT_SERVING to Check and Watch
         if self._server is not None:
-            log.info("draining: in-flight requests have %.1f s", grace)
+            if self.port is not None:                # it was listening (not a failed start)
+                log.info("draining: in-flight requests have %.1f s", grace)
             # New calls get our UNAVAILABLE (retryable) while the listener is still open: closing
             # it at once lets grpc cancel calls that were arriving at that instant (CANCELLED).
             delay = min(self.config.drain_delay_s, grace)

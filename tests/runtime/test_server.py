@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import math
+import socket
 import threading
 import time
 import urllib.request
@@ -403,9 +404,70 @@ def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path
         start_background(tiny_bundle, auth_token_file=str(tmp_path / "empty.txt"))
 
 
-def test_address_in_use_raises_input_error(server, tiny_bundle):
+def free_port() -> int:
+    """A loopback port nobody listens on (free when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether `port` can be bound on 127.0.0.1, i.e. nothing listens on it any more."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a TIME_WAIT left over is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture()
+def busy_port():
+    """A loopback port held by a listening socket for the test's duration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture()
+def hosts(monkeypatch) -> dict[str, int]:
+    """How many ModelHosts the servers of the test created and closed."""
+    counts = {"created": 0, "closed": 0}
+    real_init, real_close = model_host.ModelHost.__init__, model_host.ModelHost.close
+
+    def init(self, *args, **kwargs):
+        counts["created"] += 1
+        real_init(self, *args, **kwargs)
+
+    async def close(self):
+        counts["closed"] += 1
+        await real_close(self)
+
+    monkeypatch.setattr(model_host.ModelHost, "__init__", init)
+    monkeypatch.setattr(model_host.ModelHost, "close", close)
+    return counts
+
+
+def test_address_in_use_raises_input_error_and_leaves_nothing_listening(server, tiny_bundle, hosts):
+    metrics_port = free_port()
     with pytest.raises(InputError, match="address"):
-        start_background(tiny_bundle, address=server.target, device="cpu", threads=1)
+        start_background(tiny_bundle, address=server.target, metrics_port=metrics_port,
+                         device="cpu", threads=1)
+    assert port_is_free(metrics_port)
+    assert hosts["created"] == hosts["closed"]
+
+
+def test_metrics_port_in_use_raises_input_error_and_leaves_nothing_listening(tiny_bundle, busy_port,
+                                                                             hosts):
+    port = free_port()
+    with pytest.raises(InputError, match="metrics_port") as e:
+        start_background(tiny_bundle, address=f"127.0.0.1:{port}", metrics_port=busy_port,
+                         device="cpu", threads=1)
+    assert str(busy_port) in str(e.value)
+    assert port_is_free(port), "the gRPC port is still bound"
+    assert hosts["created"] == hosts["closed"]
 
 
 def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
