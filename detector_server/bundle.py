@@ -2,17 +2,20 @@
 
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
-session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `ThresholdInfo`,
-`manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in `detector_server.manifest` and
-re-exported here, so `from detector_server.bundle import ...` gives every name of the format.
-A bundle is one flat directory:
+session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `MahalanobisInfo`,
+`ThresholdInfo`, `manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in
+`detector_server.manifest` and re-exported here, so `from detector_server.bundle import ...` gives
+every name of the format. A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
     model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection`
                       float32 [N, D]
     model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
-    index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
-    labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
+    index.faiss       KNN scorer: faiss.write_index of the indexed feature's bank rows (inner
+                      product; search parameters in the manifest)
+    labels.npy        KNN scorer: int64 [ntotal], the class of each indexed row
+    mahalanobis.npz   Mahalanobis scorer, instead of the two above: means float64 [C, D],
+                      precision float64 [D, D] (all arrays np.load(allow_pickle=False))
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -27,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +47,9 @@ from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    READABLE_VERSIONS,
     IndexInfo,
+    MahalanobisInfo,
     Manifest,
     ThresholdInfo,
     check_file_name,
@@ -51,9 +57,9 @@ from .manifest import (
 )
 from .preprocess import PreprocessSpec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
-           "check_model_io", "file_sha256", "manifest_digest"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
+           "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle", "load_bundle",
+           "write_bundle", "staging_dir", "check_model_io", "file_sha256", "manifest_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +68,13 @@ log = logging.getLogger(__name__)
 class Bundle:
     """A verified bundle on disk: its manifest, directory and the labels of the indexed rows.
 
-    The ONNX session and the FAISS index are opened by the `Detector` (or `read_index`), not here.
+    The ONNX session and the scorer's data (`read_index`, `read_mahalanobis`) are opened by the
+    `Detector`, not here.
     """
 
     path: Path
     manifest: Manifest
-    labels: np.ndarray                  # int64 [ntotal]
+    labels: np.ndarray | None           # int64 [ntotal] (KNN scorer); None for mahalanobis
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -98,6 +105,24 @@ class Bundle:
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise BundleError("index metric is not inner product", path=path)
         return index
+
+    def read_mahalanobis(self) -> tuple[np.ndarray, np.ndarray]:
+        """(means float64 [C, D], precision float64 [D, D]) of a mahalanobis bundle, checked
+        against the manifest (C = the class names, D = the feature width); BundleError naming
+        the file."""
+        info, c = self.manifest.mahalanobis, len(self.manifest.class_names)
+        path = self.path / info.file
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                means, precision = f["means"], f["precision"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise BundleError(f"cannot read the Mahalanobis parameters: {e}", path=path) from None
+        want = {"means": (c, info.dim), "precision": (info.dim, info.dim)}
+        for name, a in (("means", means), ("precision", precision)):
+            if a.dtype != np.float64 or a.shape != want[name] or not np.isfinite(a).all():
+                raise BundleError(f"expected finite float64 {list(want[name])}, got {a.dtype} "
+                                  f"{list(a.shape)}", path=path, field=name)
+        return means, precision
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -136,7 +161,8 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
         raise BundleError("manifest was edited after export (manifest_sha256 does not match its "
                           "content); export again to change settings", path=mpath)
     _verify_files(root, manifest)
-    labels = _load_labels(root / manifest.labels_file, manifest)
+    labels = (_load_labels(root / manifest.labels_file, manifest) if manifest.scorer == "knn"
+              else None)
     bundle = Bundle(path=root, manifest=manifest, labels=labels)
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
@@ -149,7 +175,7 @@ def _verify_files(root: Path, m: Manifest) -> None:
     mpath = root / MANIFEST_FILE
     if not isinstance(m.files, dict):
         raise BundleError("expected an object of file name -> sha256", path=mpath, field="files")
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
+    for name in m.payload_files:
         if name not in m.files:
             raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath,
                               field="files")
@@ -287,7 +313,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _stage_checksums(stage: Path, m: Manifest) -> dict[str, str]:
     if not stage.is_dir():
         raise BundleError("staging directory not found", path=stage)
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
+    for name in m.payload_files:
         if not (stage / name).is_file():
             raise BundleError("staged bundle lacks a file the manifest names", path=stage / name)
     files: dict[str, str] = {}
