@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     run = args.run or bank_data.train_run(args.data, args.cache, args.epochs)
-    emb, labels = bank_data.bank_views(run, args.data, args.cache, args.views)
+    bundle = bank_data.export_run(run, args.cache)
+    emb, labels = bank_data.bank_views(bundle, args.data, args.cache, args.views)
     emb, labels = bank_data.with_noise_copies(emb, labels, args.copies, args.noise)
-    queries = bank_data.query_sets(run, args.data)
+    queries = bank_data.query_sets(bundle, args.data)
     order = np.random.default_rng(0).permutation(len(emb))
     results: dict[str, Any] = {"load_avg": os.getloadavg(), "threads": args.threads, "k": args.k,
                                "run": str(run), "sizes": {}}

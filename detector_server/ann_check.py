@@ -14,8 +14,9 @@ Definitions (K = the bundle's k; "exact" = exhaustive inner-product search over 
 - max_score_diff: largest |approximate - exact| KNN score (`knn.knn_score_from_similarities`);
 - tpr_approx / tpr_exact: fraction of the queries at or above the threshold (the runtime's own,
   calibrated on the approximate scores) with approximate / exact scores;
-- with OOD queries: fpr_exact (exact scores at the exact 95%-TPR threshold), fpr_approx
-  (approximate scores at the deployed threshold) and fpr_change = fpr_approx - fpr_exact.
+- with OOD query sets, per set: fpr_exact (exact scores at the exact threshold for `tpr`),
+  fpr_approx (approximate scores at the deployed threshold), fpr_change = fpr_approx -
+  fpr_exact, and the set's own recall_kth and short_queries.
 An IVF or HNSW index with exact distances can only miss neighbours, so its scores are never
 above the exact ones: it loses TPR, not FPR. SQ8/PQ codes change the distances both ways.
 Numpy + faiss only. Test: tests/runtime/test_ann_check.py.
@@ -23,6 +24,7 @@ Numpy + faiss only. Test: tests/runtime/test_ann_check.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,8 +72,8 @@ class SearchCheck:
     tpr_target: float
     tpr_approx: float
     tpr_exact: float
-    ood: dict[str, float] | None = None   # n, recall_kth, short_queries, fpr_exact, fpr_approx,
-                                          # fpr_change (only with OOD queries)
+    ood: dict[str, dict[str, float]] | None = None  # per OOD set: n, recall_kth, short_queries,
+                                          # fpr_exact, fpr_approx, fpr_change
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,10 +84,9 @@ class SearchCheck:
                 f"{self.short_queries} of {self.n_queries} queries short of K={self.k}, max score "
                 f"diff {self.max_score_diff:.3g}, TPR at threshold {self.tpr_approx:.4f} "
                 f"(exact scores {self.tpr_exact:.4f})")
-        if self.ood:
-            o = self.ood
-            text += (f"; OOD ({o['n']}): FPR {o['fpr_approx']:.4f} vs exact {o['fpr_exact']:.4f} "
-                     f"({o['fpr_change']:+.4f}), recall {o['recall_kth']:.4f}")
+        for name, o in (self.ood or {}).items():
+            text += (f"; {name} ({o['n']}): FPR {o['fpr_approx']:.4f} vs exact "
+                     f"{o['fpr_exact']:.4f} ({o['fpr_change']:+.4f}), recall {o['recall_kth']:.4f}")
         return text
 
 
@@ -152,14 +153,14 @@ def recalls(bank: np.ndarray, queries: np.ndarray, approx: Neighbours,
 
 def check_index(index: Any, bank: np.ndarray, queries: np.ndarray, k: int, *,
                 tpr: float = 0.95, threshold: float | None = None,
-                exact: Neighbours | None = None, ood_queries: np.ndarray | None = None,
-                ood_exact: Neighbours | None = None) -> SearchCheck:
+                exact: Neighbours | None = None,
+                ood_queries: Mapping[str, np.ndarray] | None = None) -> SearchCheck:
     """Measure `index` (holding `bank`'s rows in order) against exact search.
 
     queries: float32 [M, D] in-distribution embeddings not in the bank (the calibration set);
     threshold: the deployed threshold (default: calibrated here on the approximate scores at
-    `tpr`, as export does); exact / ood_exact: `exact_neighbours` results to reuse;
-    ood_queries: float32 [M2, D] OOD embeddings for the FPR figures.
+    `tpr`, as export does); exact: `exact_neighbours(bank, queries, k)` to reuse;
+    ood_queries: {set name: float32 [M_i, D]} OOD embeddings for the FPR figures.
     The index's current search parameters are used as they are.
     """
     if index.ntotal != len(bank) or index.d != bank.shape[1]:
@@ -172,17 +173,18 @@ def check_index(index: Any, bank: np.ndarray, queries: np.ndarray, k: int, *,
     a_scores, e_scores = approx.scores, exact.scores
     t = float(threshold_at_tpr(a_scores, tpr) if threshold is None else threshold)
     ood = None
-    if ood_queries is not None:
-        ood_queries = _check_queries(ood_queries, index.d, "ood_queries")
-        ood_exact = ood_exact if ood_exact is not None else exact_neighbours(bank, ood_queries, k)
-        ood_approx = search_neighbours(index, ood_queries, k)
-        o_recall, _, o_short = recalls(bank, ood_queries, ood_approx, ood_exact)
-        t_exact = threshold_at_tpr(e_scores, tpr)
-        fpr_exact = float(np.mean(ood_exact.scores >= np.float32(t_exact)))
-        fpr_approx = float(np.mean(ood_approx.scores >= np.float32(t)))
-        ood = {"n": int(len(ood_queries)), "recall_kth": o_recall, "short_queries": o_short,
-               "fpr_exact": fpr_exact, "fpr_approx": fpr_approx,
-               "fpr_change": fpr_approx - fpr_exact}
+    if ood_queries:
+        t_exact = np.float32(threshold_at_tpr(e_scores, tpr))
+        ood = {}
+        for name, x in ood_queries.items():
+            x = _check_queries(x, index.d, f"ood_queries[{name}]")
+            o_exact, o_approx = exact_neighbours(bank, x, k), search_neighbours(index, x, k)
+            o_recall, _, o_short = recalls(bank, x, o_approx, o_exact)
+            fpr_exact = float(np.mean(o_exact.scores >= t_exact))
+            fpr_approx = float(np.mean(o_approx.scores >= np.float32(t)))
+            ood[name] = {"n": int(len(x)), "recall_kth": o_recall, "short_queries": o_short,
+                         "fpr_exact": fpr_exact, "fpr_approx": fpr_approx,
+                         "fpr_change": fpr_approx - fpr_exact}
     return SearchCheck(
         k=int(k), n_queries=int(len(queries)), recall_kth=recall_kth, recall_at_k=recall_at_k,
         short_queries=short, max_score_diff=float(np.max(np.abs(a_scores - e_scores))),

@@ -48,6 +48,7 @@ from .manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     READABLE_VERSIONS,
+    SCORERS,
     IndexInfo,
     MahalanobisInfo,
     Manifest,
@@ -58,7 +59,7 @@ from .manifest import (
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
-           "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle", "load_bundle",
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle", "load_bundle",
            "write_bundle", "staging_dir", "check_model_io", "file_sha256", "manifest_digest"]
 
 log = logging.getLogger(__name__)

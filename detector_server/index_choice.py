@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,15 +171,16 @@ def _tune(index: Any, factory: str, bank: np.ndarray, queries: np.ndarray, k: in
 def choose_index(bank: np.ndarray, queries: np.ndarray, k: int, *, factory: str = AUTO,
                  search_params: dict[str, int] | None = None,
                  min_recall: float = DEFAULT_MIN_RECALL, memory_mib: float | None = None,
-                 tpr: float = 0.95, ood_queries: np.ndarray | None = None) -> IndexChoice:
+                 tpr: float = 0.95,
+                 ood_queries: Mapping[str, np.ndarray] | None = None) -> IndexChoice:
     """Build the bank's index and set and check its search parameters.
 
     bank: float32 [N, D] unit rows (the index holds them in this order); queries: float32 [M, D]
     held-out ID embeddings (the calibration set); k: the bundle's K; factory: "auto" or a
     faiss.index_factory string; search_params: fixed parameters (checked, never tuned), or None
     to tune the index's own (nprobe / efSearch); min_recall: the least K-th-neighbour recall
-    accepted; memory_mib: index memory limit for "auto"; ood_queries: float32 [M2, D] OOD
-    embeddings for the FPR figures of the final check (the `--check-ood` set).
+    accepted; memory_mib: index memory limit for "auto"; ood_queries: {name: float32 [M_i, D]}
+    OOD embeddings for the FPR figures of the final check (the `--check-ood` sets).
     A Flat index is exact: it gets no check. Raises InputError naming `index`, `search`,
     `min_recall` or `index_memory` when the configuration is refused (see `ann_check`).
     """
@@ -218,7 +220,7 @@ def choose_index(bank: np.ndarray, queries: np.ndarray, k: int, *, factory: str 
             reason += (f"; {name} {value} is the smallest tried that reaches K-th-neighbour recall "
                        f"{check.recall_kth:.4f} >= {min_recall} on {check.n_queries} "
                        f"calibration queries")
-    if ood_queries is not None:
+    if ood_queries:
         check = check_index(index, bank, queries, k, tpr=tpr, exact=exact,
                             ood_queries=ood_queries)
     log.info("index %s %s: %s", factory, params, reason)

@@ -119,7 +119,7 @@ class ModelHost:
     def _build_detector(self) -> Detector:
         """Runs on a worker thread: load, then warm up so the first request pays no set-up cost."""
         det = Detector(self.bundle_path, device=self._cfg.device, threads=self._cfg.threads,
-                       max_pixels=self._cfg.max_pixels)
+                       max_pixels=self._cfg.max_pixels, search_params=self._cfg.search_params)
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
@@ -178,6 +178,7 @@ class ModelHost:
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
+            self._metrics.short_queries.inc(batch.short_queries)
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
         return merge_results([id_ for id_, _ in images],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import click
 
+from .ann import parse_search_params
 from .cli_common import Command, run_cli, setup_logging
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_folder import DEFAULT_BATCH_SIZE, ENGINES, score_folder
@@ -44,12 +45,17 @@ __all__ = ["score_main"]
                    "the cluster; needs the [ray] extra).")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
               help="Images with more pixels get an error row (decompression-bomb guard).")
+@click.option("--search", multiple=True, metavar="NAME=VALUE",
+              help="Override a search parameter of the bundle's index (repeatable; e.g. "
+                   "nprobe=64): logged, since the threshold was calibrated with the bundle's.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:
+def score_main(bundle: str, input_dir: str, out: str, verbose: bool, search: tuple[str, ...],
+               **options: object) -> None:
     """Score every image file under INPUT with the detector in BUNDLE into one table."""
     setup_logging(verbose)
-    summary = run_cli(score_folder, bundle, input_dir, out, **options)
+    params = run_cli(parse_search_params, search)
+    summary = run_cli(score_folder, bundle, input_dir, out, search_params=params, **options)
     click.echo(summary.describe())
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import score_plot
+from .ann import check_search_params
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_decode import DecodeAhead, list_files
@@ -99,7 +100,8 @@ class ScoreSummary:
 # ---------------------------------------------------------------- the local engine
 
 def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: int,
-               workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
+               workers: int | None, device: str, max_pixels: int,
+               search_params: dict[str, int] | None = None) -> Iterator[tuple[int, list[Row]]]:
     """The local engine: yields (files consumed, their rows) per scored batch, in file order.
 
     `workers` spawned processes decode chunks of up to `_CHUNK` files (0: in this process);
@@ -116,7 +118,8 @@ def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size
     decoded = DecodeAhead(str(root), chunks, bundle.spec, max_pixels,
                           min(n_workers, len(chunks)), depth=max(2, 2 * batch_size // size))
     try:
-        detector = Detector(bundle, device=device, max_pixels=max_pixels)
+        detector = Detector(bundle, device=device, max_pixels=max_pixels,
+                            search_params=search_params)
         buf_paths: list[str] = []
         buf_status: list[str | None] = []
         buf_arrays: list[np.ndarray] = []
@@ -163,7 +166,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                  device: str = "auto", resume: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ScoreSummary:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 search_params: dict[str, int] | None = None) -> ScoreSummary:
     """Score every image file under `input_dir` with `bundle` into the table `out`.
 
     bundle: a bundle directory (or a loaded `Bundle`); out: *.csv, *.jsonl or *.parquet;
@@ -171,7 +175,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     0 = in this process) or Detector actors (ray engine); device: auto|cpu|cuda; resume: keep the
     rows already in `out` / its partial file and score only the other files; plot: also save a
     histogram of all scores in `out` with the threshold line (needs matplotlib); engine: a key of
-    `ENGINES`; progress: show a tqdm bar (images/s, running OOD rate).
+    `ENGINES`; progress: show a tqdm bar (images/s, running OOD rate); search_params: override
+    of the bundle's index search parameters, e.g. {"nprobe": 64} (logged; see `Detector`).
     Raises InputError (bad option, missing folder, missing pyarrow/matplotlib/ray, resume over
     another model's rows) or BundleError, naming the path or field; bad image files never raise.
     """
@@ -180,6 +185,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     if not out.parent.is_dir():
         raise InputError("the folder of the output file does not exist", path=out.parent)
     _check_options(batch_size, workers, plot, max_pixels)
+    search_params = check_search_params(search_params, "search")
     run = _engine(engine)
     b = _load_bundle(bundle)
     version = b.manifest.model_version
@@ -191,7 +197,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     journal = Journal(out, prior)
     try:
         counts, times = _consume(run(b, Path(input_dir), todo, batch_size=batch_size,
-                                     workers=workers, device=device, max_pixels=max_pixels),
+                                     workers=workers, device=device, max_pixels=max_pixels,
+                                     search_params=search_params),
                                  journal, len(todo), progress)
         journal.publish(out, fmt)
     except BaseException:

@@ -81,8 +81,10 @@ class RayScorer:
     gets no row).
     """
 
-    def __init__(self, bundle_dir: str, root: str, device: str, threads: int, max_pixels: int):
-        self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels)
+    def __init__(self, bundle_dir: str, root: str, device: str, threads: int, max_pixels: int,
+                 search_params: dict[str, int] | None = None):
+        self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels,
+                                 search_params=search_params)
         self.root = root
         self.max_pixels = max_pixels
 
@@ -107,7 +109,8 @@ class RayScorer:
 
 
 def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: int,
-             workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
+             workers: int | None, device: str, max_pixels: int,
+             search_params: dict[str, int] | None = None) -> Iterator[tuple[int, list[Row]]]:
     """The ray engine, with `score_folder.iter_local`'s contract: yields (files consumed, their
     rows) per batch, in no particular order. See the module docstring for the cluster set-up."""
     ray = _import_ray()
@@ -116,14 +119,16 @@ def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: in
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         if paths:
-            yield from _run(ray, bundle, root, paths, batch_size, workers, device, max_pixels)
+            yield from _run(ray, bundle, root, paths, batch_size, workers, device, max_pixels,
+                            search_params or {})
     finally:
         if started:
             ray.shutdown()
 
 
 def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size: int,
-         workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
+         workers: int | None, device: str, max_pixels: int,
+         search_params: dict[str, int]) -> Iterator[tuple[int, list[Row]]]:
     ray.data.DataContext.get_current().enable_progress_bars = False   # the driver has its own
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths])
@@ -131,7 +136,8 @@ def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size:
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(bundle_dir=str(bundle.path.resolve()),
                                                    root=os.path.abspath(root), device=device,
-                                                   threads=1, max_pixels=max_pixels),
+                                                   threads=1, max_pixels=max_pixels,
+                                                   search_params=search_params),
                         num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     seen: set[str] = set()
     for cols in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -31,11 +31,13 @@ class OpenScorer:
     scorer: KNNScorer | MahalanobisScorer
     kind: str                           # "knn" or "mahalanobis" (Manifest.scorer)
     device: str                         # where the search runs: "cpu" or "cuda"
-    description: dict[str, Any]         # fixed facts: type, factory, rows, bytes, float16, ...
+    description: dict[str, Any]         # fixed facts: kind (ann.index_kind or "mahalanobis"),
+                                        # type, factory, rows, bytes, float16, ...
 
     def info(self) -> dict[str, Any]:
-        """description + the search parameters in force and the short-query counters (KNN)."""
-        out = {"kind": self.kind, "device": self.device, **self.description}
+        """{"scorer": kind, "device", **description} + the search parameters in force and the
+        query counters (KNN: queries, short_queries)."""
+        out = {"scorer": self.kind, "device": self.device, **self.description}
         if isinstance(self.scorer, KNNScorer):
             out.update(search_params=ann.current_search_params(self.scorer.index),
                        queries=self.scorer.queries, short_queries=self.scorer.short_queries)
@@ -58,7 +60,8 @@ def open_scorer(bundle: Bundle, *, gpu: bool = False,
             raise InputError("the mahalanobis scorer has no search parameters", field="search")
         scorer = MahalanobisScorer(*bundle.read_mahalanobis())
         return OpenScorer(scorer, "mahalanobis", "cpu",
-                          {"type": "mahalanobis", "factory": "", "rows": scorer.num_classes,
+                          {"kind": "mahalanobis", "type": type(scorer).__name__, "factory": "",
+                           "rows": scorer.num_classes, "dim": scorer.dim,
                            "bytes": scorer.nbytes, "exact": True, "float16": False})
     index = bundle.read_index()
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import click
 
+from .ann import parse_search_params
 from .cli_common import Command, run_cli, setup_logging
 from .server import ServeConfig, serve
 
@@ -41,6 +42,9 @@ _D = ServeConfig()  # the defaults, from the one definition
 @click.option("--threads", type=int, default=None,
               help="ONNX Runtime/FAISS threads (default: the detector's choice for this machine).")
 @click.option("--decode-threads", type=int, default=_D.decode_threads, help="Image decoding threads.")
+@click.option("--search", multiple=True, metavar="NAME=VALUE",
+              help="Override a search parameter of the bundle's index (repeatable; e.g. "
+                   "nprobe=64): logged, since the threshold was calibrated with the bundle's.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="PEM certificate chain: serve TLS (with --tls-key).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key.")
@@ -61,10 +65,12 @@ _D = ServeConfig()  # the defaults, from the one definition
               help="On SIGTERM, seconds of NOT_SERVING health and UNAVAILABLE answers before the "
                    "port closes, so load balancers and clients move away (counts toward --grace).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def serve_main(bundle: str, address: str, verbose: bool, **options: object) -> None:
+def serve_main(bundle: str, address: str, verbose: bool, search: tuple[str, ...],
+               **options: object) -> None:
     """Serve the ReweightOOD detector in BUNDLE over gRPC (rwood.v1.Detector, health, reflection)."""
     setup_logging(verbose)
-    run_cli(serve, address, bundle, **options)
+    params = run_cli(parse_search_params, search)
+    run_cli(serve, address, bundle, search_params=params, **options)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ keyword arguments); `serve_cli` takes its defaults from here, so a default lives
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .ann import check_search_params
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .validate import check_int
@@ -27,6 +28,8 @@ class ServeConfig:
     max_queue_images: int = 4096        # images admitted at once; beyond, UNAVAILABLE (load shedding)
     device: str = "auto"                # "auto" (CUDA when present), "cpu" or "cuda"
     threads: int | None = None          # ONNX Runtime/FAISS threads; None = the Detector's default
+    search_params: dict[str, int] = field(default_factory=dict)  # override of the bundle's index
+                                        # search parameters (nprobe, efSearch); logged
     decode_threads: int = 2             # image decode pool
     stream_window: int = 32             # requests in flight per ScoreStream
     tls_cert: str | None = None         # PEM server certificate chain (with tls_key)
@@ -42,6 +45,8 @@ class ServeConfig:
                                         # before the listener closes (part of grace_s)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "search_params", check_search_params(self.search_params,
+                                                                      "search"))
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
                      "stream_window"):
             check_int(getattr(self, name), name, minimum=1)

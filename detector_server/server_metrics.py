@@ -10,6 +10,7 @@ tests) in one process never collide. Metric names (all prefixed `rwood_`):
 | `rwood_images_total` | counter | | images received in Score/ScoreStream requests |
 | `rwood_image_errors_total` | counter | kind | images not scored: empty, undecodable, too_large |
 | `rwood_ood_decisions_total` | counter | decision | scored images by decision (ood, id); `rate()`: OOD rate |
+| `rwood_short_queries_total` | counter | | KNN queries short of K neighbours (scored -2): search too narrow |
 | `rwood_batch_size` | histogram | | images per model batch |
 | `rwood_batch_requests` | histogram | | requests (parts) sharing one model batch |
 | `rwood_queue_images` | gauge | | images waiting for a batch |
@@ -42,6 +43,8 @@ class ServerMetrics:
         self.images = Counter("rwood_images", "Images received", registry=r)
         self.image_errors = Counter("rwood_image_errors", "Images not scored, by kind", ["kind"],
                                     registry=r)
+        self.short_queries = Counter("rwood_short_queries", "KNN queries with fewer than K "
+                                     "neighbours (scored -2)", registry=r)
         self.ood_decisions = Counter("rwood_ood_decisions", "Scored images by decision",
                                      ["decision"], registry=r)
         self.batch_size = Histogram("rwood_batch_size", "Images per model batch",

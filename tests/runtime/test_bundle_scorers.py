@@ -1,0 +1,177 @@
+"""Bundles with approximate indexes and Mahalanobis scorers: search parameters stored, applied,
+overridden and reported; short queries counted; version 1 manifests still load; refusals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from detector_server import ann
+from detector_server.bundle import (
+    MANIFEST_FILE,
+    IndexInfo,
+    MahalanobisInfo,
+    Manifest,
+    load_bundle,
+    manifest_digest,
+    staging_dir,
+    write_bundle,
+)
+from detector_server.detector import Detector
+from detector_server.errors import BundleError, InputError
+from detector_server.knn import build_index
+from detector_server.mahalanobis import fit_mahalanobis
+
+
+@pytest.fixture(scope="module")
+def images(shared_data: Path) -> np.ndarray:
+    return np.load(shared_data / "cifar10_test.npz")["images"][:200]
+
+
+def _publish(src: Path, out: Path, manifest: Manifest, replace: dict | None = None) -> Path:
+    """A bundle at `out`: `src`'s model files plus `replace` {name: writer(path)}, `manifest`."""
+    with staging_dir(out) as stage:
+        for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
+            shutil.copy(src / name, stage / name)
+        for name, write in (replace or {}).items():
+            write(stage / name)
+        return write_bundle(stage, manifest, out)
+
+
+def _ivf_bundle(tiny_bundle: Path, out: Path, factory: str, params: dict[str, int],
+                file_params: dict[str, int] | None = None, k: int | None = None) -> Path:
+    """tiny_bundle's bank in a `factory` index; the manifest records `params`, the index file
+    itself carries `file_params` (faiss writes nprobe too)."""
+    b = load_bundle(tiny_bundle, verify_model=False)
+    bank = faiss.read_index(str(tiny_bundle / "index.faiss")).reconstruct_n(0, b.manifest.index.ntotal)
+    index = build_index(bank, factory)
+    ann.apply_search_params(index, file_params or {})
+    m = b.manifest
+    m = dataclasses.replace(m, k=k or m.k, index=dataclasses.replace(m.index, factory=factory,
+                                                                     search_params=params))
+    return _publish(tiny_bundle, out, m, {
+        "index.faiss": lambda p: faiss.write_index(index, str(p)),
+        "labels.npy": lambda p: np.save(p, b.labels)})
+
+
+def test_search_params_survive_save_and_load_and_win_over_the_file(tiny_bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5}, {"nprobe": 1})
+    m = load_bundle(out).manifest
+    assert m.index.search_params == {"nprobe": 5} and m.index.factory == "IVF16,Flat"
+    info = Detector(out, device="cpu", threads=1).info()["scorer"]
+    assert info["search_params"] == {"nprobe": 5} and info["kind"] == "ivf"
+    assert info["type"] == "IndexIVFFlat" and info["rows"] == m.index.ntotal
+    assert info["bytes"] > m.index.ntotal * m.index.dim * 4 and info["nlist"] == 16
+
+
+def test_override_is_applied_and_logged(tiny_bundle: Path, tmp_path: Path, caplog) -> None:
+    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5})
+    with caplog.at_level(logging.WARNING, logger="detector_server.scorer"):
+        det = Detector(out, device="cpu", threads=1, search_params={"nprobe": 16})
+    assert det.info()["scorer"]["search_params"] == {"nprobe": 16}
+    assert "{'nprobe': 16} override the bundle's {'nprobe': 5}" in caplog.text
+    with pytest.raises(InputError, match="no search parameter 'efSearch'") as e:
+        Detector(out, device="cpu", threads=1, search_params={"efSearch": 16})
+    assert e.value.field == "search"
+    with pytest.raises(InputError, match="exact search") as e:
+        Detector(tiny_bundle, device="cpu", threads=1, search_params={"nprobe": 2})
+    assert e.value.field == "search"
+
+
+def test_short_queries_are_counted_and_logged(tiny_bundle: Path, tmp_path: Path, images,
+                                              caplog) -> None:
+    """A hand-made bundle export would refuse: 64 cells of ~15 rows, nprobe 1, K = 100."""
+    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF64,Flat", {"nprobe": 1}, k=100)
+    det = Detector(out, device="cpu", threads=1)
+    with caplog.at_level(logging.WARNING, logger="detector_server.knn"):
+        batch = det.score_arrays(images)
+    assert batch.short_queries == len(images) and (batch.scores == -2).all()
+    s = det.info()["scorer"]
+    assert s["queries"] == len(images) and s["short_queries"] == len(images)
+    assert "200 of 200 queries so far got fewer than K=100 neighbours" in caplog.text
+    assert Detector(tiny_bundle, device="cpu", threads=1).score_arrays(images).short_queries == 0
+
+
+def test_bad_search_params_in_a_manifest_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    raw = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    raw["index"]["search_params"] = {"nprobe": 0}
+    with pytest.raises(BundleError, match="field 'index.search_params'"):
+        Manifest.from_dict(raw)
+    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"efSearch": 8})
+    with pytest.raises(BundleError, match="no search parameter 'efSearch'") as e:
+        Detector(out, device="cpu", threads=1)
+    assert e.value.path == str(out / "index.faiss")
+
+
+def test_version_1_manifest_still_loads(tiny_bundle: Path, tmp_path: Path, images) -> None:
+    """A bundle written before search parameters and scorers existed (Flat, KNN)."""
+    out = Path(shutil.copytree(tiny_bundle, tmp_path / "v1"))
+    raw = json.loads((out / MANIFEST_FILE).read_text())
+    for key in ("scorer", "mahalanobis"):
+        del raw[key]
+    for key in ("search_params", "choice", "check"):
+        del raw["index"][key]
+    raw["format_version"] = 1
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (out / MANIFEST_FILE).write_text(json.dumps(raw))
+    m = load_bundle(out).manifest
+    assert m.format_version == 1 and m.scorer == "knn" and m.index.search_params == {}
+    np.testing.assert_array_equal(Detector(out, device="cpu", threads=1).score_arrays(images).scores,
+                                  Detector(tiny_bundle, device="cpu", threads=1)
+                                  .score_arrays(images).scores)
+
+
+def _mahalanobis_bundle(tiny_run: Path, tiny_bundle: Path, out: Path,
+                        write=None) -> tuple[Path, Manifest]:
+    m = load_bundle(tiny_bundle, verify_model=False).manifest
+    with np.load(tiny_run / "bank.npz") as f:
+        means, precision = fit_mahalanobis(f["penultimate"], f["labels"], len(m.class_names))
+    mm = dataclasses.replace(m, scorer="mahalanobis", index=None, k=None,
+                             mahalanobis=MahalanobisInfo(m.index.dim, m.index.ntotal))
+    write = write or (lambda p: np.savez(p, means=means, precision=precision))
+    return _publish(tiny_bundle, out, mm, {"mahalanobis.npz": write}), mm
+
+
+def test_mahalanobis_bundle_scores_with_the_nearest_mean(tiny_run: Path, tiny_bundle: Path,
+                                                         tmp_path: Path, images) -> None:
+    out, _ = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "m")
+    b = load_bundle(out)
+    assert b.labels is None and set(b.manifest.files) == {"model.onnx", "mahalanobis.npz"}
+    det = Detector(b, device="cpu", threads=1)
+    means, precision = b.read_mahalanobis()
+    emb = det.embed(images).astype(np.float64)
+    d = np.array([[(x - mu) @ precision @ (x - mu) for mu in means] for x in emb])
+    batch = det.score_arrays(images)
+    np.testing.assert_allclose(batch.scores, -d.min(1), rtol=1e-5)
+    np.testing.assert_array_equal(batch.predicted, d.argmin(1))
+    s = det.info()["scorer"]
+    assert s["scorer"] == s["kind"] == "mahalanobis" and s["rows"] == 10 and det.k is None
+    with pytest.raises(InputError, match="no search parameters"):
+        Detector(b, device="cpu", threads=1, search_params={"nprobe": 1})
+
+
+def test_mahalanobis_manifest_and_file_refusals(tiny_run: Path, tiny_bundle: Path,
+                                                tmp_path: Path) -> None:
+    out, mm = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "m")
+    raw = json.loads((out / MANIFEST_FILE).read_text())
+    for edit, fld in ((lambda d: d.update(index={"ntotal": 1, "dim": 128}), "index"),
+                      (lambda d: d.update(mahalanobis=None), "mahalanobis"),
+                      (lambda d: d.update(k=10), "k"), (lambda d: d.update(scorer="lof"), "scorer"),
+                      (lambda d: d["mahalanobis"].update(dim=64), "mahalanobis.dim")):
+        bad = json.loads(json.dumps(raw))
+        edit(bad)
+        with pytest.raises(BundleError, match=f"field '{fld}'"):
+            Manifest.from_dict(bad)
+    wrong = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "w", write=lambda p: np.savez(
+        p, means=np.zeros((10, 128), np.float32), precision=np.eye(128)))[0]
+    with pytest.raises(BundleError, match="float64") as e:
+        Detector(wrong, device="cpu", threads=1)
+    assert e.value.path == str(wrong / "mahalanobis.npz") and e.value.field == "means"
+    assert IndexInfo(1, 1).search_params == {}          # older bundles: no parameters
