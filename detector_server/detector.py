@@ -15,6 +15,7 @@ Test: tests/runtime/test_detector.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ class ScoreBatch:
     scores: np.ndarray          # float32 [N]
     is_ood: np.ndarray          # bool [N], scores < threshold
     predicted: np.ndarray       # int64 [N]
-    short_queries: int = 0      # of these, KNN queries that got fewer than K neighbours (-2)
+    short: np.ndarray           # bool [N], KNN queries that got fewer than K neighbours (-2)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -138,6 +139,12 @@ class Detector:
                 "providers": self.providers, "served_file": self.manifest.served_file,
                 "scorer": self._scorer.info()}
 
+    def reset_counts(self) -> None:
+        """Zero the scorer's query counters of `info()` (the server does, after its warm-up)."""
+        scorer = self._scorer.scorer
+        if hasattr(scorer, "short_queries"):
+            scorer.queries = scorer.short_queries = 0
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] RGB model input -> float32 [N, D] unit rows (the scored feature)."""
         return self._embedder.embed(images)
@@ -149,17 +156,17 @@ class Detector:
     def score_embeddings(self, emb: np.ndarray) -> ScoreBatch:
         """float32 [N, D] rows from `embed` -> ScoreBatch (the scoring half of `score_arrays`)."""
         if emb.shape[0] == 0:
-            return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64))
+            return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64),
+                              np.empty(0, bool))
         runtime.bind_faiss_threads(self.threads)   # OpenMP's count is per calling thread
         scorer = self._scorer.scorer
-        before = getattr(scorer, "short_queries", 0)
-        if self._gpu_lock is None:
-            scores, predicted = scorer.score(emb)
-        else:
-            with self._gpu_lock:
-                scores, predicted = scorer.score(emb)
-        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted,
-                          getattr(scorer, "short_queries", 0) - before)
+        score = getattr(scorer, "score_detailed", None)
+        with self._gpu_lock or contextlib.nullcontext():
+            if score is not None:
+                scores, predicted, short = score(emb)
+            else:
+                (scores, predicted), short = scorer.score(emb), np.zeros(len(emb), bool)
+        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted, short)
 
     def prepare(self, item: "bytes | Image.Image | np.ndarray") -> np.ndarray:
         """Decode (bytes) and resize one item by the bundle's rule -> uint8 [S, S, 3].

@@ -209,15 +209,21 @@ class KNNScorer:
         `knn_score_from_similarities`; predicted int64 [N], the neighbours' vote, see the class doc).
         Queries are searched `chunk_rows` at a time, so memory stays O(chunk_rows * (k + C)).
         """
+        return self.score_detailed(emb)[:2]
+
+    def score_detailed(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`score` plus short bool [N]: the queries that got fewer than K neighbours (-2)."""
         x = _check_embeddings(emb, "emb", dim=self.index.d)
         scores = np.empty(x.shape[0], dtype=np.float32)
         predicted = np.empty(x.shape[0], dtype=np.int64)
+        short = np.empty(x.shape[0], dtype=bool)
         for i in range(0, x.shape[0], self.chunk_rows):
             sims, ids = self.index.search(x[i:i + self.chunk_rows], self.k)
             scores[i:i + len(sims)] = knn_score_from_similarities(sims)
             predicted[i:i + len(sims)] = self._vote(sims, ids)
-            self._count(int((ids[:, -1] < 0).sum()), len(ids))
-        return scores, predicted
+            short[i:i + len(sims)] = ids[:, -1] < 0        # faiss pads missing neighbours last
+        self._count(int(short.sum()), len(short))
+        return scores, predicted, short
 
     def _count(self, short: int, n: int) -> None:
         before = self.short_queries

@@ -123,6 +123,7 @@ class ModelHost:
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
+        det.reset_counts()                                 # GetInfo counts served queries only
         return det
 
     async def load(self) -> Detector:
@@ -178,7 +179,7 @@ class ModelHost:
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
-            self._metrics.short_queries.inc(batch.short_queries)
+            self._metrics.short_queries.inc(int(np.count_nonzero(batch.short)))
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
         return merge_results([id_ for id_, _ in images],

@@ -1,4 +1,5 @@
-"""Real embeddings for the approximate-index tests (imported by test_ann*.py, test_index_choice.py).
+"""Real embeddings and hand-made bundles for the approximate-index tests (imported by test_ann.py,
+test_index_choice.py, test_mahalanobis.py, test_bundle_scorers.py, test_server_scorer.py).
 
 The bank is the tiny run's bank.npz (penultimate rows of 950 CIFAR-10 training images under the
 run's small_cnn); queries are the same network's embeddings (through the exported bundle) of
@@ -7,10 +8,17 @@ repeat the real rows with small Gaussian noise, renormalised.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
+import faiss
 import numpy as np
+
+from detector_server import ann
+from detector_server.bundle import Manifest, load_bundle, staging_dir, write_bundle
+from detector_server.knn import build_index
 
 K = 100
 
@@ -35,3 +43,29 @@ def noisy_copies(x: np.ndarray, copies: int, noise: float = 0.01, seed: int = 0)
     parts = [x] + [x + rng.normal(0, noise, x.shape).astype(np.float32) for _ in range(copies - 1)]
     out = np.concatenate(parts)
     return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def publish(src: Path, out: Path, manifest: Manifest, replace: dict | None = None) -> Path:
+    """A bundle at `out`: `src`'s model files plus `replace` {name: writer(path)}, `manifest`."""
+    with staging_dir(out) as stage:
+        for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
+            shutil.copy(src / name, stage / name)
+        for name, write in (replace or {}).items():
+            write(stage / name)
+        return write_bundle(stage, manifest, out)
+
+
+def ivf_bundle(tiny_bundle: Path, out: Path, factory: str, params: dict[str, int],
+                file_params: dict[str, int] | None = None, k: int | None = None) -> Path:
+    """tiny_bundle's bank in a `factory` index; the manifest records `params`, the index file
+    itself carries `file_params` (faiss writes nprobe too)."""
+    b = load_bundle(tiny_bundle, verify_model=False)
+    bank = faiss.read_index(str(tiny_bundle / "index.faiss")).reconstruct_n(0, b.manifest.index.ntotal)
+    index = build_index(bank, factory)
+    ann.apply_search_params(index, file_params or {})
+    m = b.manifest
+    m = dataclasses.replace(m, k=k or m.k, index=dataclasses.replace(m.index, factory=factory,
+                                                                     search_params=params))
+    return publish(tiny_bundle, out, m, {
+        "index.faiss": lambda p: faiss.write_index(index, str(p)),
+        "labels.npy": lambda p: np.save(p, b.labels)})

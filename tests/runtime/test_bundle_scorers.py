@@ -8,11 +8,10 @@ import logging
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
+from ann_data import ivf_bundle, publish
 
-from detector_server import ann
 from detector_server.bundle import (
     MANIFEST_FILE,
     IndexInfo,
@@ -20,12 +19,9 @@ from detector_server.bundle import (
     Manifest,
     load_bundle,
     manifest_digest,
-    staging_dir,
-    write_bundle,
 )
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
-from detector_server.knn import build_index
 from detector_server.mahalanobis import fit_mahalanobis
 
 
@@ -34,35 +30,9 @@ def images(shared_data: Path) -> np.ndarray:
     return np.load(shared_data / "cifar10_test.npz")["images"][:200]
 
 
-def _publish(src: Path, out: Path, manifest: Manifest, replace: dict | None = None) -> Path:
-    """A bundle at `out`: `src`'s model files plus `replace` {name: writer(path)}, `manifest`."""
-    with staging_dir(out) as stage:
-        for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
-            shutil.copy(src / name, stage / name)
-        for name, write in (replace or {}).items():
-            write(stage / name)
-        return write_bundle(stage, manifest, out)
-
-
-def _ivf_bundle(tiny_bundle: Path, out: Path, factory: str, params: dict[str, int],
-                file_params: dict[str, int] | None = None, k: int | None = None) -> Path:
-    """tiny_bundle's bank in a `factory` index; the manifest records `params`, the index file
-    itself carries `file_params` (faiss writes nprobe too)."""
-    b = load_bundle(tiny_bundle, verify_model=False)
-    bank = faiss.read_index(str(tiny_bundle / "index.faiss")).reconstruct_n(0, b.manifest.index.ntotal)
-    index = build_index(bank, factory)
-    ann.apply_search_params(index, file_params or {})
-    m = b.manifest
-    m = dataclasses.replace(m, k=k or m.k, index=dataclasses.replace(m.index, factory=factory,
-                                                                     search_params=params))
-    return _publish(tiny_bundle, out, m, {
-        "index.faiss": lambda p: faiss.write_index(index, str(p)),
-        "labels.npy": lambda p: np.save(p, b.labels)})
-
-
 def test_search_params_survive_save_and_load_and_win_over_the_file(tiny_bundle: Path,
                                                                    tmp_path: Path) -> None:
-    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5}, {"nprobe": 1})
+    out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5}, {"nprobe": 1})
     m = load_bundle(out).manifest
     assert m.index.search_params == {"nprobe": 5} and m.index.factory == "IVF16,Flat"
     info = Detector(out, device="cpu", threads=1).info()["scorer"]
@@ -72,7 +42,7 @@ def test_search_params_survive_save_and_load_and_win_over_the_file(tiny_bundle: 
 
 
 def test_override_is_applied_and_logged(tiny_bundle: Path, tmp_path: Path, caplog) -> None:
-    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5})
+    out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"nprobe": 5})
     with caplog.at_level(logging.WARNING, logger="detector_server.scorer"):
         det = Detector(out, device="cpu", threads=1, search_params={"nprobe": 16})
     assert det.info()["scorer"]["search_params"] == {"nprobe": 16}
@@ -88,15 +58,15 @@ def test_override_is_applied_and_logged(tiny_bundle: Path, tmp_path: Path, caplo
 def test_short_queries_are_counted_and_logged(tiny_bundle: Path, tmp_path: Path, images,
                                               caplog) -> None:
     """A hand-made bundle export would refuse: 64 cells of ~15 rows, nprobe 1, K = 100."""
-    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF64,Flat", {"nprobe": 1}, k=100)
+    out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF64,Flat", {"nprobe": 1}, k=100)
     det = Detector(out, device="cpu", threads=1)
     with caplog.at_level(logging.WARNING, logger="detector_server.knn"):
         batch = det.score_arrays(images)
-    assert batch.short_queries == len(images) and (batch.scores == -2).all()
+    assert batch.short.all() and (batch.scores == -2).all()
     s = det.info()["scorer"]
     assert s["queries"] == len(images) and s["short_queries"] == len(images)
     assert "200 of 200 queries so far got fewer than K=100 neighbours" in caplog.text
-    assert Detector(tiny_bundle, device="cpu", threads=1).score_arrays(images).short_queries == 0
+    assert not Detector(tiny_bundle, device="cpu", threads=1).score_arrays(images).short.any()
 
 
 def test_bad_search_params_in_a_manifest_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -104,7 +74,7 @@ def test_bad_search_params_in_a_manifest_are_refused(tiny_bundle: Path, tmp_path
     raw["index"]["search_params"] = {"nprobe": 0}
     with pytest.raises(BundleError, match="field 'index.search_params'"):
         Manifest.from_dict(raw)
-    out = _ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"efSearch": 8})
+    out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF16,Flat", {"efSearch": 8})
     with pytest.raises(BundleError, match="no search parameter 'efSearch'") as e:
         Detector(out, device="cpu", threads=1)
     assert e.value.path == str(out / "index.faiss")
@@ -136,7 +106,7 @@ def _mahalanobis_bundle(tiny_run: Path, tiny_bundle: Path, out: Path,
     mm = dataclasses.replace(m, scorer="mahalanobis", index=None, k=None,
                              mahalanobis=MahalanobisInfo(m.index.dim, m.index.ntotal))
     write = write or (lambda p: np.savez(p, means=means, precision=precision))
-    return _publish(tiny_bundle, out, mm, {"mahalanobis.npz": write}), mm
+    return publish(tiny_bundle, out, mm, {"mahalanobis.npz": write}), mm
 
 
 def test_mahalanobis_bundle_scores_with_the_nearest_mean(tiny_run: Path, tiny_bundle: Path,
