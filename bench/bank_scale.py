@@ -83,8 +83,9 @@ def _fprs(scores: dict[str, np.ndarray]) -> dict[str, float]:
 def _knn_row(name: str, index: Any, build_s: float, bank: np.ndarray, q: dict[str, np.ndarray],
              held: np.ndarray, exact: Any, k: int, single: int,
              exact_fpr: dict[str, float] | None) -> dict:
-    """Measure one index on the held-out queries (ID test half + OOD sets)."""
-    res = search_neighbours(index, held, k)
+    """Measure one index on the held-out queries (ID test half + OOD sets); exact_fpr None: the
+    index is the exact one (its search is `exact`)."""
+    res = exact if exact_fpr is None else search_neighbours(index, held, k)
     recall_kth, _, short = recalls(bank, held, res, exact)
     scores, i = {}, 0
     for key in ("id_test", *OOD):
