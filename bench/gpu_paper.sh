@@ -14,8 +14,8 @@
 # RWOOD_TIME_LIMIT: seconds for the whole command (default 540). RWOOD_WORK: run directories
 # (default a new folder under $TMPDIR; tens of MB per objective, never under OUT_DIR).
 # OUT_DIR receives report.md, report.json, four PNGs and run.log (this output): about 1-2 MB.
-# A run cut by the limit (SIGINT, then SIGKILL 20 s later) keeps the reports of the objectives
-# it finished. Extra options go to paper_table.py, e.g. --compile, --epochs N, --dry-run.
+# A run cut by the limit (SIGINT 15 s before it, SIGKILL 10 s later) keeps the reports of the
+# objectives it finished. Extra options go to paper_table.py, e.g. --compile, --epochs N, --dry-run.
 set -uo pipefail
 
 START=$SECONDS
@@ -61,9 +61,11 @@ if "MISSING" in (found["matplotlib"], found["sklearn"]):
     print("note: without matplotlib and scikit-learn the report has no plots, only the tables")
 EOF
 
-LEFT=$((LIMIT - (SECONDS - START) - 10))          # 10 s for this script's last lines
+# paper_table.py plans to finish within LEFT; SIGINT only if it overruns (it then stops at the next
+# step and writes what it finished), SIGKILL 10 s later, 5 s before the limit
+LEFT=$((LIMIT - (SECONDS - START) - 15))
 rc=0
-timeout -s INT -k 20 "$((LEFT + 5))" "$PY" bench/paper_table.py --budget gpu --out "$OUT" \
+timeout -s INT -k 10 "$LEFT" "$PY" bench/paper_table.py --budget gpu --out "$OUT" \
     --work "$WORK/runs" --time-budget "$LEFT" "$@" || rc=$?
 echo "gpu_paper.sh: exit $rc after $((SECONDS - START)) s (limit $LIMIT s); in $OUT:"
 ls -l "$OUT"

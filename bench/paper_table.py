@@ -170,7 +170,8 @@ def _config(budget: Budget, opts: Options, objective: str, out: Path, epochs: in
 
     overrides = {**budget.overrides, "dataset": opts.train_dataset, "data": train_data,
                  "loss": objective, "out": str(out), "seed": opts.seed, "epochs": epochs,
-                 "checkpoint_every": max(1, epochs // 5)}
+                 "checkpoint_every": max(1, epochs // 5),
+                 "k": opts.k if opts.k is not None else budget.k}   # recorded in the run
     if opts.compile and not opts.dry_run:
         overrides["compile"] = True
     return resolve_config(budget.preset, overrides=overrides)
@@ -364,10 +365,15 @@ def run_paper_table(opts: Options) -> dict[str, Any]:
     for objective in opts.objectives:
         result["status"] = f"running {objective}"
         write_outputs(result, out, runs)
-        if probe_entry and objective == "reweightood" and probe_entry["epochs"] == plan["epochs"]:
-            entry = probe_entry                     # the probe was this very run
-        else:
-            entry = _run_objective(budget, opts, work, data, k, objective, plan["epochs"])
+        try:
+            if probe_entry and objective == "reweightood" and probe_entry["epochs"] == plan["epochs"]:
+                entry = probe_entry                     # the probe was this very run
+            else:
+                entry = _run_objective(budget, opts, work, data, k, objective, plan["epochs"])
+        except KeyboardInterrupt:                       # SIGINT: a time limit or Ctrl-C
+            result["status"] = f"stopped while running {objective}"
+            write_outputs(result, out, runs)
+            raise
         result["objectives"][objective] = entry
         runs[objective] = Path(entry["run_dir"])
     result["status"] = "complete"
