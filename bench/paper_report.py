@@ -45,6 +45,22 @@ def write_outputs(result: dict[str, Any], out: Path, runs: dict[str, Path]) -> l
     return written
 
 
+def environment() -> dict[str, Any]:
+    """Python, torch, the device and faiss versions, for the report."""
+    import platform
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    try:
+        from detector_server._faiss import faiss
+        env["faiss"] = faiss.__version__
+    except ImportError:
+        env["faiss"] = None
+    return env
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f}"
 

@@ -46,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from paper_report import markdown, write_outputs  # noqa: E402
+from paper_report import environment, markdown, write_outputs  # noqa: E402
 
 from detector_server.atomic import atomic_write, write_json_atomic  # noqa: E402
 from detector_server.cli_common import Command, run_cli, setup_logging  # noqa: E402
@@ -225,14 +225,27 @@ def _epoch_rates(run_dir: Path) -> dict[int, float]:
     return rates
 
 
+def _finished_config(run: Path) -> dict[str, Any] | None:
+    """The TrainConfig (as a dict) of a finished run in `run`; None when there is none."""
+    from detector_server.errors import CheckpointError
+    from trainer.run_dir import RunDir
+
+    try:
+        info = RunDir(run).info
+    except CheckpointError:  # no run yet, or an unusable one: train it (again)
+        return None
+    return info.config if info.finished else None
+
+
 def _run_objective(budget: Budget, opts: Options, work: Path, data: tuple[str, str, dict],
                    k: int | None, objective: str, epochs: int) -> dict[str, Any]:
     """Train one objective (or reuse its finished run in WORK) and evaluate it: report.json's
     entry for it (epochs, seconds, views/s, final loss, the KNN and Mahalanobis reports)."""
+    from trainer.run_dir import RunDir
+
     cfg = _config(budget, opts, objective, work / objective, epochs, data[0])
     run = Path(cfg.out)
-    rec = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    if not opts.retrain and rec.get("finished") and rec["config"] == cfg.to_dict():
+    if not opts.retrain and _finished_config(run) == cfg.to_dict():
         log.info("%s: reusing the finished run in %s", objective, run)
         train_s = None
     else:
@@ -243,7 +256,7 @@ def _run_objective(budget: Budget, opts: Options, work: Path, data: tuple[str, s
     eval_s = time.monotonic() - t
     rates = _epoch_rates(run)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    n_train = json.loads((run / "config.json").read_text())["data"]["n_train"]
+    n_train = RunDir(run).info.data["n_train"]
     log.info("%s: done (training %s s, evaluation %.0f s)", objective,
              "reused" if train_s is None else f"{train_s:.0f}", eval_s)
     return {"epochs": cfg.epochs, "compile": cfg.compile, "train_seconds": train_s,
@@ -273,11 +286,11 @@ def _knn_at(run_dir: Path, ev, k: int) -> dict[str, Any]:
     """KNN detection metrics at another K, from the embeddings an Evaluation already holds."""
     from detector_server.knn import KNNScorer, build_index
     from detector_server.metrics import ood_metrics
+    from trainer.run_dir import RunDir
 
-    with np.load(run_dir / "bank.npz", allow_pickle=False) as f:
-        bank, labels = f[ev.report["settings"]["feature"]], f["labels"]
+    bank, labels = RunDir(run_dir).bank(ev.report["settings"]["feature"])
     k = min(k, len(labels))
-    scorer = KNNScorer(build_index(np.ascontiguousarray(bank, dtype=np.float32)), labels, k=k)
+    scorer = KNNScorer(build_index(bank), labels, k=k)
     id_scores = scorer.score(ev.embeddings["id"])[0]
     per_set = {n: ood_metrics(id_scores, scorer.score(e)[0])
                for n, e in ev.embeddings.items() if n != "id"}
@@ -304,21 +317,6 @@ def _data(budget: Budget, opts: Options, work: Path) -> tuple[str, str, dict[str
     return train_data, id_test, ood
 
 
-def _environment() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    try:
-        from detector_server._faiss import faiss
-        env["faiss"] = faiss.__version__
-    except ImportError:
-        env["faiss"] = None
-    return env
-
-
 def run_paper_table(opts: Options) -> dict[str, Any]:
     """Train and evaluate every objective; write OUT/report.{md,json} and the PNGs after each.
 
@@ -335,7 +333,7 @@ def run_paper_table(opts: Options) -> dict[str, Any]:
     import trainer.evaluate  # noqa: F401 - a missing faiss fails here, not after the training
     result: dict[str, Any] = {
         "format": "reweightood-paper-table", "budget": opts.budget, "dry_run": opts.dry_run,
-        "seed": opts.seed, "status": "planning", "environment": _environment(),
+        "seed": opts.seed, "status": "planning", "environment": environment(),
         "data": {"train": data[0], "id_test": data[1], "ood": data[2]},
         "recipe": {"preset": budget.preset, **budget.overrides}, "k": k,
         "k_reason": budget.k_reason if opts.k is None else f"K={k} (--k)", "objectives": {}}
