@@ -12,6 +12,7 @@ one `.item()` per logged step.
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -82,3 +83,19 @@ def test_the_optimizer_is_fused_on_cuda_only():
         assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.1, 0.9, 1e-4, True)
     assert not cpu.param_groups[0]["fused"]
     assert cuda.param_groups[0]["fused"] is True
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(tmp_path, data_256):
+    """--compile trains the same network: the per-step losses of a compiled run (inductor on the
+    CPU; a minute or two of compiling) match eager ones. Needs a C++ compiler."""
+    losses = {}
+    for compile_ in (False, True):
+        run = train(resolve_config(overrides=dict(
+            dataset="npz", data=data_256, arch="small_cnn", epochs=1, batch_size=64, lr=0.05,
+            out=str(tmp_path / f"compile_{compile_}"), device="cpu", seed=0, log_every=1,
+            compile=compile_)))
+        losses[compile_] = [json.loads(x)["loss"]
+                            for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
