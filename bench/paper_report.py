@@ -155,10 +155,12 @@ def _training_figure(runs: dict[str, Path], path: Path) -> bool:
     for objective, run in runs.items():
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         per_epoch = max(r["step"] for r in recs) + 1
-        ax_loss.plot([r["global_step"] / per_epoch for r in recs],
-                     [r["loss"] / recs[0]["loss"] for r in recs], label=objective, linewidth=1)
         rates = {r["epoch"]: r["views_per_s"] for r in recs}
-        ax_rate.plot([e + 1 for e in rates], list(rates.values()), label=objective, linewidth=1)
+        style = dict(label=objective, linewidth=1, marker="o" if len(rates) < 30 else None,
+                     markersize=3)                      # a short run still shows its points
+        ax_loss.plot([r["global_step"] / per_epoch for r in recs],
+                     [r["loss"] / recs[0]["loss"] for r in recs], **style)
+        ax_rate.plot([e + 1 for e in rates], list(rates.values()), **style)
     ax_loss.set(xlabel="epoch", ylabel="loss / first logged loss", title="training loss")
     ax_rate.set(xlabel="epoch", ylabel="views/s (loop only)", title="training speed")
     for ax in (ax_loss, ax_rate):

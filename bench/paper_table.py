@@ -76,7 +76,7 @@ class Budget:
     preset: str | None
     overrides: dict[str, Any]
     k: int | None = None                 # None: trainer.evaluate.default_k (100 for CIFAR-10)
-    k_reason: str = "K: trainer.evaluate.default_k (CIDER's 100 for 10 classes)"
+    k_reason: str = "K: the default (CIDER's 100 for 10 classes, 300 for more)"
     sized: bool = False                  # epochs from the probe and --time-budget
     n_train: int | None = None           # first rows kept of the training set / each eval set
     n_eval: int | None = None
@@ -137,7 +137,7 @@ def plan_epochs(left_s: float, runs: int, fixed_s: float, epoch_s: float, views_
     raw = max(0, math.floor(SAFETY * spare / (runs * epoch_s))) if epoch_s > 0 else max_epochs
     epochs = raw - raw % 50 if raw >= 100 else raw
     epochs = max(1, min(epochs, max_epochs))
-    why = (f"{epochs} epochs per objective: {left_s:.0f} s left - {runs} runs x {fixed_s:.1f} s "
+    why = (f"{epochs} epoch(s) per objective: {left_s:.0f} s left - {runs} runs x {fixed_s:.1f} s "
            f"fixed (set-up, first-epoch warm-up, bank, evaluation, reports; measured by the probe) "
            f"- {RESERVE_S:.0f} s reserve = {spare:.0f} s; x {SAFETY} / ({runs} runs x "
            f"{epoch_s:.3f} s per epoch at {views_per_s:,.0f} views/s) = {raw}")
@@ -343,7 +343,7 @@ def run_paper_table(opts: Options) -> dict[str, Any]:
     probe_entry = None
     if opts.epochs is not None or not budget.sized:
         epochs = opts.epochs or budget.overrides["epochs"]
-        plan = {"epochs": epochs, "why": f"{epochs} epochs per objective (" + (
+        plan = {"epochs": epochs, "why": f"{epochs} epoch(s) per objective (" + (
             "--epochs)" if opts.epochs else f"the {opts.budget} budget)")}
     else:
         probe, probe_entry = _probe(budget, opts, work, data, k)
