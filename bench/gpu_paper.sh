@@ -29,8 +29,8 @@ export RWOOD_DATA="${RWOOD_DATA:-../shared/data}"
 WORK="${RWOOD_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/rwood_paper.XXXXXX")}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p "$OUT" "$WORK"
-exec > >(tee -a "$OUT/run.log") 2>&1
 
+main() {   # the whole run; its output also goes to OUT/run.log (below)
 echo "gpu_paper.sh: $(date -u +%Y-%m-%dT%H:%M:%SZ), limit ${LIMIT} s, repo $(git -C "$REPO" \
     rev-parse --short HEAD 2>/dev/null || echo '?'), data $RWOOD_DATA, work $WORK"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
@@ -44,7 +44,7 @@ if ! "$PY" -c "import faiss" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:$WORK/site"
     if ! "$PY" -c "import faiss"; then
         echo "error: faiss cannot be imported; put faiss_cpu-*.whl and packaging-*.whl in $RWOOD_DATA" >&2
-        exit 2
+        return 2
     fi
 fi
 "$PY" - <<'EOF'
@@ -69,4 +69,8 @@ timeout -s INT -k 10 "$LEFT" "$PY" bench/paper_table.py --budget gpu --out "$OUT
     --work "$WORK/runs" --time-budget "$LEFT" "$@" || rc=$?
 echo "gpu_paper.sh: exit $rc after $((SECONDS - START)) s (limit $LIMIT s); in $OUT:"
 ls -l "$OUT"
-exit "$rc"
+return "$rc"
+}
+
+main "$@" 2>&1 | tee -a "$OUT/run.log"      # the pipe ends when tee has written the last line
+exit "${PIPESTATUS[0]}"

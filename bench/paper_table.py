@@ -249,7 +249,7 @@ def _run_objective(budget: Budget, opts: Options, work: Path, data: tuple[str, s
         log.info("%s: reusing the finished run in %s", objective, run)
         train_s = None
     else:
-        log.info("%s: training %s for %d epochs", objective, cfg.arch, cfg.epochs)
+        log.info("%s: training %s for %d epoch(s)", objective, cfg.arch, cfg.epochs)
         cfg, train_s = _train(cfg, opts)
     t = time.monotonic()
     evs = _evaluate(run, data[1], data[2], k, opts.device)
@@ -317,15 +317,31 @@ def _data(budget: Budget, opts: Options, work: Path) -> tuple[str, str, dict[str
     return train_data, id_test, ood
 
 
+def _plan(budget: Budget, opts: Options, work: Path, data: tuple[str, str, dict], k: int | None,
+          result: dict[str, Any], out: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Epochs per objective from --epochs, the budget, or the probe and the time left: (plan,
+    the probe's report entry or None)."""
+    if opts.epochs is not None or not budget.sized:
+        epochs = opts.epochs or budget.overrides["epochs"]
+        return {"epochs": epochs, "why": f"{epochs} epoch(s) per objective (" + (
+            "--epochs)" if opts.epochs else f"the {opts.budget} budget)")}, None
+    result["status"] = "running the timing probe (reweightood)"
+    write_outputs(result, out, {})
+    probe, entry = _probe(budget, opts, work, data, k)
+    left = opts.time_budget - (time.monotonic() - opts.started)
+    epochs, why = plan_epochs(left, len(opts.objectives), probe["fixed_s"], probe["epoch_s"],
+                              probe["views_per_s"], 1 if opts.dry_run else opts.max_epochs)
+    return {"epochs": epochs, "why": why, "probe": probe, "time_budget_s": opts.time_budget}, entry
+
+
 def run_paper_table(opts: Options) -> dict[str, Any]:
     """Train and evaluate every objective; write OUT/report.{md,json} and the PNGs after each.
 
     Returns the report.json content. Raises InputError / DataError (from the trainer) for bad
-    settings or missing data, before any training when the data is missing.
+    settings or missing data, before any training when the data is missing. On SIGINT (a time
+    limit, Ctrl-C) the report says what was running and keeps what finished.
     """
-    budget = BUDGETS[opts.budget]
-    if opts.dry_run:
-        budget = dry(budget)
+    budget = dry(BUDGETS[opts.budget]) if opts.dry_run else BUDGETS[opts.budget]
     out, work = Path(opts.out), Path(opts.work or Path(opts.out) / "runs")
     out.mkdir(parents=True, exist_ok=True)
     k = opts.k if opts.k is not None else budget.k
@@ -337,43 +353,28 @@ def run_paper_table(opts: Options) -> dict[str, Any]:
         "data": {"train": data[0], "id_test": data[1], "ood": data[2]},
         "recipe": {"preset": budget.preset, **budget.overrides}, "k": k,
         "k_reason": budget.k_reason if opts.k is None else f"K={k} (--k)", "objectives": {}}
-    write_outputs(result, out, {})
-
-    # -- epochs: from the flag, the budget, or the probe and the time left
-    probe_entry = None
-    if opts.epochs is not None or not budget.sized:
-        epochs = opts.epochs or budget.overrides["epochs"]
-        plan = {"epochs": epochs, "why": f"{epochs} epoch(s) per objective (" + (
-            "--epochs)" if opts.epochs else f"the {opts.budget} budget)")}
-    else:
-        probe, probe_entry = _probe(budget, opts, work, data, k)
-        left = opts.time_budget - (time.monotonic() - opts.started)
-        epochs, why = plan_epochs(left, len(opts.objectives), probe["fixed_s"], probe["epoch_s"],
-                                  probe["views_per_s"], 1 if opts.dry_run else opts.max_epochs)
-        plan = {"epochs": epochs, "why": why, "probe": probe, "time_budget_s": opts.time_budget}
-    plan["compile"] = bool(opts.compile and not opts.dry_run)
-    recipe = _config(budget, opts, opts.objectives[0], work, plan["epochs"], data[0]).to_dict()
-    result["recipe"] = {"preset": budget.preset, **{key: v for key, v in recipe.items()
-                                                    if key not in ("loss", "out", "data")}}
-    result["plan"] = plan
-    log.info("plan: %s", plan["why"])
-
-    # -- the objectives, one after the other; the report is rewritten after each
     runs: dict[str, Path] = {}
-    for objective in opts.objectives:
-        result["status"] = f"running {objective}"
-        write_outputs(result, out, runs)
-        try:
+    try:
+        plan, probe_entry = _plan(budget, opts, work, data, k, result, out)
+        plan["compile"] = bool(opts.compile and not opts.dry_run)
+        recipe = _config(budget, opts, opts.objectives[0], work, plan["epochs"], data[0]).to_dict()
+        result["recipe"] = {"preset": budget.preset, **{key: v for key, v in recipe.items()
+                                                        if key not in ("loss", "out", "data")}}
+        result["plan"] = plan
+        log.info("plan: %s", plan["why"])
+        for objective in opts.objectives:      # one after the other; the report after each
+            result["status"] = f"running {objective}"
+            write_outputs(result, out, runs)
             if probe_entry and objective == "reweightood" and probe_entry["epochs"] == plan["epochs"]:
                 entry = probe_entry                     # the probe was this very run
             else:
                 entry = _run_objective(budget, opts, work, data, k, objective, plan["epochs"])
-        except KeyboardInterrupt:                       # SIGINT: a time limit or Ctrl-C
-            result["status"] = f"stopped while running {objective}"
-            write_outputs(result, out, runs)
-            raise
-        result["objectives"][objective] = entry
-        runs[objective] = Path(entry["run_dir"])
+            result["objectives"][objective] = entry
+            runs[objective] = Path(entry["run_dir"])
+    except KeyboardInterrupt:                           # SIGINT: a time limit or Ctrl-C
+        result["status"] = f"stopped while {result['status']}"
+        write_outputs(result, out, runs)
+        raise
     result["status"] = "complete"
     result["elapsed_s"] = time.monotonic() - opts.started
     write_outputs(result, out, runs)
