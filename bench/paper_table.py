@@ -24,7 +24,7 @@ still reports what it finished (report.json's "status" names the objective that 
 Run directories (checkpoints, model.pt, bank.npz: tens of MB each) go to --work (default OUT/runs);
 a finished run there with the planned epochs is reused unless --retrain. --dry-run shrinks any
 budget to small_cnn, 500 training images, 100 images per evaluation set, 1 epoch, CPU: the whole
-path in seconds (tests/bench/test_paper_table.py runs it).
+path in about 35 CPU-seconds (tests/bench/test_paper_table.py runs it).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ SAFETY, RESERVE_S = 0.8, 20.0        # share of the time left given to training;
 # KNN K for the gpu budget, fixed before any OOD result: CIDER's K=100 is for the full 50,000-image
 # CIFAR-10 bank, and KNN+ (Sun et al. 2022) scales K with the share of the training set in the
 # bank. Here the bank holds 9,500 images (10,000 less the 5% calibration split), 19% of 50,000:
-# K = 100 * 0.19 = 19, rounded to 20. K=100 (DESIGN's fixed value) is reported beside it, second.
+# K = 100 * 0.19 = 19, rounded to 20 (all 10,000 banked: 20 exactly). K=100 (DESIGN's fixed
+# value) is reported beside it, second.
 GPU_K = 20
 GPU_K_REASON = ("K=20: CIDER's K=100 for the 50,000-image CIFAR-10 bank, scaled as KNN+ does to "
                 "this bank of 9,500 images (19% of 50,000: 19, rounded to 20); fixed before any "
@@ -75,7 +76,7 @@ class Budget:
 
     preset: str | None
     overrides: dict[str, Any]
-    k: int | None = None                 # None: trainer.evaluate.default_k (100 for CIFAR-10)
+    k: int | None = None                 # None: detector_server.knn.default_k (100 for CIFAR-10)
     k_reason: str = "K: the default (CIDER's 100 for 10 classes, 300 for more)"
     sized: bool = False                  # epochs from the probe and --time-budget
     n_train: int | None = None           # first rows kept of the training set / each eval set
