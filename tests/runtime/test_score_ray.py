@@ -16,9 +16,9 @@ from detector_server.errors import InputError
 from detector_server.score_folder import read_rows, score_folder
 
 
-def test_ray_engine_rows_equal_local_engine(tiny_bundle, shared_data, tmp_path):
+def test_ray_engine_rows_equal_local_engine(tiny_bundle, tmp_path):
     pytest.importorskip("ray.data", reason='Ray Data not installed (pip install "reweightood[ray]")')
-    folder = make_mixed_folder(tmp_path, shared_data)
+    folder = make_mixed_folder(tmp_path)
     local_out, ray_out = tmp_path / "local.csv", tmp_path / "ray.jsonl"
     score_folder(tiny_bundle, folder, local_out, recursive=True, workers=0, progress=False)
     s = score_folder(tiny_bundle, folder, ray_out, recursive=True, batch_size=4, workers=1,
