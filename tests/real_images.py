@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+from pathlib import Path
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def _jpegs() -> tuple[bytes, ...]:
     from sklearn.datasets import load_sample_images
 
     files = load_sample_images().filenames                  # china.jpg, flower.jpg
-    out = [open(f, "rb").read() for f in files]
+    out = [Path(f).read_bytes() for f in files]
     photos = [Image.open(io.BytesIO(b)).convert("RGB") for b in out]
     rng = np.random.default_rng(2024)
     for i in range(N_JPEGS - len(out)):
