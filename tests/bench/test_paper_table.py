@@ -29,6 +29,7 @@ def paper_table(monkeypatch):
     return importlib.import_module("paper_table")
 
 
+@pytest.mark.cifar_pack
 def test_gpu_paper_dry_run_writes_a_compact_complete_report(tmp_path, shared_data):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "RWOOD_DATA": str(shared_data), "PYTHON": sys.executable,

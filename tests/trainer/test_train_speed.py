@@ -40,11 +40,11 @@ class _OpCounter(TorchDispatchMode):
 
 
 @pytest.fixture(scope="module")
-def data_256(tmp_path_factory, cifar10_small) -> str:
-    """256 real CIFAR-10 images (243 train after the calibration split)."""
-    path = tmp_path_factory.mktemp("speed_data") / "c10_256.npz"
-    np.savez(path, images=cifar10_small["images"][:256], labels=cifar10_small["labels"][:256],
-             classes=cifar10_small["classes"])
+def data_256(tmp_path_factory, digits_small) -> str:
+    """256 real training digits, round-robin by class (243 train after the calibration split)."""
+    path = tmp_path_factory.mktemp("speed_data") / "digits_256.npz"
+    np.savez(path, images=digits_small["images"][:256], labels=digits_small["labels"][:256],
+             classes=digits_small["classes"])
     return str(path)
 
 
