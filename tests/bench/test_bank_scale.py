@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.cifar_pack
 def test_bank_scale_at_1e5_rows(tiny_run: Path, shared_data: Path, tmp_path: Path,
                                 capsys) -> None:
     """10,000 CIFAR-10 images x 2 augmented views x 5 noisy copies = 10^5 rows."""

@@ -23,18 +23,19 @@ from trainer.mahalanobis import MahalanobisScorer
 
 
 @pytest.fixture(scope="module")
-def data(shared_data: Path, tmp_path_factory) -> dict[str, Path]:
+def data(id_images: np.ndarray, ood_images: np.ndarray, tmp_path_factory) -> dict[str, Path]:
+    """300 digits the tiny run never saw (calibration) and 300 photo patches (OOD), as .npz."""
     root = tmp_path_factory.mktemp("sets")
-    np.savez(root / "id.npz", images=np.load(shared_data / "cifar10_test.npz")["images"][:300])
-    np.savez(root / "textures.npz", images=np.load(shared_data / "ood_textures.npz")["images"][:300])
-    return {"id": root / "id.npz", "textures": root / "textures.npz"}
+    np.savez(root / "id.npz", images=id_images[:300])
+    np.savez(root / "photos.npz", images=ood_images[:300])
+    return {"id": root / "id.npz", "photos": root / "photos.npz"}
 
 
 @pytest.fixture(scope="module")
 def ivf_bundle(tiny_run: Path, data, tmp_path_factory) -> Path:
     return export_bundle(tiny_run, tmp_path_factory.mktemp("ivf") / "b", k=100,
                          index_factory="IVF32,Flat", calibration=data["id"],
-                         check_ood=(f"textures={data['textures']}",), threads=2)
+                         check_ood=(f"photos={data['photos']}",), threads=2)
 
 
 def test_ivf_with_nprobe_1_is_refused_with_a_clear_message(tiny_run: Path, tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_ivf_gets_a_stored_nprobe_and_the_check_is_in_the_manifest(ivf_bundle: P
     c = ix.check
     assert c["recall_kth"] >= 0.99 and c["short_queries"] == 0 and c["n_queries"] == 300
     assert c["threshold"] == m.threshold.value and c["tpr_approx"] == m.threshold.achieved_tpr
-    assert set(c["ood"]["textures"]) >= {"fpr_exact", "fpr_approx", "fpr_change", "recall_kth"}
+    assert set(c["ood"]["photos"]) >= {"fpr_exact", "fpr_approx", "fpr_change", "recall_kth"}
     assert ix.choice["requested"] == "IVF32,Flat" and "smallest tried" in ix.choice["reason"]
     det = Detector(ivf_bundle, device="cpu", threads=1)
     assert det.info()["scorer"]["search_params"] == ix.search_params
@@ -110,13 +111,13 @@ def test_mahalanobis_bundle_matches_rwood_eval(mds_bundle: Path, tiny_run: Path,
     assert np.mean(~served.is_ood) == pytest.approx(m.threshold.achieved_tpr)
 
 
-def test_mahalanobis_bundle_through_rwood_score(mds_bundle: Path, shared_data: Path,
+def test_mahalanobis_bundle_through_rwood_score(mds_bundle: Path, ood_images: np.ndarray,
                                                 tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     from PIL import Image
 
-    for i, img in enumerate(np.load(shared_data / "ood_textures.npz")["images"][:8]):
+    for i, img in enumerate(ood_images[:8]):
         Image.fromarray(img).save(folder / f"t{i}.png")
     summary = score_folder(mds_bundle, folder, tmp_path / "out.csv", workers=0, device="cpu",
                            progress=False)

@@ -1,10 +1,11 @@
 """Real embeddings and hand-made bundles for the approximate-index tests (imported by test_ann.py,
 test_index_choice.py, test_mahalanobis.py, test_bundle_scorers.py, test_server_scorer.py).
 
-The bank is the tiny run's bank.npz (penultimate rows of 950 CIFAR-10 training images under the
-run's small_cnn); queries are the same network's embeddings (through the exported bundle) of
-CIFAR-10 test images (in-distribution, never in the bank) and DTD textures (OOD). Larger banks
-repeat the real rows with small Gaussian noise, renormalised.
+The bank is the tiny run's bank.npz (penultimate rows of 950 training digits under the run's
+small_cnn); queries are the same network's embeddings (through the exported bundle) of 500 digits
+the run never saw (in-distribution, never in the bank) and 300 photo patches (OOD), all images
+that ship with scikit-learn (tests/real_images.py). Larger banks repeat the real rows with small
+Gaussian noise, renormalised.
 """
 from __future__ import annotations
 
@@ -24,17 +25,18 @@ K = 100
 
 
 @lru_cache(maxsize=1)
-def real_embeddings(tiny_run: Path, tiny_bundle: Path, shared_data: Path) -> dict[str, np.ndarray]:
-    """{"bank": float32 [950, 128], "labels": int64 [950], "id": float32 [500, 128] (CIFAR-10
-    test), "ood": float32 [300, 128] (textures)}; every row unit-norm."""
+def real_embeddings(tiny_run: Path, tiny_bundle: Path) -> dict[str, np.ndarray]:
+    """{"bank": float32 [950, 128], "labels": int64 [950], "id": float32 [500, 128] (unseen
+    digits), "ood": float32 [300, 128] (photo patches)}; every row unit-norm."""
+    import real_images
+
     from detector_server.detector import Detector
 
     with np.load(tiny_run / "bank.npz") as f:
         bank, labels = f["penultimate"], f["labels"]
     det = Detector(tiny_bundle, device="cpu", threads=1)
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:500]
-    textures = np.load(shared_data / "ood_textures.npz")["images"][:300]
-    return {"bank": bank, "labels": labels, "id": det.embed(cifar), "ood": det.embed(textures)}
+    return {"bank": bank, "labels": labels, "id": det.embed(real_images.digits_unseen()[:500]),
+            "ood": det.embed(real_images.photo_patches()[:300])}
 
 
 def noisy_copies(x: np.ndarray, copies: int, noise: float = 0.01, seed: int = 0) -> np.ndarray:

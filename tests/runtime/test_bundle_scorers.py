@@ -26,8 +26,8 @@ from detector_server.mahalanobis import fit_mahalanobis
 
 
 @pytest.fixture(scope="module")
-def images(shared_data: Path) -> np.ndarray:
-    return np.load(shared_data / "cifar10_test.npz")["images"][:200]
+def images(id_images: np.ndarray) -> np.ndarray:
+    return id_images[:200]
 
 
 def test_search_params_survive_save_and_load_and_win_over_the_file(tiny_bundle: Path,

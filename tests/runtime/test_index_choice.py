@@ -13,8 +13,8 @@ from detector_server.index_choice import FLAT_MAX_VALUES, choose_index, nlist_fo
 
 
 @pytest.fixture(scope="module")
-def emb(tiny_run: Path, tiny_bundle: Path, shared_data: Path) -> dict[str, np.ndarray]:
-    return real_embeddings(tiny_run, tiny_bundle, shared_data)
+def emb(tiny_run: Path, tiny_bundle: Path) -> dict[str, np.ndarray]:
+    return real_embeddings(tiny_run, tiny_bundle)
 
 
 def test_issue_ivf256_with_nprobe_1_is_refused(emb) -> None:
@@ -27,7 +27,7 @@ def test_issue_ivf256_with_nprobe_1_is_refused(emb) -> None:
 
 def test_issue_ivf256_gets_a_stored_nprobe_that_passes(emb) -> None:
     bank = noisy_copies(emb["bank"], 10)
-    c = choose_index(bank, emb["id"], K, factory="IVF256,Flat", ood_queries={"textures": emb["ood"]})
+    c = choose_index(bank, emb["id"], K, factory="IVF256,Flat", ood_queries={"photos": emb["ood"]})
     nprobe = c.search_params["nprobe"]
     assert 3 <= nprobe <= 256 and ann.current_search_params(c.index) == {"nprobe": nprobe}
     assert c.check.short_queries == 0 and c.check.recall_kth >= 0.99
@@ -49,7 +49,7 @@ def test_auto_picks_ivf_for_a_large_bank(emb) -> None:
     """140 copies of the 950 real rows: 133,000 x 128 > 2^24 values."""
     bank = noisy_copies(emb["bank"], 140, noise=0.02)
     assert bank.size > FLAT_MAX_VALUES
-    c = choose_index(bank, emb["id"], K, ood_queries={"textures": emb["ood"]})
+    c = choose_index(bank, emb["id"], K, ood_queries={"photos": emb["ood"]})
     assert c.factory == f"IVF{nlist_for(len(bank))},Flat" == "IVF512,Flat"
     assert c.check.recall_kth >= 0.99 and c.check.short_queries == 0
     assert c.search_params["nprobe"] < 512 // 4          # well below an exhaustive scan

@@ -13,8 +13,8 @@ from trainer.mahalanobis import MahalanobisScorer as EvalScorer
 
 
 @pytest.fixture(scope="module")
-def emb(tiny_run: Path, tiny_bundle: Path, shared_data: Path) -> dict[str, np.ndarray]:
-    return real_embeddings(tiny_run, tiny_bundle, shared_data)
+def emb(tiny_run: Path, tiny_bundle: Path) -> dict[str, np.ndarray]:
+    return real_embeddings(tiny_run, tiny_bundle)
 
 
 def test_stored_parameters_score_as_evaluation_does(emb, tmp_path: Path) -> None:
@@ -37,7 +37,9 @@ def test_chunking_and_input_precision_do_not_change_scores(emb) -> None:
     means, precision = fit_mahalanobis(emb["bank"], emb["labels"])
     full = MahalanobisScorer(means, precision).score(emb["id"])
     chunked = MahalanobisScorer(means, precision, chunk_rows=7).score(emb["id"].astype(np.float64))
-    np.testing.assert_allclose(full[0], chunked[0], rtol=1e-6)     # BLAS blocking: last bits
+    # BLAS blocks the products differently: the tiny run's near-singular covariance (a 1-epoch
+    # network on 950 digits) turns that into ~2e-6 relative; the parity bound is 1e-5
+    np.testing.assert_allclose(full[0], chunked[0], rtol=1e-5)
     np.testing.assert_array_equal(full[1], chunked[1])
 
 

@@ -25,9 +25,9 @@ def short_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pngs(shared_data: Path) -> list[bytes]:
+def pngs(id_images: np.ndarray) -> list[bytes]:
     out = []
-    for img in np.load(shared_data / "cifar10_test.npz")["images"][:4]:
+    for img in id_images[:4]:
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         out.append(buf.getvalue())
