@@ -64,6 +64,9 @@ class ExportConfig:
         check_number(self.min_recall, "min_recall", above=0, maximum=1)
         if self.index_memory_mib is not None:
             check_number(self.index_memory_mib, "index_memory", above=0)
+            if self.index_factory != AUTO:
+                raise InputError("applies to --index auto only (a given factory string fixes "
+                                 "the storage)", field="index_memory")
         if self.scorer == "mahalanobis" and (self.index_factory != AUTO or self.search_params
                                              or self.check_ood):
             raise InputError("--index, --search and --check-ood apply to the knn scorer only",

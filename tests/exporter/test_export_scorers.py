@@ -75,6 +75,7 @@ def test_option_refusals(tiny_run: Path, tmp_path: Path) -> None:
                         (dict(scorer="lof"), "scorer"), (dict(min_recall=1.5), "min_recall"),
                         (dict(search_params={"nprobe": 0}), "search.nprobe"),
                         (dict(index_memory_mib=0), "index_memory"),
+                        (dict(index_memory_mib=64, index_factory="Flat"), "index_memory"),
                         (dict(check_ood=("nonsense",)), "check_ood")):
         with pytest.raises(InputError) as e:
             export_bundle(tiny_run, tmp_path / "b", **kwargs)
