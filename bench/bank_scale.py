@@ -13,7 +13,8 @@ the same bank:
 - q/s: queries per second, batched (all ID test and OOD queries at once, `--threads` threads);
 - p50 ms: the median single-query search (or scoring) time over `--single` queries, with one
   thread;
-- recall: K-th-neighbour recall against Flat on the held-out queries (ID test + OOD);
+- recall ID / OOD: K-th-neighbour recall against Flat (`ann_check.recalls`) on the held-out ID
+  test half and on the OOD sets together (auto's nprobe is tuned on the calibration half);
 - dFPR: FPR@95 change against exact KNN in points, per OOD set (CIFAR-100 near, MNIST and
   textures far), the threshold set at 95% TPR on the ID test half by each method's own scores;
   for Mahalanobis it is the difference between two scorers, not an approximation error.
@@ -42,7 +43,12 @@ import bank_data  # noqa: E402
 
 from detector_server import ann  # noqa: E402
 from detector_server._faiss import faiss  # noqa: E402
-from detector_server.ann_check import exact_neighbours, recalls, search_neighbours  # noqa: E402
+from detector_server.ann_check import (  # noqa: E402
+    Neighbours,
+    exact_neighbours,
+    recalls,
+    search_neighbours,
+)
 from detector_server.index_choice import choose_index  # noqa: E402
 from detector_server.knn import build_index  # noqa: E402
 from detector_server.mahalanobis import MahalanobisScorer, fit_mahalanobis  # noqa: E402
@@ -86,7 +92,10 @@ def _knn_row(name: str, index: Any, build_s: float, bank: np.ndarray, q: dict[st
     """Measure one index on the held-out queries (ID test half + OOD sets); exact_fpr None: the
     index is the exact one (its search is `exact`)."""
     res = exact if exact_fpr is None else search_neighbours(index, held, k)
-    recall_kth, _, short = recalls(bank, held, res, exact)
+    n_id = len(q["id_test"])
+    part = {"id": slice(0, n_id), "ood": slice(n_id, len(held))}
+    rec = {key: recalls(bank, held[sl], Neighbours(res.sims[sl], res.ids[sl]),
+                        Neighbours(exact.sims[sl], exact.ids[sl])) for key, sl in part.items()}
     scores, i = {}, 0
     for key in ("id_test", *OOD):
         scores[key] = res.scores[i:i + len(q[key])]
@@ -95,7 +104,8 @@ def _knn_row(name: str, index: Any, build_s: float, bank: np.ndarray, q: dict[st
     return {"method": name, "build_s": build_s, "bytes": ann.index_bytes(index),
             "qps": _qps(lambda x: index.search(x, k), held),
             "p50_ms": _p50_ms(lambda x: index.search(x, k), held, single),
-            "recall_kth": recall_kth, "short": short,
+            "recall_id": rec["id"][0], "recall_ood": rec["ood"][0],
+            "short": rec["id"][2] + rec["ood"][2],
             "fpr": fpr, "dfpr": {s: fpr[s] - exact_fpr[s] for s in OOD} if exact_fpr else
             {s: 0.0 for s in OOD}, "search_params": ann.current_search_params(index)}
 
@@ -108,7 +118,7 @@ def _mahalanobis_row(bank: np.ndarray, labels: np.ndarray, q: dict[str, np.ndarr
     fpr = _fprs({key: scorer.score(q[key])[0] for key in ("id_test", *OOD)})
     return {"method": "mahalanobis", "build_s": build, "bytes": scorer.nbytes,
             "qps": _qps(scorer.score, held), "p50_ms": _p50_ms(scorer.score, held, single),
-            "recall_kth": None, "short": 0, "fpr": fpr,
+            "recall_id": None, "recall_ood": None, "short": 0, "fpr": fpr,
             "dfpr": {s: fpr[s] - exact_fpr[s] for s in OOD}, "search_params": {}}
 
 
@@ -135,12 +145,14 @@ def measure(bank: np.ndarray, labels: np.ndarray, q: dict[str, np.ndarray], k: i
 
 def _print(n: int, rows: list[dict]) -> None:
     print(f"\nbank {n:,} rows")
-    print(f"{'method':<24}{'build s':>9}{'MiB':>9}{'q/s':>9}{'p50 ms':>8}{'recall':>8}"
-          f"{'short':>6}  " + "  ".join(f"{'dFPR ' + s:>13}" for s in OOD) + "  params")
+    print(f"{'method':<24}{'build s':>9}{'MiB':>9}{'q/s':>9}{'p50 ms':>8}{'rec ID':>8}"
+          f"{'rec OOD':>8}{'short':>6}  " + "  ".join(f"{'dFPR ' + s:>13}" for s in OOD)
+          + "  params")
     for r in rows:
-        rec = "-" if r["recall_kth"] is None else f"{r['recall_kth']:.4f}"
+        rec = "".join("       -" if r[key] is None else f"{r[key]:>8.4f}"
+                      for key in ("recall_id", "recall_ood"))
         print(f"{r['method']:<24}{r['build_s']:>9.2f}{r['bytes'] / 2**20:>9.1f}{r['qps']:>9.0f}"
-              f"{r['p50_ms']:>8.3f}{rec:>8}{r['short']:>6}  "
+              f"{r['p50_ms']:>8.3f}{rec}{r['short']:>6}  "
               + "  ".join(f"{r['dfpr'][s]:>+13.2f}" for s in OOD) + f"  {r['search_params']}")
     print("exact FPR@95 (%): " + ", ".join(f"{s} {rows[0]['fpr'][s]:.2f}" for s in OOD))
 

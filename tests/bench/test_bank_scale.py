@@ -26,7 +26,7 @@ def test_bank_scale_at_1e5_rows(tiny_run: Path, shared_data: Path, tmp_path: Pat
     out = capsys.readouterr().out
     rows = {r["method"]: r for r in res["sizes"][100_000]}
     assert set(rows) == {"flat", "auto: Flat", "mahalanobis"}
-    assert rows["flat"]["recall_kth"] == rows["auto: Flat"]["recall_kth"] == 1.0
+    assert rows["flat"]["recall_id"] == rows["auto: Flat"]["recall_ood"] == 1.0
     assert rows["flat"]["bytes"] == 100_000 * 128 * 4
     assert all(r["qps"] > 0 and r["p50_ms"] > 0 for r in rows.values())
     assert "bank 100,000 rows" in out
