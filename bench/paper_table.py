@@ -82,7 +82,7 @@ def _train_one(objective: str, budget: str, train_dataset: str, train_data: str,
     cfg = resolve_config(preset, overrides=overrides)
     log.info("%s: training %s for %d epochs", objective, cfg.arch, cfg.epochs)
     t0 = time.perf_counter()
-    train(cfg)
+    train(cfg, force=True)          # an unfinished run, or --retrain: start over
     return run_dir, time.perf_counter() - t0
 
 
