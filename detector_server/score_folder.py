@@ -231,7 +231,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
                       device=device, max_pixels=max_pixels) if todo else iter(())
         counts, (startup_s, scoring_s) = _consume(batches, journal, len(todo), progress)
         if journal.rows == 0:
-            raise InputError(f"no image files: {len(found.paths)} files, none of them an image",
+            raise InputError(f"no image files among the {len(found.paths)} files of INPUT",
                              path=named[0] if len(named) == 1 else None, field="input")
         t_scored = time.perf_counter()
         journal.publish(out, fmt)

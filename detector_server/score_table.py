@@ -4,10 +4,12 @@ Use `read_rows(path)` to read a table written by `score_folder` (or its partial 
 `make_rows` to turn one scored batch into rows (both engines do). The driver writes through
 `Journal` and `prior_rows`; nothing here reads images or runs a model.
 
-Rows (`Row`, columns `ROW_FIELDS`): path relative to INPUT ("/"-separated), score (float; empty /
-null on error), is_ood (empty / null on error: an image that was not scored is neither ID nor
-OOD), predicted_label, predicted_class (-1 on error), error ("" when scored), model_version. CSV
-writes booleans as true/false; Parquet needs pyarrow (`OUTPUT_FORMATS`).
+Rows (`Row`, columns `ROW_FIELDS`): path (relative to INPUT when it is one folder, else as
+named; "/"-separated), score (float; empty / null on error), is_ood (empty / null on error: an
+image that was not scored is neither ID nor OOD), predicted_label, predicted_class (-1 on
+error), error ("" when scored), model_version. CSV writes booleans as true/false; Parquet needs
+pyarrow (`OUTPUT_FORMATS`). Test: tests/runtime/test_score_folder.py,
+tests/runtime/test_score_inputs.py.
 
 File names that are not valid UTF-8 survive every format, so --resume finds their rows: CSV
 writes their bytes as they are, JSONL as \\udcXX escapes, and Parquet (whose strings must be
@@ -20,7 +22,7 @@ then the partial file is removed. So OUT is always absent, the previous complete
 new complete one. With resume, `prior_rows` keeps the rows of OUT and of the partial file, so
 only files without a row are scored (another model's rows: refused).
 
-Test: tests/runtime/test_score_folder.py; a real SIGKILL: tests/reliability/test_faults_score.py.
+A real SIGKILL: tests/reliability/test_faults_score.py.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial fil
 class Row(NamedTuple):
     """One output row (one image file)."""
 
-    path: str                   # relative to INPUT, "/"-separated
+    path: str                   # relative to the INPUT folder, or as named; "/"-separated
     score: float                # KNN score (higher = more in-distribution); nan on error
     is_ood: bool | None         # score < the bundle's threshold; None on error
     predicted_label: str        # class name of predicted_class; "" on error

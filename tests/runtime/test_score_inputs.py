@@ -109,7 +109,7 @@ def test_folders_without_images_exit_2_and_write_nothing(tiny_bundle, pngs, tmp_
     _folder(nested, pngs, ["sub/0.png"])
     out = tmp_path / "scores.csv"
     _error(score(tiny_bundle, empty, "--out", out), "no files in this folder", str(empty))
-    _error(score(tiny_bundle, notes, "--out", out), "no image files: 1 files, none of them")
+    _error(score(tiny_bundle, notes, "--out", out), "no image files among the 1 files")
     _error(score(tiny_bundle, nested, "--out", out), "--recursive")
     assert list(tmp_path.glob("scores*")) == [], "no table, no partial file"
 
