@@ -1,14 +1,16 @@
 """Batch scoring of an image folder into one table: the driver behind `rwood-score`.
 
-Use `score_folder(bundle, input_dir, out)` to score every image under a folder offline (thousands
-to millions of files) into CSV, JSONL or Parquet; `rwood-serve` is for live requests. Scores equal
+Use `score_folder(bundle, inputs, out)` to score every image of folders and files offline
+(thousands to millions of files) into CSV, JSONL or Parquet; `rwood-serve` is for live requests. Scores equal
 the server's for the same file and bundle: files are decoded as `Detector.prepare` decodes bytes
 and scored by `Detector.score_arrays`.
 
-This module lists the folder, checks the options, picks the engine (`ENGINES`), drives it and
-counts. The rest lives in one module per concern:
-- `score_decode`: which files get a row, reading (with its size and header guards), decoding and
-  the decode process pool (numpy and Pillow only);
+This module checks the options and the output, collects the inputs, picks the engine
+(`ENGINES`), drives it, counts and times (`ScoreSummary`). The rest lives in one module per
+concern:
+- `score_decode`: which files get a row (folders walked by `listing`), reading (with its
+  regular-file, size and header guards), decoding and the decode process pool (numpy and
+  Pillow only);
 - `score_table`: `Row`, the CSV/JSONL/Parquet formats, `read_rows`, the crash journal and the
   rows kept by --resume;
 - `score_plot`: the --plot histogram;
@@ -18,7 +20,8 @@ Pipeline (engine "local", `iter_local`): the main process lists the files; `work
 processes read and decode chunks of them; the main process scores batches of `batch_size` while
 the workers decode the next ones.
 
-Test: tests/runtime/test_score_folder.py. Benchmark: bench/score_folder.py.
+Test: tests/runtime/test_score_folder.py, tests/runtime/test_score_inputs.py. Benchmark:
+bench/score_folder.py.
 """
 from __future__ import annotations
 

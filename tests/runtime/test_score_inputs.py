@@ -2,7 +2,8 @@
 FIFOs), what it refuses (an existing --out, inputs without an image), what its rows say about a
 bad file, the summary it prints, and the memory a decode worker holds.
 
-Real CIFAR-10 PNGs from the data pack; every file is small (sparse files stand in for large ones).
+Real digit scans (shipped with scikit-learn) as PNG files; every file is small (sparse files stand
+in for large ones).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _png(a: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def pngs(shared_data: Path) -> list[bytes]:
-    return [_png(a) for a in np.load(shared_data / "cifar10_test.npz")["images"][:12]]
+def pngs(id_images: np.ndarray) -> list[bytes]:
+    return [_png(a) for a in id_images[:12]]
 
 
 def _folder(root: Path, pngs: list[bytes], names: list[str]) -> Path:

@@ -1,7 +1,7 @@
 """rwood-score --plot (detector_server.score_plot), checked through the plot's data and geometry:
 bin edges against the threshold, the bars' counts, integer count ticks, outliers counted instead
 of squeezing the rest into one bar, and a legend that covers no bar. Scores are real: those the
-tiny bundle gives CIFAR-10 test images, plus one far outlier as a corrupt-looking image gives."""
+tiny bundle gives digits it never saw, plus one far outlier."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,13 +15,12 @@ pytest.importorskip("matplotlib")
 
 
 @pytest.fixture(scope="module")
-def scores(tiny_bundle: Path, shared_data: Path) -> tuple[np.ndarray, float]:
+def scores(tiny_bundle: Path, id_images: np.ndarray) -> tuple[np.ndarray, float]:
     """99 real scores and one far outlier, and a threshold inside the bulk."""
     from detector_server.detector import Detector
 
     det = Detector(tiny_bundle, device="cpu", threads=1)
-    images = np.load(shared_data / "cifar10_test.npz")["images"][:99]
-    s = det.score_arrays(images).scores.astype(np.float64)
+    s = det.score_arrays(id_images[:99]).scores.astype(np.float64)
     return np.r_[s, s.min() - 50 * (s.max() - s.min())], float(np.quantile(s, 0.3))
 
 

@@ -1,5 +1,5 @@
 """Image folders with symlinked class folders, and outputs that already exist, through the CLIs of
-rwood-train, rwood-eval and rwood-export (click's runner, real CIFAR-10 PNGs).
+rwood-train, rwood-eval and rwood-export (click's runner, PNGs of real digit scans).
 
 Every command lists a folder with detector_server.listing, so a symlinked class folder is read by
 all of them (rwood-eval used to say "no image files found", rwood-export found 0 calibration
@@ -32,20 +32,20 @@ SPEC = PreprocessSpec(size=32, mean=(0.0,) * 3, std=(1.0,) * 3)
 
 
 @pytest.fixture(scope="module")
-def linked(tmp_path_factory, cifar10_small) -> Path:
-    """ROOT/<class> -> STORE/<class> (symlinks), 12 PNGs per class for 3 classes, a link loop
-    inside one class (STORE/cat/back -> ROOT) and a dangling link."""
+def linked(tmp_path_factory, digits_small) -> Path:
+    """ROOT/<class> -> STORE/<class> (symlinks), 12 PNGs per class for classes 3, 0 and 7, a link
+    loop inside one class (STORE/3/back -> ROOT) and a dangling link."""
     base = tmp_path_factory.mktemp("linked")
     root, store = base / "root", base / "store"
     root.mkdir()
     for c in (3, 0, 7):
-        name = str(cifar10_small["classes"][c])
+        name = str(digits_small["classes"][c])
         (store / name).mkdir(parents=True)
-        for i, r in enumerate(np.flatnonzero(cifar10_small["labels"] == c)[:12]):
-            Image.fromarray(cifar10_small["images"][r]).save(store / name / f"{i:02d}.png")
+        for i, r in enumerate(np.flatnonzero(digits_small["labels"] == c)[:12]):
+            Image.fromarray(digits_small["images"][r]).save(store / name / f"{i:02d}.png")
         (root / name).symlink_to(store / name, target_is_directory=True)
-    (store / "cat" / "back").symlink_to(root, target_is_directory=True)
-    (store / "horse" / "gone.png").symlink_to("missing.png")
+    (store / "3" / "back").symlink_to(root, target_is_directory=True)
+    (store / "7" / "gone.png").symlink_to("missing.png")
     return root
 
 
@@ -65,7 +65,7 @@ def _refused(res, *words: str) -> str:
 
 def test_every_reader_follows_symlinked_class_folders(linked: Path, tmp_path: Path, caplog):
     d = read_folder(linked, 32)
-    assert d.class_names == ["airplane", "cat", "horse"] and len(d.images) == 36
+    assert d.class_names == ["0", "3", "7"] and len(d.images) == 36
     assert "symlink to 'missing.png'" in caplog.text, "the dangling link is named in the log"
     images, labels = load_image_set("linked", linked, SPEC, class_names=d.class_names)
     assert sorted(labels.tolist()) == sorted(d.labels.tolist())
@@ -99,7 +99,7 @@ def test_train_refuses_an_existing_run_and_force_replaces_it(linked: Path, tiny_
     assert "stale" not in (out / "metrics.jsonl").read_text() and not (out / "eval").exists()
     assert (out / "notes.txt").exists(), "--force deletes only what a run writes"
     info = json.loads((out / "config.json").read_text())
-    assert info["class_names"] == ["airplane", "cat", "horse"]
+    assert info["class_names"] == ["0", "3", "7"]
     assert info["data"]["n_train"] + info["data"]["n_calibration"] == 36
     assert set(RUN_ENTRIES) >= {p.name for p in out.iterdir()} - {"notes.txt"}
 
