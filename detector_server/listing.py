@@ -13,7 +13,8 @@ How a folder is walked:
 - an entry that cannot be followed or is not a regular file is listed as `broken` with the reason
   (a dangling link, a link loop, a link to `file.png/x`, a folder that cannot be listed, a FIFO,
   socket or device), never raised: one bad entry does not hide the rest (logged);
-- order: a folder's entries sorted by name, the files first, then each subfolder's, depth first.
+- order: sorted by path, folder by folder (a folder's entries by name, a subfolder's contents at
+  its place), as `sorted(Path.rglob("*"))` would give them.
 
 How a file is read (`read_file`, `open_regular`): opened non-blocking, so a FIFO put in place of a
 file after listing cannot hang the reader, then refused unless it is a regular file; refused
@@ -90,41 +91,48 @@ def list_files(root: str | os.PathLike, *, recursive: bool = True,
     skip = {Path(os.path.relpath(os.path.abspath(p), top)).as_posix() for p in exclude}
     out = Listing(base)
     seen = {(st.st_dev, st.st_ino)}
-    stack = [("", top)]
+    stack = [("", iter(_entries(top, base)))]       # raises InputError for the root only
     while stack:
-        prefix, folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            if not prefix:
-                raise InputError(describe_os_error(folder, e), path=base) from None
-            out.entries.append((prefix[:-1], f"cannot list folder: {describe_os_error(folder, e)}"))
+        prefix, entries = stack[-1]
+        e = next(entries, None)
+        if e is None:
+            stack.pop()
             continue
-        subdirs = []
-        for e in entries:
-            rel = prefix + e.name
-            if (not hidden and e.name.startswith(".")) or rel in skip:
-                continue
-            try:
-                st = e.stat()                               # follows symlinks
-            except OSError as err:
-                out.entries.append((rel, describe_os_error(e.path, err)))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if recursive and (st.st_dev, st.st_ino) in seen:
-                    out.repeated.append(rel)
-                elif recursive:
-                    seen.add((st.st_dev, st.st_ino))
-                    subdirs.append((rel + "/", e.path))
-            elif stat.S_ISREG(st.st_mode):
-                if suffixes is None or os.path.splitext(e.name)[1].lower() in suffixes:
-                    out.entries.append((rel, None))
-            else:
-                out.entries.append((rel, f"not a regular file ({_kind(st.st_mode)})"))
-        stack.extend(reversed(subdirs))
+        rel = prefix + e.name
+        if (not hidden and e.name.startswith(".")) or rel in skip:
+            continue
+        try:
+            st = e.stat()                               # follows symlinks
+        except OSError as err:
+            out.entries.append((rel, describe_os_error(e.path, err)))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if recursive and (st.st_dev, st.st_ino) in seen:
+                out.repeated.append(rel)
+            elif recursive:
+                seen.add((st.st_dev, st.st_ino))
+                try:
+                    stack.append((rel + "/", iter(_entries(e.path))))
+                except OSError as err:
+                    out.entries.append((rel, f"cannot list folder: {describe_os_error(e.path, err)}"))
+        elif stat.S_ISREG(st.st_mode):
+            if suffixes is None or os.path.splitext(e.name)[1].lower() in suffixes:
+                out.entries.append((rel, None))
+        else:
+            out.entries.append((rel, f"not a regular file ({_kind(st.st_mode)})"))
     _log_problems(out)
     return out
+
+
+def _entries(folder: str, root: Path | None = None) -> list[os.DirEntry]:
+    """The entries of `folder` sorted by name. OSError, or InputError naming `root` when given."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        if root is None:
+            raise
+        raise InputError(describe_os_error(folder, e), path=root) from None
 
 
 def _log_problems(listing: Listing) -> None:

@@ -36,15 +36,15 @@ def tree(tmp_path: Path) -> Path:
 def test_symlinked_folders_are_followed_once_and_loops_cut(tree: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="detector_server.listing"):
         found = list_files(tree)
-    assert found.files == [".hidden.png", "a.png", "b.txt", "again/x.png", "again/inner/y.png",
-                           "cls/c.png", "deep/d/e.jpg"]
+    assert found.files == [".hidden.png", "a.png", "again/inner/y.png", "again/x.png", "b.txt",
+                           "cls/c.png", "deep/d/e.jpg"], "sorted by path, folder by folder"
     assert sorted(found.repeated) == ["cls/up", "linked"] and found.broken == []
     assert "not entering 2 links to folders already listed" in caplog.text
 
 
 def test_suffixes_hidden_and_top_level_only(tree: Path):
     assert list_files(tree, suffixes=IMAGE_EXTENSIONS, hidden=False).files == [
-        "a.png", "again/x.png", "again/inner/y.png", "cls/c.png", "deep/d/e.jpg"]
+        "a.png", "again/inner/y.png", "again/x.png", "cls/c.png", "deep/d/e.jpg"]
     assert list_files(tree, recursive=False).files == [".hidden.png", "a.png", "b.txt"]
     assert list_files(tree, exclude=[tree / "a.png"], recursive=False).files == [
         ".hidden.png", "b.txt"]
