@@ -115,9 +115,10 @@ class Detector:
         check_model_io(self._session, m, path)
         self._output, self._dim = m.indexed_output, m.index.dim
         runtime.set_faiss_threads(self.threads)
-        use_gpu = self.device == "cuda" and runtime.faiss_gpu_count() > 0
+        index_device = runtime.faiss_device(device, self.device)
+        use_gpu = index_device != "cpu"
         self.index_device = "cuda" if use_gpu else "cpu"
-        index = index_to_device(bundle.read_index(), "cuda" if use_gpu else "cpu")
+        index = index_to_device(bundle.read_index(), index_device)
         self._scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(self.class_names))
         self._gpu_lock = threading.Lock() if use_gpu else None  # GPU resources are not thread-safe
         log.info("detector %s: model on %s, index on %s (%d x %d, %s), k=%d, threshold=%.6g",
