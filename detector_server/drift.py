@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .errors import InputError
 
@@ -83,6 +82,8 @@ def drift_test(scores: np.ndarray, calibration_scores: np.ndarray, threshold: fl
     """
     if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
         raise InputError(f"expected a significance level in (0, 1), got {alpha!r}", field="alpha")
+    from scipy import stats  # here: the server imports this module for calibration_rank only
+
     tested = _finite(scores, "scores")
     calibration = _finite(calibration_scores, "calibration_scores")
     result = stats.ks_2samp(tested, calibration)
