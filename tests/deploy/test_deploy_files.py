@@ -5,9 +5,9 @@ is no container daemon; see README "Scaling out".)"""
 from __future__ import annotations
 
 import re
+import tomllib
 
 import pytest
-import tomllib
 from conftest import DEPLOY, REPO, exec_form, parse_dockerfile, port_of, serve_params
 from packaging.requirements import Requirement
 
