@@ -172,8 +172,9 @@ def test_k8s_resources_match_the_thread_budget(pod: dict) -> None:
     (container,) = pod["spec"]["containers"]
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
-    threads = _config(serve_params(container["args"])).threads
-    assert threads == int(resources["requests"]["cpu"])
+    config = _config(serve_params(container["args"]))
+    assert config.threads == int(resources["requests"]["cpu"]) == int(resources["limits"]["cpu"])
+    assert config.threads % config.workers == 0          # every worker gets an equal share
 
 
 def test_k8s_services_hpa_and_pdb_select_the_deployment(k8s: dict, pod: dict) -> None:
