@@ -39,7 +39,7 @@ def queried_metrics(yaml_load) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_bundle: Path, shared_data: Path) -> set[str]:
+def exported(tiny_bundle: Path, id_images: np.ndarray) -> set[str]:
     """Sample names on /metrics of a 2-worker server that has scored one image."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "detector_server.serve_cli", str(tiny_bundle),
@@ -56,7 +56,7 @@ def exported(tiny_bundle: Path, shared_data: Path) -> set[str]:
             time.sleep(0.1)
         assert m, "".join(lines)[-3000:]
         buf = io.BytesIO()
-        Image.fromarray(np.load(shared_data / "cifar10_test.npz")["images"][0]).save(buf, "PNG")
+        Image.fromarray(id_images[0]).save(buf, "PNG")
         with grpc.insecure_channel(f"127.0.0.1:{m.group(1)}") as channel:
             pb_grpc.DetectorStub(channel).Score(
                 pb.ScoreRequest(images=[pb.Image(id="0", data=buf.getvalue())]), timeout=60)

@@ -44,23 +44,24 @@ def _serve_and_score(bundle: Path, images: np.ndarray) -> tuple[dict[str, float]
         return _samples(srv), response.model_version
 
 
-def test_scores_are_counted_by_calibration_percentile(tiny_bundle: Path, shared_data: Path) -> None:
-    textures = np.load(shared_data / "ood_textures.npz")["images"][:40]
-    got, version = _serve_and_score(tiny_bundle, textures)
+def test_scores_are_counted_by_calibration_percentile(tiny_bundle: Path,
+                                                     ood_images: np.ndarray) -> None:
+    photos = ood_images[:40]
+    got, version = _serve_and_score(tiny_bundle, photos)
     det = Detector(tiny_bundle, device="cpu", threads=1)
-    ranks = det.calibration_rank(det.score_arrays(prepare_arrays(textures, det.spec)).scores)
+    ranks = det.calibration_rank(det.score_arrays(prepare_arrays(photos, det.spec)).scores)
     key = f'model_version="{version}"'
     assert got[f"rwood_score_rank_count{{{key}}}"] == 40
     for le in RANK_BUCKETS:
         assert got[f'rwood_score_rank_bucket{{le="{le}",{key}}}'] == np.sum(ranks <= le), le
     assert got[f"rwood_expected_ood_ratio{{{key}}}"] == pytest.approx(det.expected_ood_ratio)
-    # textures pile up below the calibration's low percentiles: the drift the histogram shows
+    # photo crops pile up below the calibration's low percentiles: the drift the histogram shows
     assert got[f'rwood_score_rank_bucket{{le="0.05",{key}}}'] > 0.3 * 40
 
 
 def test_a_bundle_without_calibration_scores_exports_the_ratio_only(
-        old_bundle: Path, shared_data: Path) -> None:  # noqa: F811
-    got, version = _serve_and_score(old_bundle, np.load(shared_data / "cifar10_test.npz")["images"][:4])
+        old_bundle: Path, id_images: np.ndarray) -> None:  # noqa: F811
+    got, version = _serve_and_score(old_bundle, id_images[:4])
     assert not [k for k in got if k.startswith("rwood_score_rank")]
     assert got[f'rwood_expected_ood_ratio{{model_version="{version}"}}'] > 0
     assert got['rwood_ood_decisions_total{decision="id"}'] + got[

@@ -42,9 +42,9 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def request_(shared_data: Path) -> pb.ScoreRequest:
-    images = np.load(shared_data / "cifar10_test.npz")["images"][:3]
-    return pb.ScoreRequest(images=[pb.Image(id=str(i), data=_png(a)) for i, a in enumerate(images)])
+def request_(id_images: np.ndarray) -> pb.ScoreRequest:
+    return pb.ScoreRequest(images=[pb.Image(id=str(i), data=_png(a))
+                                   for i, a in enumerate(id_images[:3])])
 
 
 # A channel of its own connection: grpc otherwise shares one connection among a process's
