@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import score_plot
+from .drift import MIN_SCORES, DriftReport, drift_test
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_decode import DecodeAhead, collect_inputs
 from .score_table import Journal, Row, make_rows, output_format, partial_path, prior_rows, read_rows
-from .validate import check_int
+from .validate import check_int, check_number
 
 # ONNX Runtime and FAISS are imported only where a bundle is loaded or scored, not at the top:
 # spawned decode processes re-import the main module (rwood-score's), which imports this one.
@@ -75,8 +76,10 @@ class ScoreSummary:
     list_s: float = 0.0         # finding the files and reading the rows kept by --resume
     startup_s: float = 0.0      # checks, opening the bundle, loading the model, starting workers
     scoring_s: float = 0.0      # reading, decoding and scoring, to the last row
-    write_s: float = 0.0        # writing the finished table (and the plot)
+    write_s: float = 0.0        # writing the finished table (and the plot), the drift test
     plot: Path | None = None
+    drift: DriftReport | None = None    # every score in `out` against the calibration scores
+    drift_note: str = ""        # why there is no drift report (old bundle, too few scores)
 
     @property
     def read(self) -> int:
@@ -109,6 +112,17 @@ class ScoreSummary:
                  f"{parts[3]:.1f} s writing"]
         if self.plot is not None:
             lines.append(f"plot        {self.plot}")
+        d = self.drift
+        if d is None:
+            lines.append(f"drift test  skipped: {self.drift_note}")
+        else:
+            verdict = "" if d.alpha is None else (
+                f"; {'DRIFT' if d.drifted else 'no drift'} at alpha {d.alpha:g}")
+            lines.append(f"drift test  two-sample KS of {d.n} scores vs {d.n_calibration} "
+                         f"calibration scores: statistic {d.statistic:.4f}, p-value "
+                         f"{d.pvalue:.3g}{verdict}")
+            lines.append(f"OOD rate    {d.ood_rate:.1%} of the scores in the output (expected "
+                         f"{d.expected_ood_rate:.1%}, the calibration scores' rate)")
         return "\n".join(lines)
 
 
@@ -193,7 +207,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
                  workers: int | None = None, device: str = "auto", resume: bool = False,
                  force: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ScoreSummary:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 drift_alpha: float | None = None) -> ScoreSummary:
     """Score every image file of `inputs` with `bundle` into the table `out`.
 
     bundle: a bundle directory (or a loaded `Bundle`); inputs: a folder, a file, or a list of
@@ -205,7 +220,11 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     and score only the other files; force: replace an existing `out` (without resume or force,
     an existing `out` or partial file is refused); plot: also save a histogram of all scores in
     `out` with the threshold line (needs matplotlib); engine: a key of `ENGINES`; progress: show
-    a tqdm bar (files/s, running OOD rate).
+    a tqdm bar (files/s, running OOD rate); drift_alpha: significance level (0, 0.5] of the drift
+    test that ends every run (`ScoreSummary.drift.drifted` says if it found drift; without it the
+    test is reported, never decided). The test compares every score in `out` (resumed rows too)
+    with the bundle's calibration scores (`detector_server.drift`); it is skipped, with
+    `drift_note` saying why, for a bundle exported without them.
     Raises InputError (bad option, missing input, no files or no image at all, existing output,
     missing pyarrow/matplotlib/ray, resume over another model's rows) or BundleError, naming the
     path or field; bad image files never raise (they get error rows).
@@ -217,6 +236,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
         raise InputError("the folder of the output file does not exist", path=out.parent)
     _check_output(out, resume, force)
     _check_options(batch_size, workers, plot, max_pixels)
+    if drift_alpha is not None:
+        check_number(drift_alpha, "fail_on_drift", above=0.0, maximum=0.5)
     run = _engine(engine)
     b = _load_bundle(bundle)
     version = b.manifest.model_version
@@ -241,10 +262,11 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     except BaseException:
         journal.abandon()
         raise
+    scores = np.array([r.score for r in read_rows(out)], dtype=np.float64)   # NaN: error rows
     plot_path = None
     if plot is not None:
-        scores = np.array([r.score for r in read_rows(out)], dtype=np.float64)
         plot_path = score_plot.plot_scores(scores, b.manifest.threshold.value, plot, title=version)
+    drift, note = _drift(b, scores, drift_alpha)
     kept = _count(prior)
     return ScoreSummary(out, len(found.paths), len(found.paths) - len(todo), counts["scored"],
                         counts["ood"], counts["errors"], counts["skipped"],
@@ -253,7 +275,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
                         total_errors=kept["errors"] + counts["errors"],
                         list_s=t_listed - t_listing,
                         startup_s=t_listing - t0 + startup_s, scoring_s=scoring_s,
-                        write_s=time.perf_counter() - t_scored, plot=plot_path)
+                        write_s=time.perf_counter() - t_scored, plot=plot_path, drift=drift,
+                        drift_note=note)
 
 
 def _check_output(out: Path, resume: bool, force: bool) -> None:
@@ -270,6 +293,18 @@ def _check_output(out: Path, resume: bool, force: bool) -> None:
 def _count(rows: Sequence[Row]) -> dict[str, int]:
     errors = sum(1 for r in rows if r.error)
     return dict(scored=len(rows) - errors, errors=errors, ood=sum(1 for r in rows if r.is_ood))
+
+
+def _drift(bundle: "Bundle", scores: np.ndarray, alpha: float | None
+           ) -> tuple[DriftReport | None, str]:
+    """The drift test of `scores` against the bundle's calibration scores, or why it was skipped."""
+    calibration = bundle.calibration_scores()
+    if calibration is None:
+        return None, ("the bundle has no calibration scores (exported before they were stored; "
+                      "export it again to test for drift)")
+    if np.isfinite(scores).sum() < MIN_SCORES:
+        return None, f"fewer than {MIN_SCORES} scored images"
+    return drift_test(scores, calibration, bundle.manifest.threshold.value, alpha), ""
 
 
 def _consume(batches: Iterator[tuple[int, list[Row]]], journal: Journal, total: int,
