@@ -16,6 +16,9 @@ every name of the format. A bundle is one flat directory:
     labels.npy        KNN scorer: int64 [ntotal], the class of each indexed row
     mahalanobis.npz   Mahalanobis scorer, instead of the two above: means float64 [C, D],
                       precision float64 [D, D] (all arrays np.load(allow_pickle=False))
+    calibration_scores.npy  float32 [M], the scores of the M calibration images that set the
+                      threshold: the reference of the drift test and of the server's score
+                      histogram (`Manifest.calibration_file`; absent from older bundles)
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -91,6 +94,22 @@ class Bundle:
     @property
     def spec(self) -> PreprocessSpec:
         return self.manifest.spec
+
+    def calibration_scores(self) -> np.ndarray | None:
+        """The calibration images' scores, float32 [threshold.n_samples] (finite), or None for a
+        bundle exported before they were stored. BundleError naming the file when unusable."""
+        name = self.manifest.calibration_file
+        if name is None:
+            return None
+        path, n = self.path / name, self.manifest.threshold.n_samples
+        try:
+            scores = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
+        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
+                              f"{scores.dtype} {scores.shape}", path=path)
+        return scores
 
     def read_index(self) -> faiss.Index:
         """Read the FAISS index (CPU) and check its size, width and metric against the manifest."""

@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import runtime
 from .bundle import Bundle, load_bundle
+from .drift import calibration_rank, expected_ood_rate
 from .embedder import Embedder
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
@@ -99,7 +100,10 @@ class Detector:
             32x32, fewer for larger inputs); bounds memory for large arrays.
     Attributes: bundle, manifest, spec, model_version, threshold, k (None for Mahalanobis),
         class_names, providers, device ("cuda" or "cpu", where the model runs), index_device
-        (where the scorer runs), threads, max_pixels, max_batch.
+        (where the scorer runs), threads, max_pixels, max_batch, calibration (the bundle's
+        calibration scores sorted, float32 [M], or None for a bundle without them),
+        expected_ood_ratio (share of them below the threshold; else 1 - the manifest's
+        achieved TPR).
     Raises BundleError for a bundle that fails verification, InputError for bad options.
     """
 
@@ -111,6 +115,10 @@ class Detector:
         m = bundle.manifest
         self.bundle, self.manifest, self.spec = bundle, m, bundle.spec
         self.model_version, self.threshold, self.k = m.model_version, float(m.threshold.value), m.k
+        calibration = bundle.calibration_scores()
+        self.calibration = None if calibration is None else np.sort(calibration)
+        self.expected_ood_ratio = (1.0 - float(m.threshold.achieved_tpr) if calibration is None
+                                   else expected_ood_rate(calibration, self.threshold))
         self.class_names: tuple[str, ...] = m.class_names
         self.max_pixels = check_int(max_pixels, "max_pixels", minimum=1)
         self.threads = runtime.resolve_threads(threads)
@@ -119,8 +127,8 @@ class Detector:
         self.device, self.providers = self._embedder.device, self._embedder.providers
         self.max_batch = self._embedder.max_batch
         runtime.set_faiss_threads(self.threads)
-        use_gpu = self.device == "cuda" and runtime.faiss_gpu_count() > 0
-        self._scorer = open_scorer(bundle, gpu=use_gpu, search_params=search_params)
+        index_device = runtime.faiss_device(device, self.device)
+        self._scorer = open_scorer(bundle, device=index_device, search_params=search_params)
         self.index_device = self._scorer.device
         # GPU resources are not thread-safe
         self._gpu_lock = threading.Lock() if self.index_device == "cuda" else None
@@ -167,6 +175,11 @@ class Detector:
             else:
                 (scores, predicted), short = scorer.score(emb), np.zeros(len(emb), bool)
         return ScoreBatch(scores, scores < np.float32(self.threshold), predicted, short)
+
+    def calibration_rank(self, scores: np.ndarray) -> np.ndarray | None:
+        """Each score's place among the calibration scores (share of them <= it), float64 [N] in
+        [0, 1]; None when the bundle has no calibration scores (see `drift.calibration_rank`)."""
+        return None if self.calibration is None else calibration_rank(scores, self.calibration)
 
     def prepare(self, item: "bytes | Image.Image | np.ndarray") -> np.ndarray:
         """Decode (bytes) and resize one item by the bundle's rule -> uint8 [S, S, 3].

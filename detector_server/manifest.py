@@ -101,6 +101,8 @@ class Manifest:
     input_name: str = "image"
     labels_file: str = "labels.npy"
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
+    calibration_file: str | None = None  # float32 [threshold.n_samples]: the calibration images'
+                                        # scores (drift reference); None in older bundles
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
     files: dict[str, str] = field(default_factory=dict)
@@ -119,6 +121,8 @@ class Manifest:
                               "rwood-export)", field="format_version")
         for name in ("model_file", "served_file", "labels_file"):
             check_file_name(getattr(self, name), name)
+        if self.calibration_file is not None:
+            check_file_name(self.calibration_file, "calibration_file")
         _check_scorer(self)
         try:
             spec = PreprocessSpec.from_dict(self.preprocess)
@@ -161,9 +165,10 @@ class Manifest:
     def payload_files(self) -> tuple[str, ...]:
         """The files the bundle must hold besides manifest.json."""
         models = tuple(dict.fromkeys((self.model_file, self.served_file)))
+        calibration = () if self.calibration_file is None else (self.calibration_file,)
         if self.scorer == "knn":
-            return models + (self.index.file, self.labels_file)
-        return models + (self.mahalanobis.file,)
+            return models + (self.index.file, self.labels_file) + calibration
+        return models + (self.mahalanobis.file,) + calibration
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -44,11 +44,12 @@ class OpenScorer:
         return out
 
 
-def open_scorer(bundle: Bundle, *, gpu: bool = False,
+def open_scorer(bundle: Bundle, *, device: str = "cpu",
                 search_params: dict[str, int] | None = None) -> OpenScorer:
     """The scorer `bundle.manifest.scorer` names, ready to score.
 
-    gpu: put a KNN index on GPU 0 (faiss with GPU support only; HNSW stays on the CPU).
+    device: "cpu", or "cuda:N" to put a KNN index on that GPU (`runtime.faiss_device` decides;
+    faiss with GPU support only; HNSW stays on the CPU).
     search_params: override of the manifest's search parameters ({"nprobe": 64}); InputError
     naming `search` for a name the index does not take (or any, for Flat and Mahalanobis).
     Raises BundleError naming the file when the scorer's data does not match the manifest.
@@ -76,8 +77,9 @@ def open_scorer(bundle: Bundle, *, gpu: bool = False,
     description = ann.describe_index(index)
     description.pop("search_params")
     description.update(factory=m.index.factory, float16=False)
-    if gpu:
-        cpu_index, index = index, index_to_device(index, "cuda")
+    gpu = False
+    if device != "cpu":
+        cpu_index, index = index, index_to_device(index, device)
         gpu = index is not cpu_index                  # HNSW stays on the CPU
         description["float16"] = gpu and ann.gpu_cloner_options(cpu_index)[1]
     scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(m.class_names))

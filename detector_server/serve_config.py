@@ -27,7 +27,9 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, per image
     max_queue_images: int = 4096        # images admitted at once; beyond, UNAVAILABLE (load shedding)
     device: str = "auto"                # "auto" (CUDA when present), "cpu" or "cuda"
-    threads: int | None = None          # ONNX Runtime/FAISS threads; None = the Detector's default
+    threads: int | None = None          # ONNX Runtime/FAISS threads in all (split over the workers);
+                                        # None = the cores this process may use
+    workers: int = 1                    # server processes sharing the port (1: this process serves)
     search_params: dict[str, int] = field(default_factory=dict)  # override of the bundle's index
                                         # search parameters (nprobe, efSearch); logged
     decode_threads: int = 2             # image decode pool
@@ -48,7 +50,7 @@ class ServeConfig:
         object.__setattr__(self, "search_params", check_search_params(self.search_params,
                                                                       "search"))
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
-                     "stream_window"):
+                     "stream_window", "workers"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("max_wait_ms", "grace_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:

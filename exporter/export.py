@@ -11,7 +11,8 @@ behind, see detector_server.bundle.write_bundle):
    below `min_recall` or when a query gets fewer than K neighbours; the numbers go into the
    manifest); for mahalanobis, mahalanobis.npz (class means, shared precision);
 4. the threshold: those embeddings scored by a `Detector` on the staged bundle (the runtime's
-   exact code path), then `metrics.threshold_at_tpr`;
+   exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram;
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
 Test: tests/exporter/test_export.py.
 """
@@ -58,12 +59,14 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "MAHALANOBIS_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "MAHALANOBIS_FILE",
+           "CALIBRATION_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
 MAHALANOBIS_FILE = "mahalanobis.npz"
+CALIBRATION_FILE = "calibration_scores.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -126,12 +129,15 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels if knn else None), device="cpu",
                             threads=cfg.threads)
-        threshold = calibrate_threshold(detector.score_embeddings(calib).scores, cfg.tpr, source)
+        scores = detector.score_embeddings(calib).scores
+        threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
         _check_threshold(manifest, threshold)
+        np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
         log.info("[5/5] writing the bundle")
-        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold), out,
-                     overwrite=cfg.overwrite)
+        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
+                                                calibration_file=CALIBRATION_FILE),
+                     out, overwrite=cfg.overwrite)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,

@@ -98,7 +98,8 @@ def test_mahalanobis_bundle_matches_rwood_eval(mds_bundle: Path, tiny_run: Path,
     b = load_bundle(mds_bundle)
     m = b.manifest
     assert m.scorer == "mahalanobis" and m.k is None and m.index is None
-    assert set(m.files) == {"model.onnx", "mahalanobis.npz"} and m.mahalanobis.n_bank == 950
+    assert set(m.files) == {"model.onnx", "mahalanobis.npz", "calibration_scores.npy"}
+    assert m.mahalanobis.n_bank == 950
     det = Detector(b, device="cpu", threads=1)
     images = np.load(data["id"])["images"]
     served = det.score_arrays(images)

@@ -50,8 +50,10 @@ def noisy_copies(x: np.ndarray, copies: int, noise: float = 0.01, seed: int = 0)
 def publish(src: Path, out: Path, manifest: Manifest, replace: dict | None = None) -> Path:
     """A bundle at `out`: `src`'s model files plus `replace` {name: writer(path)}, `manifest`."""
     with staging_dir(out) as stage:
-        for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
-            shutil.copy(src / name, stage / name)
+        for name in dict.fromkeys((manifest.model_file, manifest.served_file,
+                                   manifest.calibration_file)):
+            if name is not None:
+                shutil.copy(src / name, stage / name)
         for name, write in (replace or {}).items():
             write(stage / name)
         return write_bundle(stage, manifest, out)

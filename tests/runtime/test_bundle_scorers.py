@@ -113,7 +113,8 @@ def test_mahalanobis_bundle_scores_with_the_nearest_mean(tiny_run: Path, tiny_bu
                                                          tmp_path: Path, images) -> None:
     out, _ = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "m")
     b = load_bundle(out)
-    assert b.labels is None and set(b.manifest.files) == {"model.onnx", "mahalanobis.npz"}
+    assert b.labels is None and set(b.manifest.files) == {"model.onnx", "mahalanobis.npz",
+                                                          "calibration_scores.npy"}
     det = Detector(b, device="cpu", threads=1)
     means, precision = b.read_mahalanobis()
     emb = det.embed(images).astype(np.float64)
