@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import click
 
-from .ann import parse_search_params
 from .cli_common import Command, run_cli, setup_logging
 from .server import ServeConfig, serve
 
@@ -49,7 +48,7 @@ _D = ServeConfig()  # the defaults, from the one definition
                    "session and its share of --threads; a dead one is restarted. More than 1 when "
                    "one process cannot keep the cores busy (small models, single-image calls).")
 @click.option("--decode-threads", type=int, default=_D.decode_threads, help="Image decoding threads.")
-@click.option("--search", multiple=True, metavar="NAME=VALUE",
+@click.option("--search", "search_params", multiple=True, metavar="NAME=VALUE",
               help="Override a search parameter of the bundle's index (repeatable; e.g. "
                    "nprobe=64): logged, since the threshold was calibrated with the bundle's.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
@@ -72,12 +71,10 @@ _D = ServeConfig()  # the defaults, from the one definition
               help="On SIGTERM, seconds of NOT_SERVING health and UNAVAILABLE answers before the "
                    "port closes, so load balancers and clients move away (counts toward --grace).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def serve_main(bundle: str, address: str, verbose: bool, search: tuple[str, ...],
-               **options: object) -> None:
+def serve_main(bundle: str, address: str, verbose: bool, **options: object) -> None:
     """Serve the ReweightOOD detector in BUNDLE over gRPC (rwood.v1.Detector, health, reflection)."""
     setup_logging(verbose)
-    params = run_cli(parse_search_params, search)
-    run_cli(serve, address, bundle, search_params=params, **options)
+    run_cli(serve, address, bundle, **options)
 
 
 if __name__ == "__main__":

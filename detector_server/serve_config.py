@@ -5,9 +5,10 @@ keyword arguments); `serve_cli` takes its defaults from here, so a default lives
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .ann import check_search_params
+from .ann import check_search_params, parse_search_params
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .validate import check_int
@@ -31,7 +32,8 @@ class ServeConfig:
                                         # None = the cores this process may use
     workers: int = 1                    # server processes sharing the port (1: this process serves)
     search_params: dict[str, int] = field(default_factory=dict)  # override of the bundle's index
-                                        # search parameters (nprobe, efSearch); logged
+                                        # search parameters (nprobe, efSearch); logged. Also
+                                        # given as --search's "NAME=VALUE" strings
     decode_threads: int = 2             # image decode pool
     stream_window: int = 32             # requests in flight per ScoreStream
     tls_cert: str | None = None         # PEM server certificate chain (with tls_key)
@@ -47,8 +49,9 @@ class ServeConfig:
                                         # before the listener closes (part of grace_s)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "search_params", check_search_params(self.search_params,
-                                                                      "search"))
+        sp = self.search_params
+        sp = sp if isinstance(sp, Mapping) or sp is None else parse_search_params(sp, "search")
+        object.__setattr__(self, "search_params", check_search_params(sp, "search"))
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
                      "stream_window", "workers"):
             check_int(getattr(self, name), name, minimum=1)
