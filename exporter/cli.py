@@ -48,7 +48,8 @@ __all__ = ["export_main"]
                    "checked against exact search on the calibration images.")
 @click.option("--search", "search", multiple=True, metavar="NAME=VALUE",
               help="Fix a search parameter of the index (repeatable): nprobe=N for IVF, "
-                   "efSearch=N for HNSW [default: the smallest that passes --min-recall].")
+                   "efSearch=N for HNSW [default: the smallest reaching half the misses "
+                   "--min-recall allows, on the calibration images].")
 @click.option("--min-recall", type=float, default=DEFAULT_MIN_RECALL, show_default=True,
               help="Least recall of the K-th neighbour an approximate index may have on the "
                    "calibration images (queries short of K neighbours are always refused).")

@@ -32,7 +32,8 @@ def test_issue_ivf256_gets_a_stored_nprobe_that_passes(emb) -> None:
     assert 3 <= nprobe <= 256 and ann.current_search_params(c.index) == {"nprobe": nprobe}
     assert c.check.short_queries == 0 and c.check.recall_kth >= 0.99
     assert c.check.ood is not None and c.trials[-1]["search_params"] == {"nprobe": nprobe}
-    assert all(t["recall_kth"] < 0.99 or t["short_queries"] for t in c.trials[:-1])
+    assert all(t["recall_kth"] < 0.995 or t["short_queries"] for t in c.trials[:-1])
+    assert c.check.recall_kth >= 0.995                   # tuned to half the misses 0.99 allows
     m = c.to_manifest()
     assert m["requested"] == "IVF256,Flat" and m["check"]["recall_kth"] == c.check.recall_kth
     assert f"nprobe {nprobe} is the smallest" in m["reason"]
