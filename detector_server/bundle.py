@@ -3,8 +3,9 @@
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
 session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `ThresholdInfo`,
-`manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in `detector_server.manifest` and
-re-exported here, so `from detector_server.bundle import ...` gives every name of the format.
+`manifest_digest`, `derive_model_version`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in
+`detector_server.manifest` and re-exported here, so `from detector_server.bundle import ...`
+gives every name of the format.
 A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
@@ -39,6 +40,7 @@ from ._faiss import faiss
 from .atomic import fsync_dir, fsync_file, write_json_atomic
 from .errors import BundleError
 from .manifest import (
+    DESCRIPTIVE_FIELDS,
     FEATURE_OUTPUTS,
     FORMAT,
     FORMAT_VERSION,
@@ -47,13 +49,17 @@ from .manifest import (
     Manifest,
     ThresholdInfo,
     check_file_name,
+    decision_digest,
+    derive_model_version,
     manifest_digest,
+    version_name,
 )
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
-           "check_model_io", "file_sha256", "manifest_digest"]
+           "check_model_io", "file_sha256", "manifest_digest", "DESCRIPTIVE_FIELDS",
+           "decision_digest", "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +247,14 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: str | os.PathLike,
-                 *, overwrite: bool = False) -> Path:
+                 *, overwrite: bool = False, name: str | None = None) -> Path:
     """Publish a staged bundle: checksum its files, write manifest.json, rename to `out_dir`.
+
+    The manifest's `files`, `model_version` and `manifest_sha256` are filled in here:
+    `model_version` is `derive_model_version(name, ...)`, so it changes with every
+    decision-relevant byte whoever writes the bundle. `name` is its human-readable part (the
+    exporter passes the run name); without it, `version_name(manifest.model_version)` (the
+    name of the bundle a copy or an edit was made from).
 
     `staging_dir` must hold the manifest's payload files (flat, no manifest.json yet) and be on
     the same filesystem as `out_dir` (use `staging_dir(out_dir)`). The rename is atomic: readers
@@ -254,6 +266,8 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     _check_target(out, overwrite)
     files = _stage_checksums(stage, manifest)
     d = dataclasses.replace(manifest, files=files).to_dict()
+    d["model_version"] = derive_model_version(
+        version_name(manifest.model_version) if name is None else name, d)
     d["manifest_sha256"] = manifest_digest(d)
     write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
     old = None
@@ -270,7 +284,7 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    log.info("wrote bundle %s (%d files)", out, len(files) + 1)
+    log.info("wrote bundle %s (model %s, %d files)", out, d["model_version"], len(files) + 1)
     return out
 
 
