@@ -17,13 +17,14 @@ A bundle is one flat directory:
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
-a model whose input/outputs do not match the manifest. Test: tests/runtime/test_bundle.py.
+a model whose input/outputs do not match the manifest. Every file is read through
+`detector_server.bundle_files`: regular files only, no symbolic links followed, bounded sizes.
+Test: tests/runtime/test_bundle.py; attacks: tests/reliability/test_hostile_bundle.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ import onnxruntime as ort
 
 from ._faiss import faiss
 from .atomic import fsync_dir, fsync_file, write_json_atomic
+from .bundle_files import member_sha256, read_json, read_npy
 from .errors import BundleError
 from .manifest import (
     DESCRIPTIVE_FIELDS,
@@ -123,6 +125,9 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     payload file is listed and present, every SHA-256, the labels array, and (with
     `verify_model`) that every ONNX file has the manifest's input and output names, dtypes and
     widths (a CPU session without graph optimisation).
+    Every file is a regular file inside `path`, read within the bounds of
+    `detector_server.bundle_files` (no symbolic link followed, no FIFO read, manifest size and
+    nesting, .npy header); `path` itself may be a link.
     `Detector` passes `verify_model=False` and checks its own session instead.
     Raises BundleError naming the file at fault.
     """
@@ -130,19 +135,19 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     if not root.is_dir():
         raise BundleError("bundle directory not found", path=root)
     mpath = root / MANIFEST_FILE
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError("manifest missing (not a bundle, or an unfinished export)",
-                          path=mpath) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"unreadable manifest: {e}", path=mpath) from None
+    raw = read_json(root, MANIFEST_FILE,
+                    missing="manifest missing (not a bundle, or an unfinished export)")
     manifest = Manifest.from_dict(raw, mpath)
-    if raw.get("manifest_sha256") != manifest_digest(raw):
+    try:
+        digest = manifest_digest(raw)
+    except ValueError as e:             # NaN or infinity in a key the manifest does not know
+        raise BundleError(f"expected plain JSON values (no NaN or infinity): {e}",
+                          path=mpath) from None
+    if raw.get("manifest_sha256") != digest:
         raise BundleError("manifest was edited after export (manifest_sha256 does not match its "
                           "content); export again to change settings", path=mpath)
     _verify_files(root, manifest)
-    labels = _load_labels(root / manifest.labels_file, manifest)
+    labels = _load_labels(root, manifest)
     bundle = Bundle(path=root, manifest=manifest, labels=labels)
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
@@ -161,22 +166,21 @@ def _verify_files(root: Path, m: Manifest) -> None:
                               field="files")
     for name, digest in m.files.items():
         check_file_name(name, "files")
-        f = root / name
-        if not f.is_file():
-            raise BundleError("file listed in the manifest is missing", path=f)
-        if file_sha256(f) != digest:
+        try:
+            actual = member_sha256(root, name)
+        except OSError as e:
+            raise BundleError(f"cannot read: {e.strerror or e}", path=root / name) from None
+        if actual != digest:
             raise BundleError("SHA-256 differs from the manifest: the file was altered or "
-                              "truncated after export", path=f)
+                              "truncated after export", path=root / name)
 
 
-def _load_labels(path: Path, m: Manifest) -> np.ndarray:
+def _load_labels(root: Path, m: Manifest) -> np.ndarray:
+    path = root / m.labels_file
     try:
-        labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read labels: {e}", path=path) from None
-    if labels.dtype != np.int64 or labels.shape != (m.index.ntotal,):
-        raise BundleError(f"expected int64 [{m.index.ntotal}], got {labels.dtype} {labels.shape}",
-                          path=path)
+        labels = read_npy(root, m.labels_file, np.int64, (m.index.ntotal,))
+    except OSError as e:
+        raise BundleError(f"cannot read labels: {e.strerror or e}", path=path) from None
     if labels.size and (labels.min() < 0 or labels.max() >= len(m.class_names)):
         raise BundleError(f"labels outside [0, {len(m.class_names)})", path=path)
     return labels
