@@ -103,12 +103,16 @@ class Bundle:
             return None
         path, n = self.path / name, self.manifest.threshold.n_samples
         try:
-            scores = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
-        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            scores = read_npy(self.path, name, np.float32, (n,))
+        except BundleError as e:
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples): "
+                              f"{str(e).removeprefix(f'{path}: ')}", path=path) from None
+        except OSError as e:
+            raise BundleError(f"cannot read calibration scores: {e.strerror or e}",
+                              path=path) from None
+        if not np.isfinite(scores).all():
             raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
-                              f"{scores.dtype} {scores.shape}", path=path)
+                              "NaN or infinity", path=path)
         return scores
 
     def read_index(self) -> faiss.Index:

@@ -6,7 +6,7 @@ read is bounded by the reader, not by the checksums:
 
 - `open_member(root, name)`: a regular file directly inside `root`, opened without following a
   symbolic link (a link is refused even when it points inside the bundle; `root` itself may be a
-  link) and without blocking (a FIFO or device is refused, never read);
+  link) and without blocking (a FIFO or device is refused, never read): `listing.open_regular`;
 - `read_json(root, name)`: at most `MAX_MANIFEST_BYTES`, nested at most `MAX_JSON_DEPTH` deep;
 - `read_npy(root, name, dtype, shape)`: the header checked (length at most
   `MAX_NPY_HEADER_BYTES`, dtype, shape, file size) before a byte of data is read or allocated;
@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import BundleError
+from .listing import open_regular, read_bounded
 
 __all__ = ["MAX_MANIFEST_BYTES", "MAX_JSON_DEPTH", "MAX_NPY_HEADER_BYTES", "open_member",
            "read_json", "read_npy", "member_sha256"]
@@ -37,8 +37,6 @@ MAX_MANIFEST_BYTES = 16 << 20   # an exported manifest is a few kB (class names 
 MAX_JSON_DEPTH = 32             # arrays/objects inside each other; an exported manifest has 3
 MAX_NPY_HEADER_BYTES = 10_000   # numpy's own default (np.save writes 128 bytes)
 
-_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_LENGTH = {(1, 0): "<H", (2, 0): "<I"}     # header-length field of each .npy version
 
@@ -52,31 +50,14 @@ def open_member(root: str | os.PathLike, name: str, *,
     plain name (the manifest's `check_file_name` guarantees it)."""
     path = Path(root) / name
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        return open_regular(path, follow_symlinks=False)
     except FileNotFoundError:
         raise BundleError(missing, path=path) from None
     except OSError as e:
         if path.is_symlink():           # O_NOFOLLOW: ELOOP (EMLINK on some BSDs)
             raise BundleError("is a symbolic link: files inside a bundle must be regular files "
                               "(links are never followed)", path=path) from None
-        raise BundleError(f"cannot open: {e.strerror}", path=path) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BundleError(f"not a regular file ({_kind(mode)})", path=path)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a file"
+        raise BundleError(f"cannot open: {e.strerror or e}", path=path) from None
 
 
 def member_sha256(root: str | os.PathLike, name: str) -> str:
@@ -96,10 +77,10 @@ def read_json(root: str | os.PathLike, name: str, *, missing: str) -> Any:
     MAX_JSON_DEPTH."""
     path = Path(root) / name
     with open_member(root, name, missing=missing) as f:
-        size = os.fstat(f.fileno()).st_size
-        data = f.read(MAX_MANIFEST_BYTES + 1) if size <= MAX_MANIFEST_BYTES else b""
-    if size > MAX_MANIFEST_BYTES or len(data) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"larger than {MAX_MANIFEST_BYTES} bytes: not a manifest", path=path)
+        try:
+            data = read_bounded(f, MAX_MANIFEST_BYTES)
+        except OSError as e:            # over the limit by its size (never read), or unreadable
+            raise BundleError(f"unreadable manifest: {e.strerror or e}", path=path) from None
     try:
         value = json.loads(data.decode("utf-8"))
     except RecursionError:

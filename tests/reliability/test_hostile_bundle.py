@@ -75,7 +75,7 @@ def test_oversized_manifest_is_refused_unread(bundle: Path) -> None:
     path = bundle / MANIFEST_FILE
     text = path.read_text()
     path.write_text(text + " " * (MAX_MANIFEST_BYTES + 1 - len(text.encode())))
-    with pytest.raises(BundleError, match=f"larger than {MAX_MANIFEST_BYTES} bytes") as e:
+    with pytest.raises(BundleError, match=f"over the limit of {MAX_MANIFEST_BYTES}") as e:
         load_bundle(bundle)
     assert e.value.path == str(path)
 
@@ -203,3 +203,14 @@ def test_npy_of_another_layout_is_refused(bundle: Path) -> None:
     _forge(bundle, rehash=("labels.npy",))
     with pytest.raises(BundleError, match="size"):
         load_bundle(bundle)
+
+
+def test_calibration_scores_header_claiming_a_huge_array_is_refused(bundle: Path) -> None:
+    """calibration_scores.npy is read through the same bounded reader as the labels."""
+    name = load_bundle(bundle, verify_model=False).manifest.calibration_file
+    (bundle / name).write_bytes(
+        _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }"))
+    _forge(bundle, rehash=(name,))
+    with pytest.raises(BundleError, match="expected finite float32") as e:
+        load_bundle(bundle).calibration_scores()
+    assert e.value.path == str(bundle / name)
