@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import signal
 import subprocess
@@ -46,8 +45,9 @@ from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distrib
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
+from .schedule import lr_lambda
 
-__all__ = ["train", "pick_device", "lr_lambda"]
+__all__ = ["train", "pick_device", "make_scheduler", "sync_batchnorm"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -62,16 +62,35 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
-              warmup_from: float, min_lr_ratio: float) -> float:
-    """Multiplier of `lr` at optimizer step `step`: linear warm-up from `warmup_from`, then cosine."""
-    warm = warmup_epochs * steps_per_epoch
-    total = epochs * steps_per_epoch
-    if step < warm:
-        start = warmup_from / lr
-        return start + (1.0 - start) * step / warm
-    t = (step - warm) / max(1, total - warm)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step LambdaLR of `cfg.lr_schedule` (trainer/schedule.py) over the whole run.
+
+    Optimizer step s (0-based, counted over the run) uses `cfg.lr * lr_lambda(s)`. Warm-up:
+    `cfg.warmup_epochs`, or when None 10 epochs for a batch above 256 and none otherwise (the
+    released trainer's rule), at most epochs - 1.
+    """
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
+    warmup = min(warmup, cfg.epochs - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, schedule=cfg.lr_schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+        warmup_epochs=warmup, lr=cfg.lr, warmup_from=cfg.warmup_from,
+        min_lr_ratio=cfg.min_lr_ratio))
+
+
+def sync_batchnorm(net: nn.Module, enabled: bool, world_size: int, device: torch.device) -> nn.Module:
+    """`net` with its BatchNorm layers as SyncBatchNorm when `enabled` under DDP on GPUs, so N ranks
+    with global batch B normalise as one GPU with batch B; else `net` unchanged.
+
+    torch's SyncBatchNorm runs on GPUs only: a CPU (gloo) job keeps per-rank statistics (logged).
+    """
+    if not enabled or world_size == 1:
+        return net
+    if device.type != "cuda":
+        log.warning("sync_bn: SyncBatchNorm needs GPUs; on %s each of the %d ranks normalises over "
+                    "its own share of the batch", device.type, world_size)
+        return net
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 
 class _StopFlag:
@@ -113,7 +132,7 @@ def _stop_requested(local: bool, world_size: int, device: torch.device, step: in
 
 
 def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
-                model_args: dict, finished: bool) -> dict[str, Any]:
+                model_args: dict, runtime: dict, finished: bool) -> dict[str, Any]:
     import torchvision
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -122,14 +141,15 @@ def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], 
         rev = None
     return {"format": "reweightood-run", "format_version": FORMAT_VERSION, "finished": finished,
             "config": cfg.to_dict(), "model_args": model_args, "preprocess": spec.to_dict(),
-            "class_names": class_names, "data": data_info,
+            "class_names": class_names, "data": data_info, "runtime": runtime,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__},
             "git_rev": rev, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
-    """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out.
+    """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out
+    (no calibration.npz with calibration_fraction 0: rwood-export then needs --calibration).
 
     With `resume`, continue from RUN_DIR/checkpoints/last.pt using the configuration saved there.
     With `ood` ({name: path}), evaluate OOD detection at the end (report in RUN_DIR/eval).
@@ -160,8 +180,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.amp  # fp32 (amp off): full-precision matmuls
+        torch.backends.cudnn.allow_tf32 = True            # torch's default for convolutions
 
     # -- data: the training images live on the device as uint8; augmentation happens there too
     full = load_dataset(cfg.dataset, cfg.data, "train", cfg.image_size, cfg.download)
@@ -195,8 +215,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     except ValueError as e:
         raise InputError(str(e), field="arch") from None
     model_args = get_model_args(net)
-    if cfg.sync_bn and dist.world_size > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = sync_batchnorm(net, cfg.sync_bn, dist.world_size, device)
     net = net.to(device)
     cuda = device.type == "cuda"
     if cfg.channels_last:
@@ -215,11 +234,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                 weight_decay=cfg.weight_decay)
-    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
-    warmup = min(warmup, cfg.epochs - 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=warmup, lr=cfg.lr,
-        warmup_from=cfg.warmup_from, min_lr_ratio=cfg.min_lr_ratio))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
 
     # -- resume: weights, optimiser, schedule, RNG and position in the epoch
     start_epoch, start_step, global_step = 0, 0, 0
@@ -234,11 +249,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     data_info = {"dataset": cfg.dataset, "path": cfg.data, "source": full.source,
                  "fingerprint": fingerprint(full), "n_train": int(len(train_idx)),
                  "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
+    runtime = {"device": device.type, "world_size": dist.world_size, "steps_per_epoch": steps_per_epoch,
+               "sync_bn": any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, False),
-                          default=str)
+                                                               data_info, model_args, runtime,
+                                                               False), default=str)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
@@ -312,8 +329,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
                 cfg.eval_batch_size)
         write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, True),
-                          default=str)
+                                                               data_info, model_args, runtime,
+                                                               True), default=str)
         log.info("run written to %s", run_dir)
         if ood:
             from .evaluate import evaluate_run
@@ -332,10 +349,15 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
                        progress=True, desc="embedding bank")
     write_bank(run_dir / "bank.npz", emb, full.labels[train_idx], train_idx, full.class_names)
 
+    cal_path = run_dir / "calibration.npz"
+    if len(cal_idx) == 0:  # calibration_fraction 0: every image trained and banked; none held out
+        cal_path.unlink(missing_ok=True)  # a file left by an earlier run here would overlap the bank
+        return
+
     def write_cal(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, images=full.images[cal_idx], labels=full.labels[cal_idx], indices=cal_idx)
-    atomic_write(run_dir / "calibration.npz", write_cal)
+    atomic_write(cal_path, write_cal)
 
 
 def _tensorboard(run_dir: Path):
