@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
-
-import tomllib
 
 from detector_server.errors import InputError
 
