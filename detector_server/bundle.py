@@ -1,8 +1,11 @@
-"""The bundle format: the one definition of what `rwood-export` writes and the runtime reads.
+"""The bundle format: the one entry point for what `rwood-export` writes and the runtime reads.
 
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
-session against a manifest. A bundle is one flat directory:
+session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `ThresholdInfo`,
+`manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in `detector_server.manifest` and
+re-exported here, so `from detector_server.bundle import ...` gives every name of the format.
+A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
     model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection`
@@ -21,218 +24,38 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from ._faiss import faiss
 from .atomic import fsync_dir, fsync_file, write_json_atomic
-from .errors import BundleError, InputError
+from .errors import BundleError
+from .manifest import (
+    FEATURE_OUTPUTS,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    IndexInfo,
+    Manifest,
+    ThresholdInfo,
+    check_file_name,
+    manifest_digest,
+)
 from .preprocess import PreprocessSpec
-from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
            "check_model_io", "file_sha256", "manifest_digest"]
 
 log = logging.getLogger(__name__)
-
-FORMAT = "reweightood-bundle"
-FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
-MANIFEST_FILE = "manifest.json"
-# Indexable feature -> the ONNX output (and bank.npz key is the feature name itself).
-FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
-METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """The FAISS index of the bundle and what it holds."""
-
-    ntotal: int                         # rows in the index (= len(labels))
-    dim: int                            # embedding width (= the indexed output's width)
-    file: str = "index.faiss"
-    feature: str = "penultimate"        # a key of FEATURE_OUTPUTS
-    factory: str = "Flat"               # the faiss.index_factory string it was built with
-    metric: str = "inner_product"
-
-
-@dataclass(frozen=True)
-class ThresholdInfo:
-    """The decision threshold (score < value means OOD) and how it was calibrated."""
-
-    value: float                        # KNN score threshold
-    target_tpr: float                   # TPR asked for (0.95)
-    achieved_tpr: float                 # fraction of calibration scores >= value
-    n_samples: int                      # calibration images used
-    source: str                         # where they came from, e.g. "run:calibration.npz"
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Everything the runtime needs to know about a bundle; `manifest.json` is `to_dict()`.
-
-    `files` maps every file of the bundle except manifest.json to its SHA-256 (hex), and
-    `manifest_sha256` protects the manifest itself (an edited threshold or K is refused: change
-    them by exporting again); `write_bundle` fills in both. File names are plain names inside
-    the bundle directory.
-    """
-
-    model_version: str                  # "<run name>-<sha256(model.onnx)[:12]>"
-    input_size: int                     # S: input is uint8 [N, S, S, 3]
-    outputs: dict[str, int]             # ONNX output -> width: {"feature": Dp, "projection": 128}
-    preprocess: dict[str, Any]          # PreprocessSpec.to_dict()
-    index: IndexInfo
-    class_names: tuple[str, ...]
-    k: int                              # neighbours for the KNN score
-    threshold: ThresholdInfo
-    model_file: str = "model.onnx"      # the float32 model
-    served_file: str = "model.onnx"     # the model the runtime runs (model_file or the int8 one)
-    input_name: str = "image"
-    labels_file: str = "labels.npy"
-    quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
-    training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
-    created: str = ""                   # ISO time of export
-    files: dict[str, str] = field(default_factory=dict)
-    manifest_sha256: str = ""           # SHA-256 of the other fields (see manifest_digest)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.format != FORMAT:
-            raise BundleError(f"expected {FORMAT!r}, got {self.format!r}", field="format")
-        if self.format_version != FORMAT_VERSION:
-            raise BundleError(f"unknown format version {self.format_version!r}; this runtime reads "
-                              f"version {FORMAT_VERSION} (re-export with a matching rwood-export)",
-                              field="format_version")
-        for name in ("model_file", "served_file", "labels_file"):
-            _check_file_name(getattr(self, name), name)
-        _check_file_name(self.index.file, "index.file")
-        try:
-            spec = PreprocessSpec.from_dict(self.preprocess)
-        except InputError as e:
-            raise BundleError(str(e), field="preprocess") from None
-        if spec.size != self.input_size:
-            raise BundleError(f"preprocess size {spec.size} != input_size {self.input_size}",
-                              field="input_size")
-        _check_index(self)
-        _check_threshold(self.threshold)
-        if (isinstance(self.class_names, str) or not self.class_names
-                or not all(isinstance(c, str) for c in self.class_names)):
-            raise BundleError(f"expected a list of class names, got {self.class_names!r}",
-                              field="class_names")
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-        if not isinstance(self.model_version, str) or not self.model_version:
-            raise BundleError(f"expected a non-empty string, got {self.model_version!r}",
-                              field="model_version")
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.preprocess)
-
-    @property
-    def indexed_output(self) -> str:
-        """Name of the ONNX output whose rows are in the index ("feature" or "projection")."""
-        return FEATURE_OUTPUTS[self.index.feature]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["class_names"] = list(self.class_names)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str | os.PathLike | None = None) -> "Manifest":
-        """Build and validate a manifest from parsed JSON; BundleError naming `path` and field."""
-        if not isinstance(d, dict):
-            raise BundleError(f"expected a JSON object, got {type(d).__name__}", path=path)
-        try:
-            if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
-                return cls._check_version_only(d)  # raises with a clear message
-            kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-            kw["index"] = IndexInfo(**_sub(d, "index", IndexInfo))
-            kw["threshold"] = ThresholdInfo(**_sub(d, "threshold", ThresholdInfo))
-            missing = [f.name for f in dataclasses.fields(cls)
-                       if f.name not in kw and f.default is dataclasses.MISSING
-                       and f.default_factory is dataclasses.MISSING]
-            if missing:
-                raise BundleError(f"missing key(s) {missing}", field=missing[0])
-            return cls(**kw)
-        except BundleError as e:
-            raise BundleError(str(e), path=path) from None
-        except (TypeError, ValueError) as e:
-            raise BundleError(f"malformed manifest: {e}", path=path) from None
-
-    @classmethod
-    def _check_version_only(cls, d: dict[str, Any]) -> "Manifest":
-        if d.get("format") != FORMAT:
-            raise BundleError(f"not a reweightood bundle: expected {FORMAT!r}, got "
-                              f"{d.get('format')!r}", field="format")
-        raise BundleError(f"unknown format version {d.get('format_version')!r}; this runtime "
-                          f"reads version {FORMAT_VERSION}", field="format_version")
-
-
-def _sub(d: dict[str, Any], key: str, cls: type) -> dict[str, Any]:
-    sub = d.get(key)
-    if not isinstance(sub, dict):
-        raise BundleError(f"expected an object, got {type(sub).__name__}", field=key)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(sub) - names)
-    if unknown:
-        raise BundleError(f"unknown key(s) {unknown}", field=key)
-    return sub
-
-
-def _check_file_name(name: Any, fld: str) -> None:
-    if not isinstance(name, str) or not name or name != Path(name).name or name.startswith("."):
-        raise BundleError(f"expected a plain file name inside the bundle, got {name!r}", field=fld)
-    if name == MANIFEST_FILE:
-        raise BundleError(f"{MANIFEST_FILE} cannot be a payload file", field=fld)
-
-
-def _check_index(m: Manifest) -> None:
-    if not isinstance(m.outputs, dict) or not m.outputs or not all(
-            isinstance(k, str) and (is_int(v) and v >= 1) for k, v in m.outputs.items()):
-        raise BundleError(f"expected output name -> positive width, got {m.outputs!r}",
-                          field="outputs")
-    ix = m.index
-    if not (is_int(ix.dim) and ix.dim >= 1):
-        raise BundleError(f"expected a positive integer, got {ix.dim!r}", field="index.dim")
-    if ix.feature not in FEATURE_OUTPUTS:
-        raise BundleError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {ix.feature!r}",
-                          field="index.feature")
-    if ix.metric not in METRICS:
-        raise BundleError(f"expected one of {METRICS}, got {ix.metric!r}", field="index.metric")
-    if FEATURE_OUTPUTS[ix.feature] not in m.outputs:
-        raise BundleError(f"expected an entry for {FEATURE_OUTPUTS[ix.feature]!r}, got "
-                          f"{m.outputs!r}", field="outputs")
-    if m.outputs[FEATURE_OUTPUTS[ix.feature]] != ix.dim:
-        out = FEATURE_OUTPUTS[ix.feature]
-        raise BundleError(f"index dim {ix.dim} != width of output {out!r} ({m.outputs[out]})",
-                          field="index.dim")
-    if not (is_int(m.k) and m.k >= 1) or not (is_int(ix.ntotal) and ix.ntotal >= 1) or m.k > ix.ntotal:
-        raise BundleError(f"expected 1 <= k <= ntotal, got k={m.k!r}, ntotal={ix.ntotal!r}",
-                          field="k")
-
-
-def _check_threshold(t: ThresholdInfo) -> None:
-    if not isinstance(t.value, (int, float)) or not math.isfinite(t.value):
-        raise BundleError(f"expected a finite number, got {t.value!r}", field="threshold.value")
-    for name in ("target_tpr", "achieved_tpr"):
-        v = getattr(t, name)
-        if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise BundleError(f"expected a number in [0, 1], got {v!r}", field=f"threshold.{name}")
-    if not is_int(t.n_samples) or t.n_samples < 0:
-        raise BundleError(f"expected a count, got {t.n_samples!r}", field="threshold.n_samples")
-
 
 
 @dataclass(frozen=True)
@@ -286,12 +109,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def manifest_digest(d: dict[str, Any]) -> str:
-    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
-    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
 
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
@@ -337,7 +154,7 @@ def _verify_files(root: Path, m: Manifest) -> None:
             raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath,
                               field="files")
     for name, digest in m.files.items():
-        _check_file_name(name, "files")
+        check_file_name(name, "files")
         f = root / name
         if not f.is_file():
             raise BundleError("file listed in the manifest is missing", path=f)

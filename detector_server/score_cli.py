@@ -7,8 +7,9 @@ Examples:
     RAY_ADDRESS=ray://head:10001 rwood-score bundles/cifar10 /shared/photos \\
         --out scores.jsonl --recursive --engine ray --workers 16
 
-One row per image file (see detector_server/score_folder.py); bad files get an error row and
-never stop the run. Exit status 2 with a one-line message for a bad bundle, folder or option.
+One row per image file (which files: detector_server/score_decode.py; the table:
+detector_server/score_table.py); bad files get an error row and never stop the run. Exit
+status 2 with a one-line message for a bad bundle, folder or option.
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """The Ray engine of `rwood-score` (`--engine ray`): the same rows as the local engine, on Ray Data.
 
-Use it when one machine cannot read, decode and score the folder fast enough: Ray Data reads the
-listed files (`read_binary_files`), and `map_batches` sends batches of them through an actor pool
-in which every actor holds one `Detector` (decoding with `score_folder.decode_blobs`, so rows are
-exactly the local engine's). The driver (`score_folder`) lists the folder, writes the table and
-handles --resume as for the local engine. Ray is an optional extra: `pip install
-"reweightood[cpu,ray]"`. Test: tests/runtime/test_score_ray.py.
+Use it when one machine cannot read, decode and score the folder fast enough. The dataset is the
+list of file paths; `map_batches` sends batches of them through an actor pool in which every
+actor holds one `Detector` and reads and decodes its files with `score_decode.decode_files`, the
+very function the local engine's decode processes run. So both engines give a file the same row,
+with the same guards: a file over 1 GiB gets an error row without being read, and a file without
+an image suffix is read only when its header is an image. The driver (`score_folder`) lists the
+folder, writes the table (`score_table`) and handles --resume as for the local engine. Ray is an
+optional extra: `pip install "reweightood[cpu,ray]"`. Test: tests/runtime/test_score_ray.py.
 
 Where it runs: if Ray is already initialised in the process (`ray.init(address=...)` before
 calling `score_folder(..., engine="ray")`), that cluster is used as is. Otherwise `ray.init()` is
@@ -19,9 +21,9 @@ one (shut down again at the end) when it is unset:
     RAY_ADDRESS=ray://HEAD:10001 rwood-score ...        # from outside it (Ray Client)
 
 On a cluster every node needs reweightood with the [ray] extra, and BUNDLE and INPUT must be
-paths that every node can read (a shared filesystem): actors open the bundle and read tasks open
-the files. `--workers` is the number of actors (default: the cluster's CPUs minus one), each
-reserving one CPU, or one GPU as well with `--device cuda`.
+paths that every node can read (a shared filesystem): actors open the bundle and the files.
+`--workers` is the number of actors (default: the cluster's CPUs minus one), each reserving one
+CPU, or one GPU as well with `--device cuda`.
 """
 from __future__ import annotations
 
@@ -29,15 +31,15 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .bundle import Bundle
+from .detector import Detector
 from .errors import InputError
-from .score_folder import ROW_FIELDS, Row, decode_blobs, make_rows
-
-if TYPE_CHECKING:
-    from .bundle import Bundle
+from .score_decode import decode_files
+from .score_table import ROW_FIELDS, Row, make_rows
 
 __all__ = ["iter_ray", "RayScorer", "check_available"]
 
@@ -60,22 +62,23 @@ def _import_ray() -> Any:
 
 
 class RayScorer:
-    """A Ray Data actor: one Detector; a batch of files (path, bytes) -> one output row per file.
+    """A Ray Data actor: one Detector; a batch of file paths -> one output row per file.
 
-    Output columns: `ROW_FIELDS` plus `is_image` (False for a file that is not an image, whose
-    other columns are placeholders: it gets no row).
+    Input column `path`: file paths relative to `root`, as bytes (`os.fsencode`, so that names
+    that are not UTF-8 survive Arrow). Output columns: `ROW_FIELDS` (with `path` as given) plus
+    `is_image` (False for a file that is not an image, whose other columns are placeholders: it
+    gets no row).
     """
 
-    def __init__(self, bundle_dir: str, device: str, threads: int, max_pixels: int):
-        from .detector import Detector
-
+    def __init__(self, bundle_dir: str, root: str, device: str, threads: int, max_pixels: int):
         self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels)
+        self.root = root
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         det = self.detector
-        paths = [str(p) for p in batch["path"]]
-        images, status = decode_blobs(list(batch["bytes"]), paths, det.spec, self.max_pixels)
+        paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
+        images, status = decode_files(self.root, paths, det.spec, self.max_pixels)
         scored = det.score_arrays(images) if len(images) else None
         rows = iter(make_rows(paths, status, scored, det.class_names, det.model_version))
         placeholder = Row("", float("nan"), False, "", -1, "", det.model_version)
@@ -84,6 +87,7 @@ class RayScorer:
         cols: dict[str, np.ndarray] = {name: np.array([getattr(r, name) for r in full],
                                                       dtype=object)
                                        for name in ROW_FIELDS}
+        cols["path"] = np.array([os.fsencode(r.path) for r in full], dtype=object)
         cols["score"] = np.array([r.score for r in full], dtype=np.float64)
         cols["is_ood"] = np.array([r.is_ood for r in full], dtype=bool)
         cols["predicted_class"] = np.array([r.predicted_class for r in full], dtype=np.int64)
@@ -91,7 +95,7 @@ class RayScorer:
         return cols
 
 
-def iter_ray(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: int,
+def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: int,
              workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
     """The ray engine, with `score_folder.iter_local`'s contract: yields (files consumed, their
     rows) per batch, in no particular order. See the module docstring for the cluster set-up."""
@@ -107,22 +111,21 @@ def iter_ray(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: 
             ray.shutdown()
 
 
-def _run(ray: Any, bundle: "Bundle", root: Path, paths: Sequence[str], batch_size: int,
+def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size: int,
          workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
     ray.data.DataContext.get_current().enable_progress_bars = False   # the driver has its own
-    rel = {os.path.normpath(os.path.abspath(root / p)): p for p in paths}
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
-    ds = ray.data.read_binary_files(list(rel), include_paths=True)
+    ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths])
     ds = ds.map_batches(RayScorer, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(bundle_dir=str(bundle.path.resolve()),
-                                                   device=device, threads=1,
-                                                   max_pixels=max_pixels),
+                                                   root=os.path.abspath(root), device=device,
+                                                   threads=1, max_pixels=max_pixels),
                         num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     seen: set[str] = set()
     for cols in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        rows = [_row(cols, i, rel) for i in range(len(cols["path"])) if cols["is_image"][i]]
-        seen.update(_rel(p, rel) for p in cols["path"])
+        rows = [_row(cols, i) for i in range(len(cols["path"])) if cols["is_image"][i]]
+        seen.update(os.fsdecode(bytes(p)) for p in cols["path"])
         yield len(cols["path"]), rows
     missing = [p for p in paths if p not in seen]      # read by no task: report, never drop
     if missing:
@@ -130,12 +133,7 @@ def _run(ray: Any, bundle: "Bundle", root: Path, paths: Sequence[str], batch_siz
                                  bundle.manifest.model_version) for p in missing]
 
 
-def _rel(path: str, rel: dict[str, str]) -> str:
-    p = os.path.normpath(str(path))
-    return rel.get(p) or rel.get(os.path.normpath("/" + p)) or p
-
-
-def _row(cols: dict[str, np.ndarray], i: int, rel: dict[str, str]) -> Row:
-    return Row(_rel(cols["path"][i], rel), float(cols["score"][i]), bool(cols["is_ood"][i]),
-               str(cols["predicted_label"][i]), int(cols["predicted_class"][i]),
-               str(cols["error"][i]), str(cols["model_version"][i]))
+def _row(cols: dict[str, np.ndarray], i: int) -> Row:
+    return Row(os.fsdecode(bytes(cols["path"][i])), float(cols["score"][i]),
+               bool(cols["is_ood"][i]), str(cols["predicted_label"][i]),
+               int(cols["predicted_class"][i]), str(cols["error"][i]), str(cols["model_version"][i]))

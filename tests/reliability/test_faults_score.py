@@ -18,7 +18,8 @@ import pytest
 from hostile_corpus import PYTHON, encode, raw_jpeg_files, subprocess_env
 from PIL import Image
 
-from detector_server.score_folder import partial_path, read_rows, score_folder
+from detector_server.score_folder import score_folder
+from detector_server.score_table import partial_path, read_rows
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -143,7 +144,7 @@ def test_killed_mid_run_then_resume_scores_every_file_once(tiny_bundle, folder, 
 
 def test_decode_workers_exit_with_their_killed_parent(killed_run):
     """The spawned decode worker and multiprocessing's resource tracker go away within seconds of
-    their parent's SIGKILL (they used to live forever: fixed in score_folder._worker_init)."""
+    their parent's SIGKILL (they used to live forever: fixed in score_decode._worker_init)."""
     _, children = killed_run
     assert children, "the decode worker was not running"
     t_end = time.monotonic() + 5

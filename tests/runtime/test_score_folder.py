@@ -1,4 +1,4 @@
-"""rwood-score (detector_server.score_folder / score_cli) on a mixed folder of real images.
+"""rwood-score (detector_server.score_folder, its score_* modules, score_cli) on real images.
 
 The folder holds PNG/JPEG/BMP files from the data pack, a .jpg that is a PNG, an image without a
 suffix, a text file named .png, a truncated PNG, an empty file, a README (not an image) and a
@@ -20,17 +20,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from detector_server import score_decode as sd
 from detector_server import score_folder as sf
 from detector_server.errors import BundleError, InputError
+from detector_server.preprocess import PreprocessSpec
 from detector_server.score_cli import score_main
-from detector_server.score_folder import (
-    OUTPUT_FORMATS,
-    Row,
-    partial_path,
-    plot_scores,
-    read_rows,
-    score_folder,
-)
+from detector_server.score_folder import score_folder
+from detector_server.score_plot import plot_scores
+from detector_server.score_table import OUTPUT_FORMATS, ROW_FIELDS, Row, partial_path, read_rows
 
 BAD = {"text.png", "truncated.png", "empty.png"}          # error rows
 NOT_IMAGES = {"README.txt"}                               # no row
@@ -113,7 +110,7 @@ def test_mixed_folder_rows_equal_detector(tiny_bundle, folder, expected, tmp_pat
                      progress=False)
     rows = read_rows(out)
     assert_rows_match(rows, expected, TOP_GOOD | SUB_GOOD | BAD)
-    assert [r.path for r in rows] == [p for p in sf.list_files(folder, True) if p in expected], \
+    assert [r.path for r in rows] == [p for p in sd.list_files(folder, True) if p in expected], \
         "rows come in file order through the worker pool"
     assert (s.files, s.resumed, s.errors, s.skipped) == (len(rows) + 1, 0, len(BAD), 1)
     assert s.scored == len(TOP_GOOD | SUB_GOOD)
@@ -137,7 +134,7 @@ def test_output_formats_round_trip(tiny_bundle, folder, expected, tmp_path, suff
     assert_rows_match(read_rows(out), expected, TOP_GOOD | SUB_GOOD | BAD)
     if suffix == ".csv":   # plain CSV any tool reads: header, true/false, empty score on error
         text = out.read_text().splitlines()
-        assert text[0] == ",".join(sf.ROW_FIELDS)
+        assert text[0] == ",".join(ROW_FIELDS)
         assert any(line.startswith("empty.png,,false,,-1,") for line in text)
 
 
@@ -220,7 +217,7 @@ def _decode_or_die(root, paths, spec, max_pixels):
     """decode_files, except that the worker process dies on a file named die*."""
     if any(Path(p).name.startswith("die") for p in paths):
         os._exit(3)
-    return sf.decode_files(root, paths, spec, max_pixels)
+    return sd.decode_files(root, paths, spec, max_pixels)
 
 
 def test_dead_decoding_process_costs_one_error_row(folder, tmp_path):
@@ -230,8 +227,8 @@ def test_dead_decoding_process_costs_one_error_row(folder, tmp_path):
         shutil.copy(folder / name, tmp_path / name)
     names = ["c1.png", "c2.png", "die.png", "c3.png", "empty.png"]
     chunks = [names[:2], names[2:4], names[4:]]
-    spec = sf.PreprocessSpec(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
-    ahead = sf._DecodeAhead(str(tmp_path), chunks, spec, 10**6, workers=1, depth=3,
+    spec = PreprocessSpec(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ahead = sd.DecodeAhead(str(tmp_path), chunks, spec, 10**6, workers=1, depth=3,
                             decode=_decode_or_die)
     try:
         got = list(ahead)
@@ -242,7 +239,7 @@ def test_dead_decoding_process_costs_one_error_row(folder, tmp_path):
     assert status[:2] == ["", ""] and status[3] == ""
     assert status[2] == "the decoding process died on this file"
     assert status[4] and "empty" in status[4]
-    want, _ = sf.decode_files(str(tmp_path), ["c1.png", "c2.png", "c3.png"], spec, 10**6)
+    want, _ = sd.decode_files(str(tmp_path), ["c1.png", "c2.png", "c3.png"], spec, 10**6)
     np.testing.assert_array_equal(np.concatenate([a for _, (a, _) in got]), want)
 
 
@@ -256,7 +253,7 @@ def test_odd_files_oversized_and_non_utf8_names(tiny_bundle, folder, tmp_path, m
     odd = os.fsdecode(b"caf\xe9.png")                   # Latin-1 name: not valid UTF-8
     shutil.copy(folder / "c1.png", src / odd)
     (src / "video.bin").write_bytes(bytes(range(256)) * 4096)
-    monkeypatch.setattr(sf, "_MAX_FILE_BYTES", 10_000)   # the JPEG is larger, the PNGs smaller
+    monkeypatch.setattr(sd, "_MAX_FILE_BYTES", 10_000)   # the JPEG is larger, the PNGs smaller
     for suffix in (".csv", ".jsonl"):
         out = tmp_path / f"s{suffix}"
         s = score_folder(tiny_bundle, src, out, workers=0, progress=False)
