@@ -16,7 +16,6 @@ in OUT/<objective>/eval_<postprocessor>/.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,9 +26,11 @@ import numpy as np
 
 from detector_server.atomic import atomic_write, write_json_atomic, write_text_atomic
 from detector_server.cli_common import run_cli, setup_logging
+from detector_server.errors import CheckpointError
 from trainer.config import resolve_config
 from trainer.evaluate import evaluate_many
 from trainer.report import detection_table, quality_table, write_report
+from trainer.run_dir import RunDir
 
 log = logging.getLogger("reweightood.bench")
 
@@ -66,14 +67,20 @@ def _subset_npz(src: str, dst: Path, n: int) -> str:
     return str(dst)
 
 
+def _finished(run_dir: Path) -> bool:
+    try:
+        return RunDir(run_dir).info.finished
+    except CheckpointError:  # no run yet, or an unusable one: train it (again)
+        return False
+
+
 def _train_one(objective: str, budget: str, train_dataset: str, train_data: str, out: Path,
                seed: int, epochs: int | None, retrain: bool) -> tuple[Path, float]:
     """Train one objective (or reuse a finished run); returns (run_dir, seconds spent)."""
     from trainer.train import train
 
     run_dir = out / objective
-    cfg_path = run_dir / "config.json"
-    if not retrain and cfg_path.is_file() and json.loads(cfg_path.read_text()).get("finished"):
+    if not retrain and _finished(run_dir):
         log.info("%s: reusing the finished run in %s", objective, run_dir)
         return run_dir, 0.0
     preset, overrides, *_ = BUDGETS[budget]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,17 @@ def check_available() -> None:
     _import_ray()
 
 
+# Ray finds "its" address by asking the OS for the outgoing interface, and a local instance started
+# by `ray.init()` then listens there (and on every interface). A local instance only ever talks to
+# itself, so it stays on loopback: Ray uses 127.0.0.1 as the node address when this is off. It is
+# read once, when ray is first imported, and only set when no cluster is named (RAY_ADDRESS) and
+# nothing imported ray before us (a caller who did may have connected to a cluster already).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def _import_ray() -> Any:
+    if "ray" not in sys.modules and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(_LOCAL_ONLY_ENV, "0")
     try:
         import ray
         import ray.data  # noqa: F401

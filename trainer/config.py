@@ -18,7 +18,7 @@ from detector_server.errors import InputError
 from .schedule import list_schedules
 
 __all__ = ["TrainConfig", "PRESETS", "resolve_config", "load_config_file", "loss_kwargs",
-           "default_c_b"]
+           "default_c_b", "changed_settings"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TrainConfig:
     loss: str = "reweightood"          # see trainer.losses.list_losses()
     temperature: float = 0.1
     m_b: float = 5.0                   # negative weights: sigmoid(m_b * s + c_b)
-    c_b: float | None = None           # None = default_c_b(dataset): -2 for CIFAR-100, else -4
+    c_b: float | None = None           # None = default_c_b(dataset), filled in on construction
     m_w: float = 2.0                   # positive weights: sigmoid(-(m_w * s + c_w))
     c_w: float = -1.0                  # authors' code; the paper prints +1 (see losses.py)
     # --- optimisation (SGD nesterov; schedules in trainer/schedule.py)
@@ -74,6 +74,8 @@ class TrainConfig:
     k: int | None = None               # KNN neighbours; None = 300 if > 10 classes else 100
 
     def __post_init__(self) -> None:
+        if self.c_b is None:  # every TrainConfig is complete: the loss never sees None
+            object.__setattr__(self, "c_b", default_c_b(self.dataset))
         positive = ("epochs", "batch_size", "head_dim", "checkpoint_every", "log_every",
                     "eval_batch_size")
         for name in positive:
@@ -121,15 +123,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(arch="small_cnn", lr=0.1, batch_size=128, epochs=15, warmup_epochs=1),
 }
 
-# The paper's per-dataset negative-weight offsets (c_b in T = m_b * s + c_b).
-_PAPER_C_B: dict[str, float] = {"cifar100": -2.0}
-_DEFAULT_C_B = -4.0
-
 
 def default_c_b(dataset: str) -> float:
-    """c_b when no preset, config file or flag sets it: the paper's per-dataset value, -2 for
-    CIFAR-100 and -4 for every other dataset. (`official` sets -4 itself, for every dataset.)"""
-    return _PAPER_C_B.get(dataset, _DEFAULT_C_B)
+    """c_b when none is set: the paper's -2 for CIFAR-100, -4 for CIFAR-10, ImageNet-100 and
+    anything else. The one place this rule lives (TrainConfig applies it on construction; a preset,
+    config file or flag that names c_b overrides it: `official` sets -4 for every dataset)."""
+    return -2.0 if dataset == "cifar100" else -4.0
+
+
+def changed_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of `cfg` that differ from their defaults: what a user (preset, config file or
+    flag) changed. Defaults that follow other settings (c_b follows the dataset) are compared with
+    the value they take for `cfg`'s own dataset, so a derived default never counts as a change."""
+    default = {**TrainConfig(dataset=cfg.dataset).to_dict(), "dataset": TrainConfig.dataset}
+    return {k: v for k, v in cfg.to_dict().items() if v != default[k]}
 
 
 _TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
@@ -194,8 +201,6 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         values.update(load_config_file(config_file))
     values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None},
                               "command line"))
-    if values.get("c_b") is None:
-        values["c_b"] = default_c_b(values.get("dataset", TrainConfig.dataset))
     return TrainConfig(**values)
 
 

@@ -26,25 +26,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from detector_server.atomic import atomic_write, write_json_atomic
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
 
 from .augment import Augment
-from .bank import embed_arrays, write_bank
-from .checkpoint import (
-    FORMAT_VERSION,
-    load_state,
-    rng_state,
-    save_state,
-    set_rng_state,
-)
-from .config import TrainConfig, loss_kwargs
+from .bank import embed_arrays
+from .checkpoint import load_state, rng_state, save_state, set_rng_state
+from .config import TrainConfig, changed_settings, loss_kwargs
 from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
+from .run_dir import (
+    CALIBRATION_FILE,
+    MODEL_FILE,
+    RunInfo,
+    write_bank,
+    write_calibration,
+    write_run_info,
+)
 from .schedule import lr_lambda
 
 __all__ = ["train", "pick_device", "make_scheduler", "sync_batchnorm"]
@@ -131,20 +132,20 @@ def _stop_requested(local: bool, world_size: int, device: torch.device, step: in
     return bool(flag.item())
 
 
-def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
-                model_args: dict, runtime: dict, finished: bool) -> dict[str, Any]:
+def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
+              model_args: dict, runtime: dict, finished: bool) -> RunInfo:
     import torchvision
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         rev = None
-    return {"format": "reweightood-run", "format_version": FORMAT_VERSION, "finished": finished,
-            "config": cfg.to_dict(), "model_args": model_args, "preprocess": spec.to_dict(),
-            "class_names": class_names, "data": data_info, "runtime": runtime,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__},
-            "git_rev": rev, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return RunInfo(config=cfg.to_dict(), model_args=model_args, preprocess=spec,
+                   class_names=tuple(class_names), data=data_info, runtime=runtime,
+                   versions={"python": platform.python_version(), "torch": torch.__version__,
+                             "torchvision": torchvision.__version__, "numpy": np.__version__},
+                   git_rev=rev, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   finished=finished)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
@@ -165,8 +166,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                                   path=str(ckpt_path))
         state = load_state(ckpt_path)
         saved = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
-        default, kept = TrainConfig().to_dict(), saved.to_dict()
-        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != kept[k] and v != default[k]]
+        kept = saved.to_dict()
+        ignored = [f"{k}={v!r}" for k, v in changed_settings(cfg).items() if v != kept[k]]
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
@@ -253,9 +254,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                "sync_bn": any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, runtime,
-                                                               False), default=str)
+        write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
+                                          runtime, False))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
@@ -328,12 +328,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     if dist.is_main:
         _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
                 cfg.eval_batch_size)
-        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, runtime,
-                                                               True), default=str)
+        write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
+                                          runtime, True))
         log.info("run written to %s", run_dir)
         if ood:
-            from .evaluate import evaluate_run
+            from .report import evaluate_run
             evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval")
     cleanup()
     return run_dir
@@ -342,22 +341,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpec, full,
             train_idx: np.ndarray, cal_idx: np.ndarray, device: torch.device, batch: int) -> None:
     net = net.float().to(memory_format=torch.contiguous_format)
-    save_state(run_dir / "model.pt", {"model": net.state_dict(), "model_args": model_args,
+    save_state(run_dir / MODEL_FILE, {"model": net.state_dict(), "model_args": model_args,
                                       "preprocess": spec.to_dict(), "class_names": full.class_names})
     deploy = DeployModel(net, spec.mean, spec.std).to(device).eval()
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
-    write_bank(run_dir / "bank.npz", emb, full.labels[train_idx], train_idx, full.class_names)
-
-    cal_path = run_dir / "calibration.npz"
+    write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
     if len(cal_idx) == 0:  # calibration_fraction 0: every image trained and banked; none held out
-        cal_path.unlink(missing_ok=True)  # a file left by an earlier run here would overlap the bank
+        (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # an earlier run's would overlap the bank
         return
-
-    def write_cal(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=full.images[cal_idx], labels=full.labels[cal_idx], indices=cal_idx)
-    atomic_write(cal_path, write_cal)
+    write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
 
 
 def _tensorboard(run_dir: Path):

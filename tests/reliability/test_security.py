@@ -235,24 +235,25 @@ def test_pixel_limit_refuses_before_pixels_are_decoded(detector, hostile_corpus,
 
 
 def test_internal_errors_do_not_leak_details(tiny_bundle, hostile_corpus, monkeypatch):
-    from detector_server import server as server_mod
     from detector_server._proto import detector_pb2 as pb
     from detector_server._proto import detector_pb2_grpc as pb_grpc
     from detector_server.detector import Detector
+    from detector_server.model_host import ModelHost
+    from detector_server.server import start_background
 
     class Broken(Detector):
         def score_arrays(self, images):
             raise RuntimeError("secret at /srv/models/private/path")
 
-    real_build = server_mod.ModelHost._build_detector
+    real_build = ModelHost._build_detector
 
     def build(self):                    # breaks after the warm-up batch, on the first request
         det = real_build(self)
         det.__class__ = Broken
         return det
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
-    with server_mod.start_background(tiny_bundle, device="cpu", threads=1) as srv, \
+    monkeypatch.setattr(ModelHost, "_build_detector", build)
+    with start_background(tiny_bundle, device="cpu", threads=1) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         with pytest.raises(grpc.RpcError) as e:
             pb_grpc.DetectorStub(ch).Score(

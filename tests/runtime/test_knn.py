@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from detector_server.errors import InputError
-from detector_server.knn import KNNScorer, build_index, index_to_device, knn_score_from_similarities
+from detector_server.knn import (
+    KNNScorer,
+    build_index,
+    default_k,
+    index_to_device,
+    knn_score_from_similarities,
+)
 from detector_server.preprocess import PreprocessSpec, prepare_arrays
 
 SPEC = PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -160,3 +166,9 @@ def test_scorer_rejects(feats):
         scorer.score(feats["query"].astype(np.float64))
     with pytest.raises(InputError, match="sims"):
         knn_score_from_similarities(np.ones(3, np.float32))
+
+
+def test_default_k():
+    """CIDER's K (300 above 10 classes, else 100), never more than the bank holds."""
+    assert default_k(10, 50_000) == 100 and default_k(100, 50_000) == 300
+    assert default_k(10, 40) == 40 and default_k(11, 299) == 299

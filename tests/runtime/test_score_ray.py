@@ -5,6 +5,7 @@ test_score_folder.py; skipped when Ray Data is not installed (the optional [ray]
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -20,8 +21,15 @@ from detector_server.score_folder import score_folder
 from detector_server.score_table import read_rows
 
 
+def _require_ray() -> None:
+    """Skip without Ray, without importing it: the engine must be the first to import ray, so that
+    the local instance it starts listens on loopback only (see score_ray._import_ray)."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip('Ray Data not installed (pip install "reweightood[ray]")')
+
+
 def test_ray_engine_rows_equal_local_engine(tiny_bundle, shared_data, tmp_path):
-    pytest.importorskip("ray.data", reason='Ray Data not installed (pip install "reweightood[ray]")')
+    _require_ray()
     folder = make_mixed_folder(tmp_path, shared_data)
     local_out, ray_out = tmp_path / "local.csv", tmp_path / "ray.jsonl"
     score_folder(tiny_bundle, folder, local_out, recursive=True, workers=0, progress=False)
@@ -58,7 +66,7 @@ def test_both_engines_apply_the_same_read_guards(tiny_bundle, shared_data, tmp_p
 
     The Ray engine used to read whole files with Ray Data's read_binary_files: a 1 GiB file was
     read into memory and then failed to decode, with another error than the local engine's."""
-    pytest.importorskip("ray.data", reason='Ray Data not installed (pip install "reweightood[ray]")')
+    _require_ray()
     src = tmp_path / "in"
     src.mkdir()
     cifar = np.load(shared_data / "cifar10_test.npz")["images"]
@@ -82,3 +90,71 @@ def test_both_engines_apply_the_same_read_guards(tiny_bundle, shared_data, tmp_p
     for p in ("ok.png", odd):
         assert ray_rows[p].error == local[p].error == ""
         assert abs(ray_rows[p].score - local[p].score) <= 1e-6
+
+
+def _descendants(pid: int) -> set[int]:
+    """Process ids below `pid` (from /proc: Ray's gcs_server, raylet and workers)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _listening_addresses(pids: set[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of TCP sockets `pids` listen on."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:        # 0A: LISTEN
+                out.append(cols[1].split(":")[0])
+    return out
+
+
+def _is_loopback(hex_addr: str) -> bool:
+    if len(hex_addr) == 8:                                   # IPv4, little-endian: 127.x.x.x
+        return hex_addr.endswith("7F")
+    return (hex_addr == "00000000000000000000000001000000"   # ::1
+            or (hex_addr.startswith("0000000000000000FFFF0000") and hex_addr.endswith("7F")))
+
+
+def test_local_ray_listens_on_loopback_only(tiny_bundle, tmp_path):
+    """A Ray instance the engine starts itself serves only this machine: every socket its
+    processes listen on is bound to 127.0.0.1 (Ray otherwise binds the host's address and all
+    interfaces)."""
+    _require_ray()
+    from detector_server.bundle import load_bundle
+    from detector_server.score_ray import iter_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("RAY_ADDRESS names a cluster: the engine does not start a local Ray")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(src / f"{i}.png")
+    batches = iter_ray(load_bundle(tiny_bundle, verify_model=False), src, ["0.png", "1.png"],
+                       batch_size=1, workers=1, device="cpu", max_pixels=1 << 20)
+    try:
+        next(batches)                                        # Ray is up while the engine runs
+        addresses = _listening_addresses(_descendants(os.getpid()))
+    finally:
+        batches.close()
+    assert addresses, "found no listening socket of the Ray processes"
+    assert [a for a in addresses if not _is_loopback(a)] == []

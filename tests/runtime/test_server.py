@@ -4,8 +4,10 @@ reflection, metrics, loading state, configuration errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
+import socket
 import threading
 import time
 import urllib.request
@@ -17,12 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from detector_server import server as server_mod
+from detector_server import model_host, servicer
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
+from detector_server.model_host import ModelUnavailable
 from detector_server.server import DetectorServer, ServeConfig, start_background
+from detector_server.server_metrics import ServerMetrics
 
 MAX_PIXELS = 1_000_000
 LIMITS = dict(device="cpu", threads=1, max_images=16, max_message_mb=1.0, max_pixels=MAX_PIXELS)
@@ -181,6 +185,84 @@ def test_metrics_endpoint(server, stub, images):
     assert values["rwood_serving"] == 1
 
 
+class _Context:
+    """What `servicer._handled` reads of a grpc.aio context: the time left."""
+
+    def __init__(self, remaining: float | None):
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize("raised, context, code, details", [
+    (None, _Context(None), "OK", ""),
+    (InputError("bad", field="images"), _Context(5.0), "INVALID_ARGUMENT", "field 'images': bad"),
+    (ModelUnavailable("loading"), None, "UNAVAILABLE", "loading"),
+    (TimeoutError("late"), _Context(None), "DEADLINE_EXCEEDED", "late"),
+    (RuntimeError("secret"), None, "INTERNAL", "internal error (see the server log)"),
+    (RuntimeError("secret"), _Context(5.0), "INTERNAL", "internal error (see the server log)"),
+    (asyncio.CancelledError(), _Context(0.0), "DEADLINE_EXCEEDED", ""),
+    (asyncio.CancelledError(), _Context(3.0), "CANCELLED", ""),
+    (asyncio.CancelledError(), _Context(None), "CANCELLED", ""),
+    (asyncio.CancelledError(), None, "CANCELLED", ""),    # a stream request: always CANCELLED
+])
+def test_one_bookkeeping_maps_errors_and_records_metrics(raised, context, code, details):
+    metrics = ServerMetrics()
+    inflight = []
+    cancelled = isinstance(raised, asyncio.CancelledError)
+    with pytest.raises(asyncio.CancelledError) if cancelled else contextlib.nullcontext():
+        with servicer._handled(metrics, "Score", context) as outcome:
+            inflight.append(metrics.registry.get_sample_value("rwood_inflight_requests"))
+            if raised is not None:
+                raise raised
+    assert inflight == [1.0] and metrics.registry.get_sample_value("rwood_inflight_requests") == 0
+    assert (outcome.code.name, outcome.details) == (code, details)
+    assert metrics.registry.get_sample_value(
+        "rwood_requests_total", {"method": "Score", "code": code}) == 1
+    assert metrics.registry.get_sample_value(
+        "rwood_request_latency_seconds_count", {"method": "Score"}) == 1
+
+
+def test_internal_errors_abort_a_call_and_answer_in_a_stream_that_stays_open(tiny_bundle, images,
+                                                                             monkeypatch):
+    class Broken(Detector):
+        def score_arrays(self, images):
+            raise RuntimeError("secret")
+
+    real_build = model_host.ModelHost._build_detector
+
+    def build(self):                    # breaks after the warm-up batches
+        det = real_build(self)
+        det.__class__ = Broken
+        return det
+
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
+    with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(request(images[:1]), timeout=30)
+        responses = list(stub.ScoreStream(iter([request(images[:1], "a"), request([], "b"),
+                                                request(images[1:2], "c")]), timeout=30))
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).model_version
+        sample = srv.server.metrics.registry.get_sample_value
+        counts = {(m, c): sample("rwood_requests_total", {"method": m, "code": c})
+                  for m, c in [("Score", "INTERNAL"), ("ScoreStream", "INTERNAL"),
+                               ("ScoreStream", "INVALID_ARGUMENT"), ("GetInfo", "OK")]}
+        latency = {m: sample("rwood_request_latency_seconds_count", {"method": m})
+                   for m in ("Score", "ScoreStream", "GetInfo")}
+        inflight = sample("rwood_inflight_requests")
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert e.value.details() == "internal error (see the server log)"
+    assert [(r.request_id, r.error_code, r.error) for r in responses] == [
+        ("a", grpc.StatusCode.INTERNAL.value[0], "internal error (see the server log)"),
+        ("b", grpc.StatusCode.INVALID_ARGUMENT.value[0], "field 'images': the request has no images"),
+        ("c", grpc.StatusCode.INTERNAL.value[0], "internal error (see the server log)")]
+    assert counts == {("Score", "INTERNAL"): 1, ("ScoreStream", "INTERNAL"): 2,
+                      ("ScoreStream", "INVALID_ARGUMENT"): 1, ("GetInfo", "OK"): 1}
+    assert latency == {"Score": 1, "ScoreStream": 3, "GetInfo": 1} and inflight == 0
+
+
 # ---- deadlines and loading ----------------------------------------------------------------------
 class _SlowDetector:
     """A real Detector whose batches take `delay` longer, recording each batch's size."""
@@ -212,7 +294,7 @@ def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(tiny_bun
         slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
         return slow[-1]
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
     with start_background(tiny_bundle, **LIMITS) as srv, grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
         busy = stub.Score.future(request(images[:2]), timeout=30)     # holds the model 0.5 s
@@ -232,7 +314,7 @@ def test_overload_is_shed_with_unavailable(tiny_bundle, images, monkeypatch):
         slow.append(_SlowDetector(Detector(self.bundle_path, device="cpu", threads=1), 0.5))
         return slow[-1]
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
     with start_background(tiny_bundle, max_queue_images=4, **LIMITS) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
@@ -263,13 +345,13 @@ def test_client_leaving_a_stream_mid_way_leaves_the_server_clean(server, stub, i
 
 def test_not_serving_and_unavailable_while_the_model_loads(tiny_bundle, images, monkeypatch):
     gate = threading.Event()
-    real_build = server_mod.ModelHost._build_detector
+    real_build = model_host.ModelHost._build_detector
 
     def build(self):
         assert gate.wait(30)
         return real_build(self)
 
-    monkeypatch.setattr(server_mod.ModelHost, "_build_detector", build)
+    monkeypatch.setattr(model_host.ModelHost, "_build_detector", build)
 
     async def main():
         srv = DetectorServer(tiny_bundle, ServeConfig(address="127.0.0.1:0", **LIMITS))
@@ -322,9 +404,70 @@ def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path
         start_background(tiny_bundle, auth_token_file=str(tmp_path / "empty.txt"))
 
 
-def test_address_in_use_raises_input_error(server, tiny_bundle):
+def free_port() -> int:
+    """A loopback port nobody listens on (free when this returns)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether `port` can be bound on 127.0.0.1, i.e. nothing listens on it any more."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a TIME_WAIT left over is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture()
+def busy_port():
+    """A loopback port held by a listening socket for the test's duration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture()
+def hosts(monkeypatch) -> dict[str, int]:
+    """How many ModelHosts the servers of the test created and closed."""
+    counts = {"created": 0, "closed": 0}
+    real_init, real_close = model_host.ModelHost.__init__, model_host.ModelHost.close
+
+    def init(self, *args, **kwargs):
+        counts["created"] += 1
+        real_init(self, *args, **kwargs)
+
+    async def close(self):
+        counts["closed"] += 1
+        await real_close(self)
+
+    monkeypatch.setattr(model_host.ModelHost, "__init__", init)
+    monkeypatch.setattr(model_host.ModelHost, "close", close)
+    return counts
+
+
+def test_address_in_use_raises_input_error_and_leaves_nothing_listening(server, tiny_bundle, hosts):
+    metrics_port = free_port()
     with pytest.raises(InputError, match="address"):
-        start_background(tiny_bundle, address=server.target, device="cpu", threads=1)
+        start_background(tiny_bundle, address=server.target, metrics_port=metrics_port,
+                         device="cpu", threads=1)
+    assert port_is_free(metrics_port)
+    assert hosts["created"] == hosts["closed"]
+
+
+def test_metrics_port_in_use_raises_input_error_and_leaves_nothing_listening(tiny_bundle, busy_port,
+                                                                             hosts):
+    port = free_port()
+    with pytest.raises(InputError, match="metrics_port") as e:
+        start_background(tiny_bundle, address=f"127.0.0.1:{port}", metrics_port=busy_port,
+                         device="cpu", threads=1)
+    assert str(busy_port) in str(e.value)
+    assert port_is_free(port), "the gRPC port is still bound"
+    assert hosts["created"] == hosts["closed"]
 
 
 def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
@@ -337,7 +480,7 @@ def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
 
     small = png(np.load(shared_data / "cifar10_test.npz")["images"][0])
     big = png(np.zeros((256, 256, 3), np.uint8))
-    assert server_mod._decode_inline([small])
-    assert server_mod._decode_inline([b"not an image", b""])
-    assert not server_mod._decode_inline([small] * (server_mod.INLINE_DECODE_IMAGES + 1))
-    assert not server_mod._decode_inline([big])
+    assert model_host._decode_inline([small])
+    assert model_host._decode_inline([b"not an image", b""])
+    assert not model_host._decode_inline([small] * (model_host.INLINE_DECODE_IMAGES + 1))
+    assert not model_host._decode_inline([big])

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from test_server import free_port, port_is_free
 from test_server_reload import corrupt, republish
 
 from detector_server._proto import detector_pb2 as pb
@@ -105,6 +107,21 @@ def test_bad_bundle_or_option_exits_2_with_one_line(tmp_path, args, match):
     assert p.returncode == 2
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and match in errors[0] and "Traceback" not in p.stderr
+
+
+def test_metrics_port_in_use_exits_2_with_one_line_and_leaves_nothing_listening(tiny_bundle):
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        p = subprocess.run(CLI + [str(tiny_bundle), "--address", f"127.0.0.1:{port}", "--device",
+                                  "cpu", "--threads", "1", "--metrics-port",
+                                  str(busy.getsockname()[1])],
+                           capture_output=True, text=True, env=_env(), timeout=60)
+    assert p.returncode == 2, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "metrics_port" in errors[0] and "Traceback" not in p.stderr
+    assert port_is_free(port)
 
 
 def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundle, shared_data):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from detector_server import server as server_mod
+from detector_server import server_security
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
 from detector_server.client import DetectorClient
@@ -126,8 +126,8 @@ def test_missing_or_wrong_token_is_unauthenticated(token_server, metadata, detai
 
 def test_right_token_passes_and_health_needs_none(token_server, monkeypatch):
     calls = []
-    real = server_mod.hmac.compare_digest
-    monkeypatch.setattr(server_mod.hmac, "compare_digest",
+    real = server_security.hmac.compare_digest
+    monkeypatch.setattr(server_security.hmac, "compare_digest",
                         lambda a, b: calls.append(1) or real(a, b))
     assert _info_code(token_server.target, token="s3cret-token") == grpc.StatusCode.OK
     assert calls, "the token must be compared with hmac.compare_digest (constant time)"

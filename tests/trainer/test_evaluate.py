@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from detector_server.knn import KNNScorer, build_index
 from detector_server.metrics import ood_metrics
 from detector_server.preprocess import PreprocessSpec, decode_image, to_model_array
 from trainer.embedding_quality import embedding_quality
-from trainer.evaluate import default_k, evaluate
+from trainer.evaluate import evaluate
 from trainer.mahalanobis import MahalanobisScorer
 from trainer.ood_sets import load_image_set, parse_set_arg
 
@@ -72,7 +73,7 @@ def test_rwood_eval_end_to_end_equals_direct_knn(tiny_run, small_sets, tmp_path)
         scorer = KNNScorer(build_index(f["penultimate"]), f["labels"], k=10)
     scores = {}
     for name in ("id", "mnist", "textures"):
-        images, labels = load_image_set(name, small_sets[name], info["preprocess"])
+        images, labels = load_image_set(name, small_sets[name], info.preprocess)
         emb = embed_arrays(model, images, batch_size=256)["feature"]
         scores[name], pred = scorer.score(emb)
         if name == "id":
@@ -102,6 +103,17 @@ def test_default_id_test_is_the_calibration_split(tiny_run):
         n = len(f["labels"])
     assert ev.report["settings"]["id_test"]["name"] == "calibration"
     assert ev.report["settings"]["id_test"]["n"] == n and ev.report["ood"] == {}
+
+
+def test_report_without_ood_sets_links_only_the_plots_written(tiny_run, tmp_path):
+    """No --ood: no histogram or ROC to draw, so report.md must not link them."""
+    from trainer.cli_eval import eval_main
+
+    res = CliRunner().invoke(eval_main, [str(tiny_run), "--device", "cpu", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (tmp_path / "report.md").read_text())
+    assert links == ["embedding_2d.png"] and (tmp_path / "embedding_2d.png").is_file()
+    assert not (tmp_path / "roc.png").exists() and not (tmp_path / "score_histograms.png").exists()
 
 
 def test_mahalanobis_matches_brute_force(bank):
@@ -217,19 +229,18 @@ def test_image_set_errors(tmp_path):
         load_image_set("other", tmp_path / "float.npz", SPEC)
 
 
-def test_default_k():
-    assert default_k(10, 50_000) == 100 and default_k(100, 50_000) == 300
-    assert default_k(10, 40) == 40 and default_k(100, 50_000, configured=7) == 7
-
-
 def test_evaluate_errors(tiny_run, small_sets, tmp_path):
     for kw, field in [({"postprocessor": "odin"}, "postprocessor"), ({"feature": "logits"}, "feature"),
                       ({"k": 0}, "k"), ({"batch_size": 0}, "batch_size"), ({"device": "tpu"}, "device"),
-                      ({"ood": {"id": small_sets["mnist"]}}, "ood")]:
+                      ({"ood": {"id": small_sets["mnist"]}}, "ood"), ({"k": 10**6, "device": "cpu"}, "k")]:
         with pytest.raises(InputError, match=field):
             evaluate(tiny_run, **kw)
     broken = tmp_path / "run"
     shutil.copytree(tiny_run, broken)
+    (broken / "calibration.npz").unlink()   # an npz run has no test split: the default ID set
+    with pytest.raises(DataError, match="--id-test") as e:
+        evaluate(broken, device="cpu")
+    assert e.value.path == str(broken / "calibration.npz")
     (broken / "bank.npz").unlink()
     with pytest.raises(CheckpointError, match="bank.npz"):
         evaluate(broken, device="cpu")
