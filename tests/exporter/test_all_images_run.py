@@ -26,22 +26,22 @@ N_IMAGES, BATCH, EPOCHS, WARMUP = 96, 32, 3, 1          # 3 steps per epoch, all
 
 
 @pytest.fixture(scope="module")
-def all_images_run(tmp_path_factory, cifar10_small) -> Path:
+def all_images_run(tmp_path_factory, digits_small) -> Path:
     root = tmp_path_factory.mktemp("all_images")
-    np.savez(root / "c10.npz", images=cifar10_small["images"][:N_IMAGES],
-             labels=cifar10_small["labels"][:N_IMAGES], classes=cifar10_small["classes"])
+    np.savez(root / "digits.npz", images=digits_small["images"][:N_IMAGES],
+             labels=digits_small["labels"][:N_IMAGES], classes=digits_small["classes"])
     out = root / "run"
     out.mkdir()
-    np.savez(out / "calibration.npz", images=cifar10_small["images"][:30])   # an earlier run's
+    np.savez(out / "calibration.npz", images=digits_small["images"][:30])    # an earlier run's
     torch.set_num_threads(2)
     cfg = resolve_config(overrides=dict(
-        dataset="npz", data=str(root / "c10.npz"), arch="small_cnn", epochs=EPOCHS,
+        dataset="npz", data=str(root / "digits.npz"), arch="small_cnn", epochs=EPOCHS,
         batch_size=BATCH, lr=0.05, lr_schedule="released", warmup_epochs=WARMUP,
         calibration_fraction=0.0, out=str(out), device="cpu", seed=0, log_every=1, k=10))
     return train(cfg)
 
 
-def test_every_image_is_trained_and_banked(all_images_run: Path, cifar10_small) -> None:
+def test_every_image_is_trained_and_banked(all_images_run: Path, digits_small) -> None:
     run = all_images_run
     assert not (run / "calibration.npz").exists()
     rec = json.loads((run / "config.json").read_text())
@@ -49,7 +49,7 @@ def test_every_image_is_trained_and_banked(all_images_run: Path, cifar10_small) 
     assert rec["runtime"]["steps_per_epoch"] == N_IMAGES // BATCH
     with np.load(run / "bank.npz") as bank:
         np.testing.assert_array_equal(bank["indices"], np.arange(N_IMAGES))
-        np.testing.assert_array_equal(bank["labels"], cifar10_small["labels"][:N_IMAGES])
+        np.testing.assert_array_equal(bank["labels"], digits_small["labels"][:N_IMAGES])
 
 
 def test_training_follows_the_released_schedule(all_images_run: Path) -> None:
@@ -74,9 +74,9 @@ def test_export_needs_calibration_and_says_how(all_images_run: Path, tmp_path: P
 
 
 def test_export_with_calibration_writes_a_bundle(all_images_run: Path, tmp_path: Path,
-                                                 shared_data: Path) -> None:
+                                                 id_images: np.ndarray) -> None:
     cal = tmp_path / "held_out.npz"
-    np.savez(cal, images=np.load(shared_data / "cifar10_test.npz")["images"][:200])
+    np.savez(cal, images=id_images[:200])          # digits this run never saw
     result = CliRunner().invoke(export_main, [str(all_images_run), "--out", str(tmp_path / "b"),
                                               "--calibration", str(cal), "--k", "10",
                                               "--threads", "2"])

@@ -24,6 +24,8 @@ from trainer.data import load_dataset
 
 N_TRAIN, N_TEST = 200, 100          # first rows of the pack's files (round-robin by class)
 
+pytestmark = pytest.mark.cifar_pack
+
 
 def _rows(images: np.ndarray) -> np.ndarray:
     """uint8 [N, 32, 32, 3] -> [N, 3072]: the archive's rows (1024 red, 1024 green, 1024 blue)."""
