@@ -10,6 +10,7 @@ then the embedding bank and the run record. Only rank 0 logs and writes.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import platform
@@ -48,7 +49,8 @@ from .run_dir import (
 )
 from .schedule import lr_lambda
 
-__all__ = ["train", "pick_device", "make_scheduler", "sync_batchnorm"]
+__all__ = ["train", "train_step", "build_optimizer", "make_scheduler", "sync_batchnorm",
+           "pick_device"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -92,6 +94,42 @@ def sync_batchnorm(net: nn.Module, enabled: bool, world_size: int, device: torch
                     "its own share of the batch", device.type, world_size)
         return net
     return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
+def build_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters
+    instead of a loop over them), where this torch has it."""
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True,
+                           weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def train_step(model: nn.Module, augment: nn.Module, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, y: torch.Tensor, *,
+               autocast: Any = None, channels_last: bool = True,
+               world_size: int = 1) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the loss as a tensor.
+
+    x_u8: uint8 [b, S, S, 3], y: int64 [b]. `criterion.n_views` augmented views of each image go
+    through `model` (under `autocast`, a context manager or None) as one batch [V*b, 3, S, S].
+    Nothing here waits for the device (no .item(), no host copy, no check of a tensor's value),
+    so the host can queue the next steps while the GPU works; read the loss only when logging.
+    """
+    x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])           # [V*b, 3, S, S]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else nullcontext():
+        out = model(x)[criterion.input]                                          # [V*b, D]
+    feats = out.float().view(criterion.n_views, len(y), -1).transpose(0, 1)      # [b, V, D]
+    if world_size > 1:
+        feats, y = gather_with_grad(feats), gather_no_grad(y)
+    loss = criterion(feats, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
+    optimizer.step()
+    return loss
+
 
 
 class _StopFlag:
@@ -233,8 +271,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 
     # -- optimiser and per-step schedule
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, device=device)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
 
     # -- resume: weights, optimiser, schedule, RNG and position in the epoch
@@ -280,19 +318,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
-                x_u8, y = images[rows], labels[rows]
-                x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    out = model(x)[criterion.input]                                  # [V*b, D]
-                feats = out.float().view(criterion.n_views, len(rows), -1).transpose(0, 1)  # [b, V, D]
-                if dist.world_size > 1:
-                    feats, y = gather_with_grad(feats), gather_no_grad(y)
-                loss = criterion(feats, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
-                optimizer.step()
+                loss = train_step(model, augment, criterion, optimizer, images[rows], labels[rows],
+                                  autocast=autocast, channels_last=cfg.channels_last,
+                                  world_size=dist.world_size)
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views
