@@ -1,7 +1,7 @@
 """A run trained with --calibration-fraction 0 (the benchmark presets' setting), end to end:
 
-- training uses and banks every image, writes no calibration.npz (and removes one an earlier run
-  left in the same folder, whose images would now be in the bank), and follows the released
+- training uses and banks every image, writes no calibration.npz (--force removes one an earlier
+  run left in the folder, whose images would now be in the bank), and follows the released
   learning-rate schedule step by step;
 - `rwood-export` without --calibration stops with one line saying how to give a calibration set
   (never a threshold taken from the bank); with --calibration it writes a bundle calibrated on it.
@@ -38,7 +38,7 @@ def all_images_run(tmp_path_factory, digits_small) -> Path:
         dataset="npz", data=str(root / "digits.npz"), arch="small_cnn", epochs=EPOCHS,
         batch_size=BATCH, lr=0.05, lr_schedule="released", warmup_epochs=WARMUP,
         calibration_fraction=0.0, out=str(out), device="cpu", seed=0, log_every=1, k=10))
-    return train(cfg)
+    return train(cfg, force=True)
 
 
 def test_every_image_is_trained_and_banked(all_images_run: Path, digits_small) -> None:
