@@ -10,6 +10,7 @@ from detector_server.cli_common import Command, run_cli, setup_logging
 
 from .config import PRESETS, resolve_config
 from .data import list_datasets
+from .schedule import list_schedules
 
 
 def _model_names() -> list[str]:
@@ -39,27 +40,42 @@ def _loss_names() -> list[str]:
 @click.option("--loss", type=click.Choice(_loss_names()), default=None,
               help="Objective: reweightood (default), unweighted (the paper's baseline), supcon, ce.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="Named recipe: official (authors' code), paper (paper text), "
-                   "imagenet100-finetune, demo. Flags override it.")
+              help="Named recipe; flags and --config override it (docs/presets.md lists every "
+                   "value and its source). official: the authors' released recipe (ResNet-18, lr "
+                   "0.1, batch 512, 100 epochs, their schedule, fp32, c_b -4 for every dataset, all "
+                   "training images). paper: the paper's text (lr 0.5, 500 epochs, c_b -4 CIFAR-10 / "
+                   "-2 CIFAR-100), the released schedule where the text is silent. "
+                   "imagenet100-finetune: pretrained ResNet-50, last stage only. demo: small CPU "
+                   "network.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="JSON or TOML file of settings (TrainConfig field names); flags override it.")
 @click.option("--epochs", type=int, default=None, help="Training epochs.")
 @click.option("--batch-size", type=int, default=None, help="Global batch size (images, not views).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (SGD nesterov).")
 @click.option("--weight-decay", type=float, default=None)
+@click.option("--lr-schedule", type=click.Choice(list_schedules()), default=None,
+              help="cosine (default): per-step warm-up to --lr, then cosine over the rest. "
+                   "released (official, paper): the authors' trainer, a per-epoch cosine over all "
+                   "epochs with a per-step warm-up to its epoch-10 value.")
 @click.option("--warmup-epochs", type=int, default=None,
-              help="Linear warm-up epochs (default: 10 when batch > 256, else 0).")
+              help="Warm-up epochs (default: 10 when batch > 256, else 0).")
 @click.option("--temperature", type=float, default=None, help="Loss temperature tau (0.1).")
 @click.option("--m-b", type=float, default=None, help="Negative-weight slope (5).")
-@click.option("--c-b", type=float, default=None, help="Negative-weight offset (-4; -2 for CIFAR-100).")
+@click.option("--c-b", type=float, default=None,
+              help="Negative-weight offset. Default -4, and -2 for CIFAR-100 (the paper; also "
+                   "--preset paper); --preset official uses -4 for every dataset.")
 @click.option("--m-w", type=float, default=None, help="Positive-weight slope (2).")
 @click.option("--c-w", type=float, default=None, help="Positive-weight offset (-1, authors' code).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local encoder weights file (never downloaded).")
 @click.option("--freeze-early", is_flag=True, default=None, help="Train only the last stage + head.")
-@click.option("--sync-bn", is_flag=True, default=None, help="SyncBatchNorm under torchrun.")
+@click.option("--sync-bn/--no-sync-bn", default=None,
+              help="SyncBatchNorm under torchrun on GPUs (on by default): N ranks with global "
+                   "batch B normalise like one GPU with batch B.")
 @click.option("--calibration-fraction", type=float, default=None,
-              help="Held-out share of the training set for the threshold (0.05).")
+              help="Held-out share of the training set for the threshold (0.05; 0 under official "
+                   "and paper). 0 trains on and banks every image; rwood-export then needs "
+                   "--calibration.")
 @click.option("--k", type=int, default=None, help="KNN neighbours for evaluation (100 / 300).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/default). One that already holds a run is "
@@ -74,18 +90,20 @@ def _loss_names() -> list[str]:
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic kernels: exact resume on CPU, slower on GPU.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the network.")
-@click.option("--no-amp", is_flag=True, help="Disable bf16 autocast on CUDA.")
+@click.option("--amp/--no-amp", default=None,
+              help="bf16 autocast and TF32 matmuls on CUDA (on by default; --preset official runs "
+                   "fp32, as the released trainer).")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (1).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also write TensorBoard events.")
 @click.option("--ood", multiple=True, metavar="NAME=PATH",
               help="OOD set to evaluate on at the end (repeatable): .npz, image folder, or a "
                    "torchvision root for svhn/mnist/dtd/places365.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def train_main(config_file, resume, force, ood, verbose, no_amp, compile_, **flags) -> None:
+def train_main(config_file, resume, force, ood, verbose, compile_, **flags) -> None:
     """Train a network with the ReweightOOD loss (or a baseline), then build the embedding bank.
 
     The run directory receives checkpoints/last.pt (resumable), model.pt, bank.npz,
-    calibration.npz, config.json and metrics.jsonl. Example:
+    calibration.npz (none with --calibration-fraction 0), config.json and metrics.jsonl. Example:
 
     \b
         rwood-train --dataset cifar10 --data ~/data/cifar --preset official --out runs/c10
@@ -93,7 +111,6 @@ def train_main(config_file, resume, force, ood, verbose, no_amp, compile_, **fla
     setup_logging(verbose)
     preset = flags.pop("preset")
     flags["compile"] = compile_
-    flags["amp"] = False if no_amp else None
     def go():
         from .ood_sets import parse_set_arg
         from .train import train

@@ -42,7 +42,9 @@ def _check_out(out: Path, force: bool) -> None:
               help="OOD set (repeatable): .npz, image folder, or a torchvision root for "
                    "svhn/mnist/dtd(textures)/places365/cifar10/cifar100 (never downloaded).")
 @click.option("--postprocessor", type=click.Choice(list_postprocessors()), default="knn",
-              show_default=True, help="knn: the deployed runtime's scorer; mahalanobis: MDS.")
+              show_default=True,
+              help="knn: the deployed runtime's scorer (the paper's protocol); mahalanobis: class "
+                   "means and one shared covariance, the authors' released postprocessor.")
 @click.option("--k", type=int, default=None,
               help="KNN neighbours (default: the run's k, else 300 for > 10 classes, else 100).")
 @click.option("--feature", type=click.Choice(list(FEATURE_OUTPUTS)), default="penultimate",

@@ -25,7 +25,7 @@ import numpy as np
 from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.errors import InputError
 from detector_server.knn import KNNScorer, build_index, index_to_device
-from detector_server.metrics import ood_metrics, threshold_at_tpr
+from detector_server.metrics import fpr_at_tpr_ood_positive, ood_metrics, threshold_at_tpr
 from detector_server.validate import check_int
 
 from .embedding_quality import QUALITY_NOTE, embedding_quality
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
 TPR = 0.95
-METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
+# fpr@95: ID positive (the paper's convention, the default everywhere); fpr@95_ood_positive: OOD
+# positive, the FPR@95 of OpenOOD's evaluator that the authors' released code reports.
+METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out", "fpr@95_ood_positive")
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)
 _POSTPROCESSORS: dict[str, Callable[..., Scorer]] = {}
@@ -230,7 +232,9 @@ def _report(run_dir: Path, settings: dict[str, Any], info: RunInfo,
             scores: dict[str, np.ndarray], accuracy: dict[str, float | None],
             quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The JSON report: settings, per-set metrics and their average, accuracy, quality."""
-    per_set = {n: {**ood_metrics(scores["id"], scores[n], TPR), "n": int(len(scores[n]))}
+    per_set = {n: {**ood_metrics(scores["id"], scores[n], TPR),
+                   "fpr@95_ood_positive": fpr_at_tpr_ood_positive(scores["id"], scores[n], TPR),
+                   "n": int(len(scores[n]))}
                for n in scores if n != "id"}
     average = {m: float(np.mean([v[m] for v in per_set.values()]))
                for m in METRIC_KEYS} if per_set else {}

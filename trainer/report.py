@@ -101,29 +101,45 @@ def quality_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What each column of the detection table counts (report.json keys in brackets).
+_CONVENTIONS = (
+    "- FPR@95 [`fpr@95`]: ID is the positive class (the paper's convention). The fraction of OOD "
+    "images scored at or above the threshold that keeps 95% of the ID test images.",
+    "- AUROC [`auroc`]: the same number whichever class is positive.",
+    "- AUPR-In [`aupr_in`]: ID positive. AUPR-Out [`aupr_out`]: OOD positive, on the negated "
+    "score. Both are average precision.",
+    "- FPR@95 OOD-positive [`fpr@95_ood_positive`]: OOD is the positive class (the FPR@95 of "
+    "OpenOOD's evaluator, the one the authors' released code reports). The fraction of ID images "
+    "flagged as OOD at the threshold that flags 95% of the OOD images. Do not compare it with "
+    "the first column.",
+)
+
+
 def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -> str:
     """report.md: settings, the per-set detection table with the average, accuracy, quality, and
     links to `plots` (file names beside report.md; the section is left out when there are none)."""
     s = report["settings"]
     t = s["id_test"]
+    scorer = f"**{s['postprocessor']}**" + (f" (K={s['k']})" if s["postprocessor"] == "knn" else "")
     lines = [f"# OOD evaluation of `{report['run_dir']}`", "",
-             f"ID test: **{t['name']}** ({t['n']} images, {t['source']}). Scorer: "
-             f"**{s['postprocessor']}** (K={s['k']}) on the **{s['feature']}** feature, bank of "
-             f"{s['bank_size']} training embeddings. ID is the positive class; FPR@95 is the "
-             f"fraction of OOD scored at or above the threshold keeping 95% of ID "
-             f"(threshold {report['id']['threshold@95']:.4f}). Numbers in %.", "",
-             "## Detection", "",
-             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |",
-             "|---|---|---|---|---|---|"]
+             f"ID test: **{t['name']}** ({t['n']} images, {t['source']}). Scorer: {scorer} on "
+             f"the **{s['feature']}** feature, bank of {s['bank_size']} training embeddings; a "
+             f"higher score means more in-distribution. Numbers in %.", "",
+             "## Detection", "", *_CONVENTIONS,
+             f"(The ID-positive threshold is {report['id']['threshold@95']:.4f}.)", "",
+             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ | FPR@95 OOD-positive ↓ |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in report["ood"].items():
         lines.append(f"| {name} | {m['n']} | {_pct(m['fpr@95'])} | {_pct(m['auroc'])} | "
-                     f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |")
+                     f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} | "
+                     f"{_pct(m.get('fpr@95_ood_positive'))} |")
     if report["average"]:
         a = report["average"]
         lines.append(f"| **average** | | **{_pct(a['fpr@95'])}** | **{_pct(a['auroc'])}** | "
-                     f"{_pct(a['aupr_in'])} | {_pct(a['aupr_out'])} |")
+                     f"{_pct(a['aupr_in'])} | {_pct(a['aupr_out'])} | "
+                     f"{_pct(a.get('fpr@95_ood_positive'))} |")
     else:
-        lines.append("| (no OOD sets given) | | | | | |")
+        lines.append("| (no OOD sets given) | | | | | | |")
     lines += ["", "## In-distribution accuracy", "", "| classifier | accuracy (%) |", "|---|---|"]
     lines += [f"| {name} | {_pct(acc)} |" for name, acc in report["accuracy"].items()]
     lines += ["", "## Embedding quality (bank, paper section 4.1)", "",

@@ -54,18 +54,20 @@ class RunInfo:
     preprocess: PreprocessSpec
     class_names: tuple[str, ...]
     data: dict[str, Any] = field(default_factory=dict)      # dataset, path, fingerprint, n_train, ...
+    runtime: dict[str, Any] = field(default_factory=dict)   # device, world_size, steps_per_epoch, sync_bn
     versions: dict[str, str] = field(default_factory=dict)  # python, torch, torchvision, numpy
     git_rev: str | None = None
     created: str | None = None          # ISO time the record was written
     finished: bool = False              # True once model.pt, bank.npz and calibration.npz exist
+                                        # (no calibration.npz when calibration_fraction is 0)
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's content (format and format_version first)."""
         return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
                 "finished": self.finished, "config": self.config, "model_args": self.model_args,
                 "preprocess": self.preprocess.to_dict(), "class_names": list(self.class_names),
-                "data": self.data, "versions": self.versions, "git_rev": self.git_rev,
-                "created": self.created}
+                "data": self.data, "runtime": self.runtime, "versions": self.versions,
+                "git_rev": self.git_rev, "created": self.created}
 
     @classmethod
     def from_dict(cls, d: Any, path: str | Path | None = None) -> "RunInfo":
@@ -81,7 +83,7 @@ class RunInfo:
         for key in ("config", "model_args"):
             if not isinstance(d.get(key), dict):
                 raise bad(key, "an object")
-        for key in ("data", "versions"):
+        for key in ("data", "runtime", "versions"):
             if not isinstance(d.get(key, {}), dict):
                 raise bad(key, "an object")
         names = d.get("class_names")
@@ -99,8 +101,9 @@ class RunInfo:
                                   field="preprocess") from None
         return cls(config=d["config"], model_args=d["model_args"], preprocess=spec,
                    class_names=tuple(names), data=d.get("data", {}),
-                   versions=d.get("versions", {}), git_rev=d.get("git_rev"),
-                   created=d.get("created"), finished=d.get("finished", False))
+                   runtime=d.get("runtime", {}), versions=d.get("versions", {}),
+                   git_rev=d.get("git_rev"), created=d.get("created"),
+                   finished=d.get("finished", False))
 
 
 class RunDir:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -42,9 +41,17 @@ from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distrib
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
-from .run_dir import MODEL_FILE, RunInfo, write_bank, write_calibration, write_run_info
+from .run_dir import (
+    MODEL_FILE,
+    RunInfo,
+    write_bank,
+    write_calibration,
+    write_run_info,
+)
+from .schedule import lr_lambda
 
-__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda", "RUN_ENTRIES"]
+__all__ = ["train", "train_step", "build_optimizer", "make_scheduler", "sync_batchnorm",
+           "pick_device", "RUN_ENTRIES"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -57,6 +64,37 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step LambdaLR of `cfg.lr_schedule` (trainer/schedule.py) over the whole run.
+
+    Optimizer step s (0-based, counted over the run) uses `cfg.lr * lr_lambda(s)`. Warm-up:
+    `cfg.warmup_epochs`, or when None 10 epochs for a batch above 256 and none otherwise (the
+    released trainer's rule), at most epochs - 1.
+    """
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
+    warmup = min(warmup, cfg.epochs - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, schedule=cfg.lr_schedule, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+        warmup_epochs=warmup, lr=cfg.lr, warmup_from=cfg.warmup_from,
+        min_lr_ratio=cfg.min_lr_ratio))
+
+
+def sync_batchnorm(net: nn.Module, enabled: bool, world_size: int, device: torch.device) -> nn.Module:
+    """`net` with its BatchNorm layers as SyncBatchNorm when `enabled` under DDP on GPUs, so N ranks
+    with global batch B normalise as one GPU with batch B; else `net` unchanged.
+
+    torch's SyncBatchNorm runs on GPUs only: a CPU (gloo) job keeps per-rank statistics (logged).
+    """
+    if not enabled or world_size == 1:
+        return net
+    if device.type != "cuda":
+        log.warning("sync_bn: SyncBatchNorm needs GPUs; on %s each of the %d ranks normalises over "
+                    "its own share of the batch", device.type, world_size)
+        return net
+    return nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 
 def build_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
@@ -93,17 +131,6 @@ def train_step(model: nn.Module, augment: nn.Module, criterion: nn.Module,
     optimizer.step()
     return loss
 
-
-def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
-              warmup_from: float, min_lr_ratio: float) -> float:
-    """Multiplier of `lr` at optimizer step `step`: linear warm-up from `warmup_from`, then cosine."""
-    warm = warmup_epochs * steps_per_epoch
-    total = epochs * steps_per_epoch
-    if step < warm:
-        start = warmup_from / lr
-        return start + (1.0 - start) * step / warm
-    t = (step - warm) / max(1, total - warm)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 class _StopFlag:
@@ -145,7 +172,7 @@ def _stop_requested(local: bool, world_size: int, device: torch.device, step: in
 
 
 def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
-               model_args: dict, finished: bool) -> RunInfo:
+              model_args: dict, runtime: dict, finished: bool) -> RunInfo:
     import torchvision
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
@@ -153,7 +180,7 @@ def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], da
     except (OSError, subprocess.SubprocessError):
         rev = None
     return RunInfo(config=cfg.to_dict(), model_args=model_args, preprocess=spec,
-                   class_names=tuple(class_names), data=data_info,
+                   class_names=tuple(class_names), data=data_info, runtime=runtime,
                    versions={"python": platform.python_version(), "torch": torch.__version__,
                              "torchvision": torchvision.__version__, "numpy": np.__version__},
                    git_rev=rev, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -162,7 +189,8 @@ def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], da
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
           ood: dict[str, str] | None = None) -> Path:
-    """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out.
+    """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out
+    (no calibration.npz with calibration_fraction 0: rwood-export then needs --calibration).
 
     With `resume`, continue from RUN_DIR/checkpoints/last.pt using the configuration saved there.
     Without it, a run already in cfg.out is refused (InputError) unless `force`, which deletes
@@ -198,8 +226,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = cfg.amp  # fp32 (amp off): full-precision matmuls
+        torch.backends.cudnn.allow_tf32 = True            # torch's default for convolutions
 
     # -- data: the training images live on the device as uint8; augmentation happens there too
     full = load_dataset(cfg.dataset, cfg.data, "train", cfg.image_size, cfg.download)
@@ -233,8 +261,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     except ValueError as e:
         raise InputError(str(e), field="arch") from None
     model_args = get_model_args(net)
-    if cfg.sync_bn and dist.world_size > 1:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = sync_batchnorm(net, cfg.sync_bn, dist.world_size, device)
     net = net.to(device)
     cuda = device.type == "cuda"
     if cfg.channels_last:
@@ -253,11 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, device=device)
-    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
-    warmup = min(warmup, cfg.epochs - 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-        s, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=warmup, lr=cfg.lr,
-        warmup_from=cfg.warmup_from, min_lr_ratio=cfg.min_lr_ratio))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
 
     # -- resume: weights, optimiser, schedule, RNG and position in the epoch
     start_epoch, start_step, global_step = 0, 0, 0
@@ -272,11 +295,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     data_info = {"dataset": cfg.dataset, "path": cfg.data, "source": full.source,
                  "fingerprint": fingerprint(full), "n_train": int(len(train_idx)),
                  "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
+    runtime = {"device": device.type, "world_size": dist.world_size, "steps_per_epoch": steps_per_epoch,
+               "sync_bn": any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())}
     if dist.is_main:
         _remove_run(run_dir, existing)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
-                                          False))
+                                          runtime, False))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
@@ -340,7 +365,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
                 cfg.eval_batch_size)
         write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
-                                          True))
+                                          runtime, True))
         log.info("run written to %s", run_dir)
         if ood:
             from .report import evaluate_run
@@ -358,7 +383,8 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
     write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
-    write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
+    if len(cal_idx):  # none at calibration_fraction 0: every image is trained on and banked
+        write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
 
 
 # What a run writes into its directory; --force deletes these (and nothing else) first.

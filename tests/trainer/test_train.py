@@ -342,6 +342,12 @@ def test_two_process_gloo_ddp_writes_one_run(tmp_path, data):
     assert (ck["epoch"], ck["global_step"]) == (1, 1)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["loss"])   # rank 0 logs only
+    # SyncBatchNorm is on by default; torch runs it on GPUs only, so these CPU ranks keep their own
+    # statistics, and the run record says so (trainer.train.sync_batchnorm)
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["config"]["sync_bn"] is True
+    assert rec["runtime"] == {"device": "cpu", "world_size": 2, "steps_per_epoch": 1,
+                              "sync_bn": False}
 
 
 # ------------------------------------------------------------------------------ the criterion
