@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
@@ -34,12 +33,21 @@ from .augment import Augment
 from .bank import embed_arrays
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
 from .config import TrainConfig, changed_settings, loss_kwargs
-from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
+from .data import fingerprint
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
-from .run_dir import MODEL_FILE, RunInfo, write_bank, write_calibration, write_run_info
+from .prepare import check_settings, prepare_data
+from .progress import Progress
+from .run_dir import (
+    MODEL_FILE,
+    RunInfo,
+    write_bank,
+    write_calibration,
+    write_image_hashes,
+    write_run_info,
+)
 
 __all__ = ["train", "pick_device", "lr_lambda"]
 
@@ -144,6 +152,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
+    check_settings(cfg)
     dist = init_distributed()
     device = pick_device(cfg.device, dist.local_rank)
     if dist.is_main:
@@ -157,20 +166,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # -- data: the training images live on the device as uint8; augmentation happens there too
-    full = load_dataset(cfg.dataset, cfg.data, "train", cfg.image_size, cfg.download)
-    if cfg.classes:
-        full = select_classes(full, parse_classes(cfg.classes, len(full.class_names)))
-    train_idx, cal_idx = calibration_split(full.labels, cfg.calibration_fraction, cfg.seed)
+    # -- data (trainer/prepare.py: size, classes, split, batch, normalisation, each logged); the
+    # training images live on the device as uint8 and augmentation happens there too
+    if not dist.is_main:  # one rank says what was decided
+        logging.getLogger("trainer").setLevel(logging.WARNING)
+    data = prepare_data(cfg, dist.world_size)
+    full, train_idx, cal_idx, spec = data.full, data.train_idx, data.cal_idx, data.spec
+    mean, std = spec.mean, spec.std
     num_classes = len(full.class_names)
-    if cfg.batch_size > len(train_idx):
-        raise InputError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training "
-                         "images (after the calibration split)", field="batch_size")
-    if cfg.batch_size % dist.world_size:
-        raise InputError(f"batch size {cfg.batch_size} must divide by the {dist.world_size} "
-                         "processes", field="batch_size")
-    mean, std = dataset_stats(full.images[train_idx])
-    spec = PreprocessSpec(size=int(full.images.shape[1]), mean=mean, std=std)
     images = torch.from_numpy(full.images[train_idx]).to(device)
     labels = torch.from_numpy(full.labels[train_idx]).to(device)
     local_bs = cfg.batch_size // dist.world_size
@@ -235,7 +238,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
+    saved_at: list[int] = []  # epochs of the checkpoints this call wrote
+
     def checkpoint(epoch: int, step: int) -> None:
+        _check_loss(loss.item(), epoch, step, scheduler.get_last_lr()[0], ckpt_path, saved_at)
+        saved_at.append(epoch)
         if dist.is_main:
             save_state(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
@@ -249,9 +256,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + epoch)).to(device)
             first = start_step if epoch == start_epoch else 0
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", leave=False, dynamic_ncols=True,
-                       disable=None if dist.is_main else True)  # None: off when not a TTY
+            bar = Progress(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="steps", enabled=dist.is_main, logger=log)
             t0, seen = time.perf_counter(), 0
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -272,6 +278,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views
+                if global_step % cfg.log_every == 0 or step == steps_per_epoch - 1:
+                    _check_loss(loss.item(), epoch, step, scheduler.get_last_lr()[0], ckpt_path,
+                                saved_at)   # every rank: they all see the same global loss
                 if dist.is_main and (global_step % cfg.log_every == 0 or step == steps_per_epoch - 1):
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     rec = {"epoch": epoch, "step": step, "global_step": global_step,
@@ -309,7 +318,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
         log.info("run written to %s", run_dir)
         if ood:
             from .report import evaluate_run
-            evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval")
+            evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval",
+                         progress=True)
     cleanup()
     return run_dir
 
@@ -323,7 +333,26 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
     write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
+    write_image_hashes(run_dir, full.images[train_idx])   # rwood-export refuses them as calibration
     write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
+
+
+def _check_loss(value: float, epoch: int, step: int, lr: float, ckpt_path: Path,
+                saved_at: list[int]) -> None:
+    """Stop training with an InputError when the loss is NaN or infinite: every later step would
+    only spread it through the weights. The message says which checkpoint (if any) is good."""
+    if math.isfinite(value):
+        return
+    if saved_at:
+        kept = (f"the last good checkpoint, {ckpt_path} (end of epoch {saved_at[-1]}), is kept "
+                "and was not overwritten")
+    elif ckpt_path.is_file():
+        kept = f"the checkpoint from before this call, {ckpt_path}, is kept and was not overwritten"
+    else:
+        kept = "no checkpoint had been written yet"
+    raise InputError(f"training stopped: the loss became {value} at epoch {epoch + 1} step "
+                     f"{step + 1} (learning rate {lr:.3g}); {kept}, and no final model was "
+                     "written. Lower --lr (or check the settings and the data) and train again")
 
 
 def _tensorboard(run_dir: Path):
