@@ -25,14 +25,17 @@ T = TypeVar("T")
 PROJECT_LOGGERS = ("detector_server", "trainer", "exporter", "reweightood", "bench", "__main__")
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, tag: str = "") -> None:
     """Log to stderr with a short format at INFO; `verbose` adds this project's DEBUG lines.
+    `tag` ("worker 1") goes in every line, to tell processes apart in one log.
 
     Other libraries stay at INFO either way: their DEBUG output (Pillow lists every image plugin
     it imports, hundreds of lines) says nothing about a run.
     """
+    where = f"[{tag}] " if tag else ""
     logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
+                        stream=sys.stderr)
     logging.getLogger().setLevel(logging.INFO)
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)

@@ -80,6 +80,8 @@ class Manifest:
     input_name: str = "image"
     labels_file: str = "labels.npy"
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
+    calibration_file: str | None = None  # float32 [threshold.n_samples]: the calibration images'
+                                        # scores (drift reference); None in older bundles
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
     files: dict[str, str] = field(default_factory=dict)
@@ -96,6 +98,8 @@ class Manifest:
                               field="format_version")
         for name in ("model_file", "served_file", "labels_file"):
             check_file_name(getattr(self, name), name)
+        if self.calibration_file is not None:
+            check_file_name(self.calibration_file, "calibration_file")
         check_file_name(self.index.file, "index.file")
         try:
             spec = PreprocessSpec.from_dict(self.preprocess)

@@ -7,7 +7,8 @@ behind, see detector_server.bundle.write_bundle):
 2. optionally the int8 model (`quantize`), which is then the served file;
 3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
 4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
-   runtime's exact code path), then `metrics.threshold_at_tpr`;
+   runtime's exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram;
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
 Test: tests/exporter/test_export.py.
 """
@@ -48,11 +49,12 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
+CALIBRATION_FILE = "calibration_scores.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -95,11 +97,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             training=_training_metadata(run.path, info), created=_now())
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
-        threshold = calibrate_threshold(detector.score_arrays(images).scores, cfg.tpr, source)
+        scores = detector.score_arrays(images).scores
+        threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
+        np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
         log.info("[5/5] writing the bundle")
-        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold), out,
-                     overwrite=cfg.overwrite)
+        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
+                                                calibration_file=CALIBRATION_FILE),
+                     out, overwrite=cfg.overwrite)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,

@@ -84,10 +84,14 @@ def _loss_names() -> list[str]:
                    "to give the 20 images rwood-export needs where the data allows (logged).")
 @click.option("--k", type=int, default=None, help=K_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default runs/default).")
+              help="Run directory (default runs/default). One that already holds a run is "
+                   "refused unless --resume or --force.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="auto uses CUDA when present, else CPU.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Replace the run in --out: delete its checkpoints, model, bank, metrics and "
+                   "eval report, then train from scratch.")
 @click.option("--seed", type=int, default=None)
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic kernels: exact resume on CPU, slower on GPU.")
@@ -97,7 +101,7 @@ def _loss_names() -> list[str]:
 @click.option("--tensorboard", is_flag=True, default=None, help="Also write TensorBoard events.")
 @click.option("--ood", multiple=True, metavar="NAME=PATH", help=OOD_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> None:
+def train_main(config_file, resume, force, ood, verbose, no_amp, compile_, **flags) -> None:
     """Train a network with the ReweightOOD loss (or a baseline), then build the embedding bank.
 
     The run directory receives checkpoints/last.pt (resumable), model.pt, bank.npz,
@@ -116,7 +120,7 @@ def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> 
         from .train import train
         ood_sets = dict(parse_set_arg(v) for v in ood)
         cfg = resolve_config(preset, config_file, flags)
-        return train(cfg, resume=resume, ood=ood_sets or None)
+        return train(cfg, resume=resume, force=force, ood=ood_sets or None)
 
     run_dir = run_cli(go)
     if ood:

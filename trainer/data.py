@@ -11,8 +11,9 @@ Registered datasets (`list_datasets()`):
   `download=True`, otherwise a missing folder is a DataError naming it.
 - ``npz``: a numpy file with `images` uint8 (N,H,W[,C]), `labels` int (N,), optional `classes`.
   Without `classes` the labels must be 0..C-1 with every class present and C <= `max_classes`.
-- ``folder``: an ImageFolder layout (`root/<class>/<image>`), any format Pillow decodes; class
-  index = position of the sub-folder's name in sorted order (torchvision's ImageFolder rule).
+- ``folder``: an ImageFolder layout (`root/<class>/<image>`), any format Pillow decodes; listed by
+  `detector_server.listing` (symlinks followed, loops cut, hidden entries left out); class index =
+  position of the sub-folder's name in sorted order (torchvision's ImageFolder rule).
 
 Input size when none is given (`choose_image_size`): the native size of the dataset (digits and
 CIFAR 32; an npz its arrays' shorter side); for a folder the shorter side of its smallest image, at
@@ -21,16 +22,19 @@ most 224 (ImageNet's); never below 32 (the networks need 28). Logged with the re
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import zipfile
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from detector_server.errors import DataError, InputError
+from detector_server.listing import IMAGE_EXTENSIONS, list_files, read_file
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 
 from .progress import Progress
@@ -281,45 +285,43 @@ def _unnamed_classes(labels: np.ndarray, max_classes: int, where: str) -> list[s
 def _ranges(values: np.ndarray) -> str:
     """Sorted distinct ints as runs: [0, 1, 2, 9] -> "0-2, 9"."""
     vals = [int(v) for v in values]
-    parts, start, prev = [], vals[0], vals[0]
-    for v in vals[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ", ".join(parts)
-
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+    runs = [[v for _, v in g] for _, g in groupby(enumerate(vals), key=lambda iv: iv[1] - iv[0])]
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def read_folder(root: str | Path, size: int | None) -> ImageArrays:
     """Read ImageFolder layout `root/<class>/**/<image>`; class index = position of the folder
-    name in sorted order (torchvision's rule). size None: the shorter side of the smallest image,
-    at most PHOTO_SIZE (read from the file headers first)."""
+    name in sorted order (torchvision's rule). `root` is walked once by
+    `detector_server.listing.list_files` (symlinked folders followed, each real folder once, so a
+    link back up cannot feed one class another's images; an entry that cannot be read is skipped
+    with a warning); its image files (by `IMAGE_EXTENSIONS`) below a class folder are read. An
+    image that does not decode is a DataError naming it. size None: the shorter side of the
+    smallest image, at most PHOTO_SIZE (read from the file headers first)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("folder not found", path=str(root))
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError("expected one sub-folder per class (ROOT/<class>/<images>)", path=str(root))
-    listed = [(label, f) for label, name in enumerate(classes)
-              for f in sorted((root / name).rglob("*"))
-              if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file()]
-    if not listed:
+    index = {name: i for i, name in enumerate(classes)}
+    listed = [(index[name], rel) for rel in list_files(root, suffixes=IMAGE_EXTENSIONS,
+                                                       hidden=False).files
+              for name, sep, _ in [rel.partition("/")] if sep and name in index]
+    if not listed:   # (files beside the class folders are no class's)
         raise DataError("no image files found under the class folders", path=str(root))
     if size is None:
-        size = choose_image_size([_shorter_side(f) for _, f in listed],
+        size = choose_image_size([_shorter_side(root / rel) for _, rel in listed],
                                  f"the shorter side of the smallest of the {len(listed)} images "
                                  f"in {root}", cap=PHOTO_SIZE)
     images, spec = [], _spec(size)
-    for _, f in Progress(listed, desc=f"reading {root}", unit="images", logger=log):
+    for _, rel in Progress(listed, desc=f"reading {root}", unit="images", logger=log):
+        f = root / rel
         try:
-            images.append(to_model_array(decode_image(f.read_bytes()), spec))
+            images.append(to_model_array(decode_image(read_file(f)), spec))
+        except OSError as e:
+            raise DataError(f"cannot read: {e.strerror}", path=str(f)) from None
         except InputError as e:
-            raise DataError(str(e).split(": ", 1)[-1], path=str(f)) from None
+            raise DataError(e.message, path=str(f)) from None
     labels = np.asarray([label for label, _ in listed], dtype=np.int64)
     return ImageArrays(np.stack(images), labels, classes, str(root))
 
@@ -329,8 +331,10 @@ def _shorter_side(f: Path) -> int:
     from PIL import Image
 
     try:
-        with Image.open(f) as img:
+        with Image.open(io.BytesIO(read_file(f))) as img:
             return min(img.size)
+    except OSError as e:
+        raise DataError(f"cannot read: {e.strerror or e}", path=str(f)) from None
     except Exception as e:  # PIL raises many types for files it cannot identify
         raise DataError(f"cannot read the image header: {type(e).__name__}", path=str(f)) from None
 

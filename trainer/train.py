@@ -10,10 +10,13 @@ then the embedding bank and the run record. Only rank 0 logs and writes.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
+import os
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -49,7 +52,7 @@ from .run_dir import (
     write_run_info,
 )
 
-__all__ = ["train", "pick_device", "lr_lambda"]
+__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda", "RUN_ENTRIES"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -62,6 +65,41 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def build_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters
+    instead of a loop over them), where this torch has it."""
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True,
+                           weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def train_step(model: nn.Module, augment: nn.Module, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, y: torch.Tensor, *,
+               autocast: Any = None, channels_last: bool = True,
+               world_size: int = 1) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the loss as a tensor.
+
+    x_u8: uint8 [b, S, S, 3], y: int64 [b]. `criterion.n_views` augmented views of each image go
+    through `model` (under `autocast`, a context manager or None) as one batch [V*b, 3, S, S].
+    Nothing here waits for the device (no .item(), no host copy, no check of a tensor's value),
+    so the host can queue the next steps while the GPU works; read the loss only when logging.
+    """
+    x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])           # [V*b, 3, S, S]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else nullcontext():
+        out = model(x)[criterion.input]                                          # [V*b, D]
+    feats = out.float().view(criterion.n_views, len(y), -1).transpose(0, 1)      # [b, V, D]
+    if world_size > 1:
+        feats, y = gather_with_grad(feats), gather_no_grad(y)
+    loss = criterion(feats, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
+    optimizer.step()
+    return loss
 
 
 def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
@@ -130,17 +168,23 @@ def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], da
                    finished=finished)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
+          ood: dict[str, str] | None = None) -> Path:
     """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out.
 
     With `resume`, continue from RUN_DIR/checkpoints/last.pt using the configuration saved there.
-    With `ood` ({name: path}), evaluate OOD detection at the end (report in RUN_DIR/eval).
-    Returns the run directory.
+    Without it, a run already in cfg.out is refused (InputError) unless `force`, which deletes
+    its files (`RUN_ENTRIES`) before training. With `ood` ({name: path}), evaluate OOD detection
+    at the end (report in RUN_DIR/eval). Returns the run directory.
     """
-    # -- set-up: distributed, device, seeds
+    # -- set-up: the run directory, distributed, device, seeds
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = None
+    existing = [] if resume else _run_entries(run_dir)
+    if existing and not force:
+        raise InputError(f"already holds a run ({', '.join(existing)}): pass --resume to continue "
+                         "it, --force to replace it, or another --out", path=run_dir)
     if resume:
         if not ckpt_path.is_file():
             raise CheckpointError("--resume given but there is no checkpoint to resume from",
@@ -210,8 +254,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 
     # -- optimiser and per-step schedule
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, device=device)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
     warmup = min(warmup, cfg.epochs - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
@@ -232,6 +276,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                  "fingerprint": fingerprint(full), "n_train": int(len(train_idx)),
                  "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
     if dist.is_main:
+        _remove_run(run_dir, existing)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
                                           False))
@@ -262,29 +307,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
-                x_u8, y = images[rows], labels[rows]
-                x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    out = model(x)[criterion.input]                                  # [V*b, D]
-                feats = out.float().view(criterion.n_views, len(rows), -1).transpose(0, 1)  # [b, V, D]
-                if dist.world_size > 1:
-                    feats, y = gather_with_grad(feats), gather_no_grad(y)
-                loss = criterion(feats, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
-                optimizer.step()
+                loss = train_step(model, augment, criterion, optimizer, images[rows], labels[rows],
+                                  autocast=autocast, channels_last=cfg.channels_last,
+                                  world_size=dist.world_size)
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views
-                if global_step % cfg.log_every == 0 or step == steps_per_epoch - 1:
-                    _check_loss(loss.item(), epoch, step, scheduler.get_last_lr()[0], ckpt_path,
-                                saved_at)   # every rank: they all see the same global loss
-                if dist.is_main and (global_step % cfg.log_every == 0 or step == steps_per_epoch - 1):
+                logged = global_step % cfg.log_every == 0 or step == steps_per_epoch - 1
+                if logged:  # the one host sync of a logged step; every rank checks the global loss
+                    value = loss.item()
+                    _check_loss(value, epoch, step, scheduler.get_last_lr()[0], ckpt_path, saved_at)
+                if dist.is_main and logged:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     rec = {"epoch": epoch, "step": step, "global_step": global_step,
-                           "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "views_per_s": rate}
+                           "loss": value, "lr": scheduler.get_last_lr()[0], "views_per_s": rate}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
@@ -353,6 +389,27 @@ def _check_loss(value: float, epoch: int, step: int, lr: float, ckpt_path: Path,
     raise InputError(f"training stopped: the loss became {value} at epoch {epoch + 1} step "
                      f"{step + 1} (learning rate {lr:.3g}); {kept}, and no final model was "
                      "written. Lower --lr (or check the settings and the data) and train again")
+
+
+# What a run writes into its directory; --force deletes these (and nothing else) first.
+RUN_ENTRIES = ("config.json", "checkpoints", "model.pt", "bank.npz", "bank_hashes.npy",
+               "calibration.npz", "metrics.jsonl", "eval", "tb")
+
+
+def _run_entries(run_dir: Path) -> list[str]:
+    """The entries of RUN_ENTRIES present in `run_dir` (none when it does not exist)."""
+    return [name for name in RUN_ENTRIES if os.path.lexists(run_dir / name)]
+
+
+def _remove_run(run_dir: Path, names: list[str]) -> None:
+    for name in names:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if names:
+        log.warning("--force: removed the previous run's %s from %s", ", ".join(names), run_dir)
 
 
 def _tensorboard(run_dir: Path):

@@ -68,7 +68,8 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     m = load_bundle(custom_bundle).manifest
     assert m.index.feature == "projection" and m.k == 20
     assert m.served_file == "model.int8.onnx" and m.quantization["type"] == "int8"
-    assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy"}
+    assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy",
+                            "calibration_scores.npy"}
     assert m.model_version.endswith(file_sha256(custom_bundle / "model.int8.onnx")[:12])
     t = m.threshold
     assert t.source.startswith("npz:") and t.n_samples == N_CAL
