@@ -63,8 +63,8 @@ from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
-           "check_model_io", "file_sha256", "manifest_digest", "DESCRIPTIVE_FIELDS",
-           "decision_digest", "derive_model_version", "version_name"]
+           "check_model_io", "file_sha256", "manifest_digest", "require_bundle_dir",
+           "DESCRIPTIVE_FIELDS", "decision_digest", "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 
+def require_bundle_dir(root: Path) -> None:
+    """BundleError unless `root` is a directory with a manifest; a training run directory (what
+    rwood-train writes) is named as such, with the command that makes a bundle of it."""
+    if not root.is_dir():
+        raise BundleError("bundle directory not found", path=root)
+    if os.path.lexists(root / MANIFEST_FILE):   # a link, a FIFO: load_bundle's reader refuses it
+        return
+    if (root / "config.json").is_file() and any(
+            (root / n).exists() for n in ("bank.npz", "model.pt", "checkpoints")):
+        raise BundleError("this is a training run directory (rwood-train's), not a bundle; "
+                          "rwood-serve and rwood-score take a bundle: make one with "
+                          "rwood-export RUN_DIR --out BUNDLE", path=root)
+    raise BundleError("manifest missing (not a bundle, or an unfinished export)",
+                      path=root / MANIFEST_FILE)
+
+
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -155,8 +171,7 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError("bundle directory not found", path=root)
+    require_bundle_dir(root)
     mpath = root / MANIFEST_FILE
     raw = read_json(root, MANIFEST_FILE,
                     missing="manifest missing (not a bundle, or an unfinished export)")

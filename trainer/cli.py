@@ -8,8 +8,10 @@ import click
 
 from detector_server.cli_common import Command, run_cli, setup_logging
 
-from .config import PRESETS, resolve_config
-from .data import list_datasets
+from .config import NORMALIZATIONS, PRESETS, resolve_config
+from .data import MAX_CLASSES, PHOTO_SIZE, list_datasets
+from .ood_sets import OOD_HELP
+from .run_dir import K_HELP
 from .schedule import list_schedules
 
 
@@ -33,8 +35,17 @@ def _loss_names() -> list[str]:
 @click.option("--download", is_flag=True, default=None,
               help="Allow torchvision to download CIFAR into --data (needs internet).")
 @click.option("--classes", default=None,
-              help="Train on these class indices only, e.g. '0-5' (the rest can serve as near-OOD).")
-@click.option("--image-size", type=int, default=None, help="Model input side (default: native).")
+              help="Train on these classes only: names (folder names, an npz's 'classes') or "
+                   "indices and ranges, comma-separated, e.g. 'cat,dog' or '0-5'. Index = position "
+                   "in sorted folder-name order (torchvision's ImageFolder rule) or the npz label. "
+                   "The classes kept and left out are logged; the rest can serve as near-OOD.")
+@click.option("--image-size", type=int, default=None,
+              help="Model input side in pixels. Default: the native size (digits, CIFAR: 32; an "
+                   f"npz: its images' shorter side); for a folder the shorter side of its "
+                   f"smallest image, at most {PHOTO_SIZE}; at least 32. The choice is logged.")
+@click.option("--max-classes", type=int, default=None,
+              help=f"Largest number of classes an npz without a 'classes' array may have "
+                   f"(default {MAX_CLASSES}; its labels must be 0..C-1, every class present).")
 @click.option("--arch", type=click.Choice(_model_names()), default=None,
               help="Network (default small_cnn; the official preset uses resnet18_cifar).")
 @click.option("--loss", type=click.Choice(_loss_names()), default=None,
@@ -67,16 +78,27 @@ def _loss_names() -> list[str]:
 @click.option("--m-w", type=float, default=None, help="Positive-weight slope (2).")
 @click.option("--c-w", type=float, default=None, help="Positive-weight offset (-1, authors' code).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local encoder weights file (never downloaded).")
-@click.option("--freeze-early", is_flag=True, default=None, help="Train only the last stage + head.")
+              help="Local encoder weights file, never downloaded: a PyTorch state dict as "
+                   "torch.save(model.state_dict(), PATH) writes it (e.g. torchvision's "
+                   "resnet50-11ad3fa6.pth for resnet50); {'state_dict': ...} or {'model': ...} "
+                   "wrappers and 'module.' prefixes are accepted. How many tensors were loaded "
+                   "and which were left out is logged.")
+@click.option("--freeze-early/--no-freeze-early", default=None,
+              help="Train only the last stage + head (needs --pretrained; on in "
+                   "imagenet100-finetune).")
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
+              help="Mean/std the model normalises with: imagenet (what torchvision's pretrained "
+                   "weights expect; the default with --pretrained) or data (the training set's; "
+                   "the default without).")
 @click.option("--sync-bn/--no-sync-bn", default=None,
               help="SyncBatchNorm under torchrun on GPUs (on by default): N ranks with global "
                    "batch B normalise like one GPU with batch B.")
 @click.option("--calibration-fraction", type=float, default=None,
               help="Held-out share of the training set for the threshold (0.05; 0 under official "
-                   "and paper). 0 trains on and banks every image; rwood-export then needs "
-                   "--calibration.")
-@click.option("--k", type=int, default=None, help="KNN neighbours for evaluation (100 / 300).")
+                   "and paper), per class; raised to give the 20 images rwood-export needs where "
+                   "the data allows (logged). 0 trains on and banks every image; rwood-export "
+                   "then needs --calibration.")
+@click.option("--k", type=int, default=None, help=K_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/default). One that already holds a run is "
                    "refused unless --resume or --force.")
@@ -95,15 +117,14 @@ def _loss_names() -> list[str]:
                    "fp32, as the released trainer).")
 @click.option("--checkpoint-every", type=int, default=None, help="Epochs between checkpoints (1).")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also write TensorBoard events.")
-@click.option("--ood", multiple=True, metavar="NAME=PATH",
-              help="OOD set to evaluate on at the end (repeatable): .npz, image folder, or a "
-                   "torchvision root for svhn/mnist/dtd/places365.")
+@click.option("--ood", multiple=True, metavar="NAME=PATH", help=OOD_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def train_main(config_file, resume, force, ood, verbose, compile_, **flags) -> None:
     """Train a network with the ReweightOOD loss (or a baseline), then build the embedding bank.
 
     The run directory receives checkpoints/last.pt (resumable), model.pt, bank.npz,
-    calibration.npz (none with --calibration-fraction 0), config.json and metrics.jsonl. Example:
+    bank_hashes.npy, calibration.npz (none with --calibration-fraction 0), config.json and
+    metrics.jsonl; with --ood also eval/ (the report, whose detection table is printed). Example:
 
     \b
         rwood-train --dataset cifar10 --data ~/data/cifar --preset official --out runs/c10
@@ -119,6 +140,13 @@ def train_main(config_file, resume, force, ood, verbose, compile_, **flags) -> N
         return train(cfg, resume=resume, force=force, ood=ood_sets or None)
 
     run_dir = run_cli(go)
+    if ood:
+        import json
+
+        from .report import detection_summary
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+        click.echo(detection_summary(report))
+        click.echo(f"\nreport written to {run_dir / 'eval'}")
     click.echo(f"run directory: {run_dir}")
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from detector_server.errors import InputError
+from detector_server.validate import check_number
 
 from .schedule import list_schedules
 
 __all__ = ["TrainConfig", "PRESETS", "resolve_config", "load_config_file", "loss_kwargs",
-           "default_c_b", "changed_settings"]
+           "default_c_b", "changed_settings", "NORMALIZATIONS"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,9 @@ class TrainConfig:
     dataset: str = "digits"            # digits (offline default) | cifar10 | cifar100 | folder | npz
     data: str | None = None            # npz file, image folder, or torchvision root (CIFAR)
     download: bool = False             # let torchvision download CIFAR into `data` (never implicit)
-    classes: str | None = None         # keep only these class indices, e.g. "0-5" or "0,2,4"
-    image_size: int | None = None      # model input side; None = the dataset's native size
+    classes: str | None = None         # keep only these classes: indices ("0-5", "0,2,4") or names
+    image_size: int | None = None      # model input side; None = data.choose_image_size's rule
+    max_classes: int = 1000            # labels of an npz without a `classes` array must be below this
     calibration_fraction: float = 0.05  # held-out split for the threshold: not trained on, not banked
                                        # (0: train on and bank every image; export needs --calibration)
     # --- network
@@ -38,6 +40,8 @@ class TrainConfig:
     head_dim: int = 128                # projection dimension
     pretrained: str | None = None      # local weights file for the encoder (never downloaded)
     freeze_early: bool = False         # freeze all but the last stage (ImageNet-100 fine-tuning)
+    normalize: str | None = None       # imagenet | data: mean/std the model normalises with;
+                                       # None = imagenet with pretrained weights, else data
     sync_bn: bool = True               # SyncBatchNorm under DDP on GPUs: batch statistics over the
                                        # global batch, as one GPU would compute them
     # --- objective
@@ -77,26 +81,36 @@ class TrainConfig:
         if self.c_b is None:  # every TrainConfig is complete: the loss never sees None
             object.__setattr__(self, "c_b", default_c_b(self.dataset))
         positive = ("epochs", "batch_size", "head_dim", "checkpoint_every", "log_every",
-                    "eval_batch_size")
+                    "eval_batch_size", "max_classes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"must be >= 1, got {getattr(self, name)!r}", field=name)
+        # every number must be finite: lr 1e999 (inf) would train on NaN losses
         for name in ("lr", "temperature", "warmup_from"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"must be > 0, got {getattr(self, name)!r}", field=name)
-        if not 0.0 <= self.calibration_fraction < 0.5:
+            check_number(getattr(self, name), name, above=0)
+        for name in ("m_b", "c_b", "m_w", "c_w"):
+            check_number(getattr(self, name), name)
+        check_number(self.momentum, "momentum", minimum=0, maximum=1)
+        check_number(self.weight_decay, "weight_decay", minimum=0)
+        check_number(self.min_lr_ratio, "min_lr_ratio", minimum=0, maximum=1)
+        check_number(self.crop_scale_min, "crop_scale_min", above=0, maximum=1)
+        if check_number(self.calibration_fraction, "calibration_fraction", minimum=0) >= 0.5:
             raise InputError(f"must be in [0, 0.5), got {self.calibration_fraction}",
                              field="calibration_fraction")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise InputError(f"must be in (0, 1], got {self.crop_scale_min}", field="crop_scale_min")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"expected auto, cpu or cuda, got {self.device!r}", field="device")
         if self.lr_schedule not in list_schedules():
             raise InputError(f"expected one of {', '.join(list_schedules())}, got "
                              f"{self.lr_schedule!r}", field="lr_schedule")
+        if self.normalize not in (None, *NORMALIZATIONS):
+            raise InputError(f"expected one of {', '.join(NORMALIZATIONS)}, got "
+                             f"{self.normalize!r}", field="normalize")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+NORMALIZATIONS = ("imagenet", "data")   # see TrainConfig.normalize
 
 
 # Presets. Values not named keep the TrainConfig defaults. Every value of `official` and `paper`,
@@ -193,15 +207,41 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
                    overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Build the TrainConfig: defaults < preset < config file < overrides (None values ignored)."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}            # setting -> where its value came from, for errors
     if preset is not None:
         if preset not in PRESETS:
             raise InputError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}", field="preset")
         values.update(PRESETS[preset])
+        origin.update(dict.fromkeys(PRESETS[preset], f"preset {preset}"))
     if config_file is not None:
-        values.update(load_config_file(config_file))
-    values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None},
-                              "command line"))
-    return TrainConfig(**values)
+        from_file = load_config_file(config_file)
+        values.update(from_file)
+        origin.update(dict.fromkeys(from_file, str(config_file)))
+    given = _check_keys({k: v for k, v in (overrides or {}).items() if v is not None},
+                        "command line")
+    values.update(given)
+    for key in given:
+        origin.pop(key, None)
+    try:
+        cfg = TrainConfig(**values)
+        _check_names(cfg)
+        return cfg
+    except InputError as e:  # a bad value from a file or preset: name where it came from
+        if e.path is None and e.field in origin:
+            raise InputError(e.message, path=origin[e.field], field=e.field) from None
+        raise
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """InputError naming `arch` / `loss` when they are not registered (the registries import
+    torch, so TrainConfig itself does not check them)."""
+    from .losses import list_losses
+    from .networks import list_models
+
+    for field, value, valid in (("arch", cfg.arch, list_models()), ("loss", cfg.loss, list_losses())):
+        if value not in valid:
+            raise InputError(f"unknown {field} {value!r}; valid names: {', '.join(valid)}",
+                             field=field)
 
 
 def loss_kwargs(cfg: TrainConfig) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -27,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
@@ -36,16 +36,19 @@ from .augment import Augment
 from .bank import embed_arrays
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
 from .config import TrainConfig, changed_settings, loss_kwargs
-from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
+from .data import fingerprint
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
+from .prepare import check_settings, prepare_data
+from .progress import Progress
 from .run_dir import (
     MODEL_FILE,
     RunInfo,
     write_bank,
     write_calibration,
+    write_image_hashes,
     write_run_info,
 )
 from .schedule import lr_lambda
@@ -216,6 +219,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
+    check_settings(cfg)
     dist = init_distributed()
     device = pick_device(cfg.device, dist.local_rank)
     if dist.is_main:
@@ -229,20 +233,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         torch.backends.cuda.matmul.allow_tf32 = cfg.amp  # fp32 (amp off): full-precision matmuls
         torch.backends.cudnn.allow_tf32 = True            # torch's default for convolutions
 
-    # -- data: the training images live on the device as uint8; augmentation happens there too
-    full = load_dataset(cfg.dataset, cfg.data, "train", cfg.image_size, cfg.download)
-    if cfg.classes:
-        full = select_classes(full, parse_classes(cfg.classes, len(full.class_names)))
-    train_idx, cal_idx = calibration_split(full.labels, cfg.calibration_fraction, cfg.seed)
+    # -- data (trainer/prepare.py: size, classes, split, batch, normalisation, each logged); the
+    # training images live on the device as uint8 and augmentation happens there too
+    if not dist.is_main:  # one rank says what was decided
+        logging.getLogger("trainer").setLevel(logging.WARNING)
+    data = prepare_data(cfg, dist.world_size)
+    full, train_idx, cal_idx, spec = data.full, data.train_idx, data.cal_idx, data.spec
+    mean, std = spec.mean, spec.std
     num_classes = len(full.class_names)
-    if cfg.batch_size > len(train_idx):
-        raise InputError(f"batch size {cfg.batch_size} is larger than the {len(train_idx)} training "
-                         "images (after the calibration split)", field="batch_size")
-    if cfg.batch_size % dist.world_size:
-        raise InputError(f"batch size {cfg.batch_size} must divide by the {dist.world_size} "
-                         "processes", field="batch_size")
-    mean, std = dataset_stats(full.images[train_idx])
-    spec = PreprocessSpec(size=int(full.images.shape[1]), mean=mean, std=std)
     images = torch.from_numpy(full.images[train_idx]).to(device)
     labels = torch.from_numpy(full.labels[train_idx]).to(device)
     local_bs = cfg.batch_size // dist.world_size
@@ -305,7 +303,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
+    saved_at: list[int] = []  # epochs of the checkpoints this call wrote
+
     def checkpoint(epoch: int, step: int) -> None:
+        _check_loss(loss.item(), epoch, step, scheduler.get_last_lr()[0], ckpt_path, saved_at)
+        saved_at.append(epoch)
         if dist.is_main:
             save_state(ckpt_path, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
@@ -319,9 +321,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
             order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + epoch)).to(device)
             first = start_step if epoch == start_epoch else 0
-            bar = tqdm(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", leave=False, dynamic_ncols=True,
-                       disable=None if dist.is_main else True)  # None: off when not a TTY
+            bar = Progress(range(first, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="steps", enabled=dist.is_main, logger=log)
             t0, seen = time.perf_counter(), 0
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -332,10 +333,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views
-                if dist.is_main and (global_step % cfg.log_every == 0 or step == steps_per_epoch - 1):
+                logged = global_step % cfg.log_every == 0 or step == steps_per_epoch - 1
+                if logged:  # the one host sync of a logged step; every rank checks the global loss
+                    value = loss.item()
+                    _check_loss(value, epoch, step, scheduler.get_last_lr()[0], ckpt_path, saved_at)
+                if dist.is_main and logged:
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     rec = {"epoch": epoch, "step": step, "global_step": global_step,
-                           "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "views_per_s": rate}
+                           "loss": value, "lr": scheduler.get_last_lr()[0], "views_per_s": rate}
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.3g}",
@@ -369,7 +374,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
         log.info("run written to %s", run_dir)
         if ood:
             from .report import evaluate_run
-            evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval")
+            evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval",
+                         progress=True)
     cleanup()
     return run_dir
 
@@ -383,13 +389,32 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
     write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
+    write_image_hashes(run_dir, full.images[train_idx])   # rwood-export refuses them as calibration
     if len(cal_idx):  # none at calibration_fraction 0: every image is trained on and banked
         write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
 
 
+def _check_loss(value: float, epoch: int, step: int, lr: float, ckpt_path: Path,
+                saved_at: list[int]) -> None:
+    """Stop training with an InputError when the loss is NaN or infinite: every later step would
+    only spread it through the weights. The message says which checkpoint (if any) is good."""
+    if math.isfinite(value):
+        return
+    if saved_at:
+        kept = (f"the last good checkpoint, {ckpt_path} (end of epoch {saved_at[-1]}), is kept "
+                "and was not overwritten")
+    elif ckpt_path.is_file():
+        kept = f"the checkpoint from before this call, {ckpt_path}, is kept and was not overwritten"
+    else:
+        kept = "no checkpoint had been written yet"
+    raise InputError(f"training stopped: the loss became {value} at epoch {epoch + 1} step "
+                     f"{step + 1} (learning rate {lr:.3g}); {kept}, and no final model was "
+                     "written. Lower --lr (or check the settings and the data) and train again")
+
+
 # What a run writes into its directory; --force deletes these (and nothing else) first.
-RUN_ENTRIES = ("config.json", "checkpoints", "model.pt", "bank.npz", "calibration.npz",
-               "metrics.jsonl", "eval", "tb")
+RUN_ENTRIES = ("config.json", "checkpoints", "model.pt", "bank.npz", "bank_hashes.npy",
+               "calibration.npz", "metrics.jsonl", "eval", "tb")
 
 
 def _run_entries(run_dir: Path) -> list[str]:
