@@ -135,10 +135,10 @@ def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundl
             srv.proc.send_signal(signal.SIGHUP)
             srv.wait_for(r"reload of .* refused, still serving " + re.escape(original), 30)
             assert stub.Score(request, timeout=30).model_version == original
-            republish(tiny_bundle, bundle, "after-hup")
+            after = republish(tiny_bundle, bundle, "after-hup")
             srv.proc.send_signal(signal.SIGHUP)
-            srv.wait_for(r"serving model after-hup", 30)
-            assert stub.Score(request, timeout=30).model_version == "after-hup"
+            srv.wait_for(r"serving model " + re.escape(after), 30)
+            assert stub.Score(request, timeout=30).model_version == after
     finally:
         srv.close()
 

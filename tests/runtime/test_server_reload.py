@@ -23,14 +23,18 @@ from detector_server.server import start_background
 OPTS = dict(device="cpu", threads=1)
 
 
-def republish(source: Path, bundle: Path, model_version: str) -> None:
-    """Publish `source`'s payload as a new version at `bundle` (atomic, as rwood-export does)."""
+def republish(source: Path, bundle: Path, name: str) -> str:
+    """Publish `source`'s payload at `bundle` under the version name `name` (atomic, as
+    rwood-export does); returns the new model_version ("<name>-<decision digest>")."""
     manifest = load_bundle(source).manifest
     with staging_dir(bundle) as stage:
-        for name in manifest.files:
-            shutil.copy2(source / name, stage / name)
-        write_bundle(stage, dataclasses.replace(manifest, model_version=model_version, files={}),
-                     bundle, overwrite=True)
+        for f in manifest.files:
+            shutil.copy2(source / f, stage / f)
+        write_bundle(stage, dataclasses.replace(manifest, files={}), bundle, overwrite=True,
+                     name=name)
+    version = load_bundle(bundle, verify_model=False).manifest.model_version
+    assert version.startswith(f"{name}-")
+    return version
 
 
 def corrupt(bundle: Path) -> None:
@@ -65,30 +69,30 @@ def _score(target: str, request: pb.ScoreRequest) -> pb.ScoreResponse:
 def test_reload_good_then_broken_bundle(tiny_bundle, bundle, request_, caplog):
     with start_background(bundle, metrics_port=0, **OPTS) as srv:
         first = _score(srv.target, request_)
-        republish(tiny_bundle, bundle, "v2")
+        v2 = republish(tiny_bundle, bundle, "v2")
         assert srv.reload() is True
         second = _score(srv.target, request_)
-        assert first.model_version != "v2" and second.model_version == "v2"
+        assert first.model_version != v2 and second.model_version == v2
         assert [r.score for r in second.results] == [r.score for r in first.results]
 
         corrupt(bundle)
         with caplog.at_level(logging.ERROR, logger="detector_server.server"):
             assert srv.reload() is False
-        assert any("refused" in r.getMessage() and "still serving v2" in r.getMessage()
+        assert any("refused" in r.getMessage() and f"still serving {v2}" in r.getMessage()
                    for r in caplog.records)
         third = _score(srv.target, request_)
-        assert third.model_version == "v2" and all(r.error == "" for r in third.results)
+        assert third.model_version == v2 and all(r.error == "" for r in third.results)
         metrics = srv.server.metrics.render().decode()
         assert 'rwood_reloads_total{outcome="ok"} 1.0' in metrics
         assert 'rwood_reloads_total{outcome="refused"} 1.0' in metrics
-        assert 'rwood_model_info{model_version="v2"} 1.0' in metrics
+        assert f'rwood_model_info{{model_version="{v2}"}} 1.0' in metrics
 
 
 def test_watch_reloads_a_republished_bundle(tiny_bundle, bundle, request_):
     with start_background(bundle, watch=True, watch_interval_s=0.1, **OPTS) as srv:
-        republish(tiny_bundle, bundle, "watched")
+        watched = republish(tiny_bundle, bundle, "watched")
         deadline = time.monotonic() + 20
-        while _score(srv.target, request_).model_version != "watched":
+        while _score(srv.target, request_).model_version != watched:
             assert time.monotonic() < deadline, "--watch did not reload within 20 s"
             time.sleep(0.1)
 
@@ -114,16 +118,16 @@ def test_requests_during_reloads_all_succeed(tiny_bundle, bundle, request_):
         threads = [threading.Thread(target=hammer, args=(srv.target, out)) for out in seen]
         for t in threads:
             t.start()
-        for version in ("r1", "r2"):
+        rank = {original: 0}
+        for name in ("r1", "r2"):
             time.sleep(0.2)
-            republish(tiny_bundle, bundle, version)
+            rank[republish(tiny_bundle, bundle, name)] = len(rank)
             assert srv.reload() is True
         time.sleep(0.2)
         stop.set()
         for t in threads:
             t.join(30)
     assert not failures
-    rank = {original: 0, "r1": 1, "r2": 2}
     for versions in seen:   # each client's versions only move forward, ending on the newest
         ranks = [rank[v] for v in versions]
         assert ranks == sorted(ranks) and ranks[-1] == 2
