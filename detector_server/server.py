@@ -23,6 +23,14 @@ stream and graceful `stop(grace)` natively.
 Hot reload (SIGHUP, `--watch`) builds the new Detector on a worker thread, warms it up, then swaps
 it in; a bundle that fails to load is refused with a log line and the old one keeps serving. Each
 request is scored entirely by the Detector it started with and its response names that model.
+`--watch` retries a refused reload with backoff until the bundle loads (a plain `cp` writes
+manifest.json before model.onnx); a load taking over `reload_timeout_s` is abandoned. The last
+reload's outcome is in `rwood_last_reload_ok`. SIGTERM stops the server whatever a load is doing.
+
+Limits on what clients can make the server hold (`ServeConfig`, SECURITY.md): HTTP/2 streams per
+connection (`max_streams_per_connection`), calls in all (`max_calls`, `server_guard.CallGuard`),
+request bytes held (`max_inflight_mb`), health Watch streams without a token
+(`max_health_watches`).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,8 +50,9 @@ from grpc_reflection.v1alpha import reflection
 from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
 from .errors import BundleError, InputError
-from .model_host import ModelHost
+from .model_host import ModelHost, in_daemon_thread
 from .serve_config import ServeConfig
+from .server_guard import CallGuard
 from .server_metrics import ServerMetrics
 from .server_security import BearerTokenInterceptor, read_token, server_credentials
 from .servicer import DetectorServicer
@@ -54,22 +64,36 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # "rwood.v1.Detector"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+_MAX_WATCH_BACKOFF_S = 60.0     # longest wait between two --watch retries of a refused bundle
 
 
 class _HealthServicer(health.aio.HealthServicer):
     """grpc.health.v1 whose Watch streams end when the server drains (once they have had time to
-    report NOT_SERVING), so open watches do not hold the shutdown for the whole grace period."""
+    report NOT_SERVING), so open watches do not hold the shutdown for the whole grace period.
+    At most `max_watches` Watch streams at once without credentials (`trusted(metadata)` false);
+    beyond, RESOURCE_EXHAUSTED (Check is never limited)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_watches: int, trusted: Callable[[Any], bool],
+                 metrics: ServerMetrics) -> None:
         super().__init__()
         self._closing = asyncio.Event()
+        self._max_watches, self._trusted, self._metrics = max_watches, trusted, metrics
+        self._watches = 0
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        counted = not self._trusted(context.invocation_metadata())
+        if counted and self._watches >= self._max_watches:
+            self._metrics.requests.labels("Watch", "RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many health watches (limit {self._max_watches}); "
+                                "use Check, or retry later")
+        self._watches += counted
         watch = asyncio.ensure_future(super().Watch(request, context))
         closing = asyncio.ensure_future(self._closing.wait())
         try:
             await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._watches -= counted
             closing.cancel()
             watch.cancel()
         if watch.done() and not watch.cancelled():
@@ -79,9 +103,10 @@ class _HealthServicer(health.aio.HealthServicer):
         self._closing.set()
 
 
-def _configure_health(server: grpc.aio.Server) -> _HealthServicer:
+def _configure_health(server: grpc.aio.Server, max_watches: int, trusted: Callable[[Any], bool],
+                      metrics: ServerMetrics) -> _HealthServicer:
     """Add grpc.health.v1 to `server` (set it NOT_SERVING with `_set_health` before starting)."""
-    servicer = _HealthServicer()
+    servicer = _HealthServicer(max_watches, trusted, metrics)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
 
@@ -130,12 +155,12 @@ class DetectorServer:
         if not (self.bundle_path / "manifest.json").is_file():
             raise BundleError("not a bundle directory (no manifest.json)", path=str(self.bundle_path))
         creds = server_credentials(cfg)
-        interceptors = ([BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)]
-                        if cfg.auth_token_file else [])
+        auth = (BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)
+                if cfg.auth_token_file else None)
         if cfg.metrics_port is not None:    # before gRPC: a busy metrics port leaves nothing bound
             self.metrics_port = self._start_metrics()
         try:
-            await self._start_grpc(creds, interceptors)
+            await self._start_grpc(creds, auth)
             await self._host.load()
         except BaseException:
             await self.stop(grace=0)        # closes what was started: gRPC port, host, /metrics
@@ -155,18 +180,26 @@ class DetectorServer:
             raise InputError(f"cannot listen on {host}:{port}: {reason}",
                              field="metrics_port") from None
 
-    async def _start_grpc(self, creds: grpc.ServerCredentials | None, interceptors: list) -> None:
+    async def _start_grpc(self, creds: grpc.ServerCredentials | None,
+                          auth: BearerTokenInterceptor | None) -> None:
         """Build the gRPC server (Detector, health NOT_SERVING, reflection) and the model host,
         bind the address and start answering (UNAVAILABLE until the model is loaded)."""
         cfg = self.config
+        host = self._host = ModelHost(self.bundle_path, cfg, self.metrics)
+        guard = CallGuard(cfg.max_calls, lambda: host.full, self.metrics)
         server = self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[auth, guard] if auth is not None else [guard],
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
+                     ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+                     # Fixed 64 KiB HTTP/2 windows: with BDP probing gRPC grows each stream's
+                     # window to MBs of client data buffered unread (1.1 GB for 64 streams).
+                     ("grpc.http2.bdp_probe", 0),
                      ("grpc.so_reuseport", 0)])
-        self._host = ModelHost(self.bundle_path, cfg, self.metrics)
-        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(self._host, cfg, self.metrics), server)
-        self._health = _configure_health(server)
+        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(host, cfg, self.metrics), server)
+        self._health = _configure_health(server, cfg.max_health_watches,
+                                         auth.authorized if auth is not None else lambda md: False,
+                                         self.metrics)
         await _set_health(self._health, False)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -189,29 +222,52 @@ class DetectorServer:
         return port
 
     async def reload(self) -> bool:
-        """Load the bundle again; True when the new model serves, False when it was refused."""
+        """Load the bundle again; True when the new model serves, False when it was refused or
+        took longer than reload_timeout_s (the old model keeps serving either way)."""
         if self._host is None or self._stopping:
             return False
         try:
             await self._host.load()
         except Exception as e:  # noqa: BLE001 - any failure: keep serving the old model
             old = self._host.detector
-            log.error("reload of %s refused, still serving %s: %s", self.bundle_path,
+            outcome = "timeout" if isinstance(e, TimeoutError) else "refused"
+            log.error("reload of %s %s, still serving %s: %s", self.bundle_path,
+                      "timed out" if outcome == "timeout" else "refused",
                       old.model_version if old else "nothing", e)
-            self.metrics.reloads.labels("refused").inc()
+            self.metrics.record_reload(outcome)
             return False
-        self.metrics.reloads.labels("ok").inc()
+        self.metrics.record_reload("ok")
         return True
 
     async def _watch(self) -> None:
-        last = _bundle_stamp(self.bundle_path)
+        """Reload when manifest.json changes; retry a refused reload with backoff (doubling from
+        watch_interval_s up to a minute) until the bundle loads or changes again."""
+        interval = self.config.watch_interval_s
+        served = await self._stamp()
+        failed, backoff, retry_at = None, interval, 0.0
         while True:
-            await asyncio.sleep(self.config.watch_interval_s)
-            stamp = _bundle_stamp(self.bundle_path)
-            if stamp is not None and stamp != last:
-                last = stamp
-                log.info("bundle %s changed, reloading", self.bundle_path)
-                await self.reload()
+            await asyncio.sleep(interval)
+            stamp = await self._stamp()
+            if stamp is None or stamp == served or (stamp == failed
+                                                    and time.monotonic() < retry_at):
+                continue
+            log.info("bundle %s changed, reloading", self.bundle_path)
+            if await self.reload():
+                served, failed = stamp, None
+                continue
+            backoff = interval if stamp != failed else min(2 * backoff, _MAX_WATCH_BACKOFF_S)
+            failed, retry_at = stamp, time.monotonic() + backoff
+            log.info("--watch retries %s in %.1f s", self.bundle_path, backoff)
+
+    async def _stamp(self) -> tuple[int, ...] | None:
+        """`_bundle_stamp` on a thread, so that a hung file system cannot stall the event loop;
+        None (no change seen) when it does not answer within watch_interval_s."""
+        stat = in_daemon_thread(lambda: _bundle_stamp(self.bundle_path))
+        try:
+            return await asyncio.wait_for(stat, max(self.config.watch_interval_s, 1.0))
+        except asyncio.TimeoutError:
+            log.warning("--watch: stat of %s does not answer", self.bundle_path)
+            return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace` seconds."""
@@ -247,13 +303,24 @@ class DetectorServer:
 
 
 async def _serve_until_signalled(bundle: str | os.PathLike, config: ServeConfig) -> None:
+    """Start, serve until SIGTERM/SIGINT, drain. A signal during start-up (a slow or hung bundle
+    load) stops at once; nothing a load does holds the exit (it runs on a daemon thread)."""
     server = DetectorServer(bundle, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("rwood-serve: stopping while loading")
+        starting.cancel()                       # start() closes what it opened, then re-raises
+        await asyncio.gather(starting, return_exceptions=True)
+        return
+    signalled.cancel()
+    starting.result()                           # start-up errors propagate
     log.info("rwood-serve: serving on %s:%d%s", config.address.rpartition(":")[0], server.port,
              f", metrics on {config.metrics_host}:{server.metrics_port}" if server.metrics_port else "")
     await stop.wait()

@@ -14,8 +14,13 @@ tests) in one process never collide. Metric names (all prefixed `rwood_`):
 | `rwood_batch_requests` | histogram | | requests (parts) sharing one model batch |
 | `rwood_queue_images` | gauge | | images waiting for a batch |
 | `rwood_inflight_requests` | gauge | | Score/GetInfo calls and ScoreStream requests being handled |
+| `rwood_inflight_bytes` | gauge | | bytes (image data, ids) of the requests being handled |
+| `rwood_calls_active` | gauge | | calls in progress, health checks aside (limit: `--max-calls`) |
+| `rwood_malformed_messages_total` | counter | method | request messages that do not parse |
 | `rwood_model_info` | gauge | model_version | 1 for the model being served |
-| `rwood_reloads_total` | counter | outcome | hot reloads: ok / refused |
+| `rwood_reloads_total` | counter | outcome | hot reloads: ok / refused / timeout |
+| `rwood_last_reload_ok` | gauge | | 1: the last reload served the bundle; 0: it failed (stale model) |
+| `rwood_last_reload_timestamp_seconds` | gauge | | when the last reload ended (Unix time; 0: none yet) |
 | `rwood_serving` | gauge | | 1 when serving, 0 while loading or draining |
 """
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-__all__ = ["ServerMetrics", "IMAGE_ERROR_KINDS"]
+__all__ = ["ServerMetrics", "IMAGE_ERROR_KINDS", "RELOAD_OUTCOMES"]
 
 IMAGE_ERROR_KINDS = ("empty", "undecodable", "too_large")
+RELOAD_OUTCOMES = ("ok", "refused", "timeout")
 _LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -50,22 +56,39 @@ class ServerMetrics:
                                         buckets=_BATCH_BUCKETS, registry=r)
         self.queue_images = Gauge("rwood_queue_images", "Images waiting for a batch", registry=r)
         self.inflight = Gauge("rwood_inflight_requests", "Requests being handled", registry=r)
+        self.inflight_bytes = Gauge("rwood_inflight_bytes", "Bytes of the requests being handled",
+                                    registry=r)
+        self.calls_active = Gauge("rwood_calls_active", "Calls in progress, health checks aside",
+                                  registry=r)
+        self.malformed = Counter("rwood_malformed_messages", "Request messages that do not parse",
+                                 ["method"], registry=r)
         self.model_info = Gauge("rwood_model_info", "1 for the model being served",
                                 ["model_version"], registry=r)
         self.reloads = Counter("rwood_reloads", "Hot reloads by outcome", ["outcome"], registry=r)
+        self.last_reload_ok = Gauge("rwood_last_reload_ok",
+                                    "1: the last reload served the bundle; 0: it failed", registry=r)
+        self.last_reload_time = Gauge("rwood_last_reload_timestamp_seconds",
+                                      "When the last reload ended (Unix time)", registry=r)
         self.serving = Gauge("rwood_serving", "1 when serving, 0 while loading or draining",
                              registry=r)
         for kind in IMAGE_ERROR_KINDS:      # export zeros so dashboards see every series at once
             self.image_errors.labels(kind)
         for decision in ("ood", "id"):
             self.ood_decisions.labels(decision)
-        for outcome in ("ok", "refused"):
+        for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        self.last_reload_ok.set(1)
         self._http: Any = None
 
     def observe_batch(self, n_images: int, n_requests: int) -> None:
         self.batch_size.observe(n_images)
         self.batch_requests.observe(n_requests)
+
+    def record_reload(self, outcome: str) -> None:
+        """Count a reload and expose it as the last one (`outcome` in RELOAD_OUTCOMES)."""
+        self.reloads.labels(outcome).inc()
+        self.last_reload_ok.set(1 if outcome == "ok" else 0)
+        self.last_reload_time.set_to_current_time()
 
     def set_model(self, model_version: str) -> None:
         """Mark `model_version` as the one being served (and no other)."""
