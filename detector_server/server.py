@@ -192,6 +192,10 @@ class DetectorServer:
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
                      ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+                     # Count streams open on the wire: a client's next call right after an answer
+                     # waits its turn instead of being refused (server handlers are counted by
+                     # --max-calls).
+                     ("grpc.http.overload_protection", 0),
                      # Fixed 64 KiB HTTP/2 windows: with BDP probing gRPC grows each stream's
                      # window to MBs of client data buffered unread (1.1 GB for 64 streams).
                      ("grpc.http2.bdp_probe", 0),
