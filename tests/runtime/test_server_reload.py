@@ -1,10 +1,12 @@
 """Hot reload in-process: a good bundle replaces the model, a broken one is refused and the old model
-keeps serving, --watch notices a republished bundle, requests in flight during a reload succeed."""
+keeps serving, --watch notices a republished bundle (and retries one copied manifest first, and
+follows a switched symlink), requests in flight during a reload succeed, a hung load is abandoned."""
 from __future__ import annotations
 
 import dataclasses
 import io
 import logging
+import os
 import shutil
 import threading
 import time
@@ -205,3 +207,20 @@ def test_a_hung_reload_is_abandoned_and_blocks_nothing(tiny_bundle, bundle, requ
         assert not hang.is_set() and len(builds) == 3
     finally:
         hang.set()
+
+
+def test_watch_follows_the_documented_symlink_switch(tiny_bundle, request_, tmp_path):
+    """README: serve a symlink, copy the new version beside it, rename a new link over it."""
+    root = tmp_path / "bundles"
+    root.mkdir()
+    shutil.copytree(tiny_bundle, root / "v1")
+    new_version(tiny_bundle, root / "v2", "switched")
+    (root / "served").symlink_to("v1")
+    with start_background(root / "served", watch=True, watch_interval_s=0.1, **OPTS) as srv:
+        (root / ".served.new").symlink_to("v2")
+        os.rename(root / ".served.new", root / "served")        # what `mv -T` does
+        deadline = time.monotonic() + 20
+        while _score(srv.target, request_).model_version != "switched":
+            assert time.monotonic() < deadline, "--watch did not follow the switched link"
+            time.sleep(0.1)
+        assert _metric(srv, 'rwood_reloads_total{outcome="refused"}') == 0
