@@ -107,8 +107,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
             if refused is not None:
                 self._metrics.requests.labels(method.rsplit("/", 1)[-1], refused[0].name).inc()
                 return refusal(handler, *refused)
-            self.active += 1
-            asyncio.current_task().add_done_callback(self._release)
+            task = asyncio.current_task()    # the call's task: grpc runs interceptors in it
+            if task is not None:
+                self.active += 1
+                task.add_done_callback(self._release)
         return self._parsing_safely(handler, method)
 
     def _release(self, _task: asyncio.Task) -> None:
