@@ -7,8 +7,8 @@ thread, default limits); a health Check runs every 20 ms throughout and the serv
 sampled every 50 ms. Rows:
 - jpeg: one Score request holding a 32x32 JPEG padded with 12 million empty APP1 markers (46 MiB);
 - png: one Score request holding a 32x32 PNG with 1.3 million empty chunks (15 MiB);
-- streams (reading / not reading): 200 ScoreStream calls on one connection, each writing 140 KB
-  requests (4 DTD photos) for `--seconds`, reading the answers or not.
+- streams (reading / not reading): 200 ScoreStream calls on one connection, each writing 130 KB
+  requests (4 photos) for `--seconds`, reading the answers or not.
 Prints, per row: how long the request took and its per-image error (decode attacks) or the
 requests written / answered / failed (streams), the worst health latency and the peak RSS.
 These are SECURITY.md's figures; they depend on the machine's load (printed with them).
@@ -79,7 +79,7 @@ def main() -> None:
             data = png_padded(1_300_000)
             run(bundle, "png, 1.3M empty chunks", lambda t: decode_attack(t, data), log)
         if "streams" in only:
-            request = score_request(*raw_jpeg_files(SHARED, 4))
+            request = score_request(*raw_jpeg_files(6)[2:])
             for read in (True, False):
                 run(bundle, f"{args.streams} streams, {'' if read else 'not '}reading",
                     lambda t, r=read: str(flood_streams(t, request, args.streams, args.seconds, r)),

@@ -24,11 +24,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+if TYPE_CHECKING:
+    from trainer.run_dir import RunInfo
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RWOOD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -138,7 +141,7 @@ def main() -> None:
         print(f"{k:<18} {export_s[k]:9.1f} {size:9.2f}   {detectors[k].manifest.served_file}")
 
     model, info = load_model(args.run)
-    rows = model_rows(info["model_args"]["arch"] + " (run)", model, bundles["int8"] / "model.onnx",
+    rows = model_rows(info.model_args["arch"] + " (run)", model, bundles["int8"] / "model.onnx",
                       bundles["int8"] / "model.int8.onnx", id_images, threads, args.rounds)
     for arch in args.arch:
         rows += arch_rows(arch, info, id_images, tmp, threads, args.rounds)
@@ -166,15 +169,15 @@ def main() -> None:
               f"(calibrated {100 * t.achieved_tpr:.2f}% on {t.n_samples} images, {t.source})")
 
 
-def arch_rows(arch: str, info: dict, images: np.ndarray, tmp: Path, threads: int,
+def arch_rows(arch: str, info: RunInfo, images: np.ndarray, tmp: Path, threads: int,
               rounds: int) -> list[tuple]:
     """Throughput rows for an untrained `arch` (float and int8 ONNX exported here)."""
     from exporter.onnx_export import export_onnx
     from exporter.quantize import quantize_int8
     from trainer.networks import DeployModel, create_model
-    spec = info["preprocess"]
+    spec = info.preprocess
     torch.manual_seed(0)
-    net = create_model(arch, num_classes=len(info["class_names"])).eval()
+    net = create_model(arch, num_classes=len(info.class_names)).eval()
     model = DeployModel(net, spec.mean, spec.std).eval()
     f32, i8 = tmp / f"{arch}.onnx", tmp / f"{arch}.int8.onnx"
     export_onnx(model, f32, spec.size)

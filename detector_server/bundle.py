@@ -13,6 +13,9 @@ A bundle is one flat directory:
     model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
     index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
     labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
+    calibration_scores.npy  float32 [M], the KNN scores of the M calibration images that set the
+                      threshold: the reference of the drift test and of the server's score
+                      histogram (`Manifest.calibration_file`; absent from older bundles)
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -84,6 +87,22 @@ class Bundle:
     def spec(self) -> PreprocessSpec:
         return self.manifest.spec
 
+    def calibration_scores(self) -> np.ndarray | None:
+        """The calibration images' scores, float32 [threshold.n_samples] (finite), or None for a
+        bundle exported before they were stored. BundleError naming the file when unusable."""
+        name = self.manifest.calibration_file
+        if name is None:
+            return None
+        path, n = self.path / name, self.manifest.threshold.n_samples
+        try:
+            scores = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
+        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
+                              f"{scores.dtype} {scores.shape}", path=path)
+        return scores
+
     def read_index(self) -> faiss.Index:
         """Read the FAISS index (CPU) and check its size, width and metric against the manifest."""
         path, ix = self.index_path, self.manifest.index
@@ -149,8 +168,8 @@ def _verify_files(root: Path, m: Manifest) -> None:
     mpath = root / MANIFEST_FILE
     if not isinstance(m.files, dict):
         raise BundleError("expected an object of file name -> sha256", path=mpath, field="files")
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
-        if name not in m.files:
+    for name in (m.model_file, m.served_file, m.index.file, m.labels_file, m.calibration_file):
+        if name is not None and name not in m.files:
             raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath,
                               field="files")
     for name, digest in m.files.items():
@@ -287,8 +306,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _stage_checksums(stage: Path, m: Manifest) -> dict[str, str]:
     if not stage.is_dir():
         raise BundleError("staging directory not found", path=stage)
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
-        if not (stage / name).is_file():
+    for name in (m.model_file, m.served_file, m.index.file, m.labels_file, m.calibration_file):
+        if name is not None and not (stage / name).is_file():
             raise BundleError("staged bundle lacks a file the manifest names", path=stage / name)
     files: dict[str, str] = {}
     for f in sorted(stage.iterdir()):

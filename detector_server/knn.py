@@ -21,12 +21,21 @@ from ._faiss import faiss
 from .errors import InputError
 
 __all__ = ["build_index", "knn_score_from_similarities", "index_to_device", "KNNScorer",
-           "DEFAULT_CHUNK_ROWS"]
+           "DEFAULT_CHUNK_ROWS", "default_k"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 4096  # query rows per faiss search call: bounds the [rows, K] result arrays
 _UNIT_TOL = 1e-3           # |norm - 1| allowed for a row given to build_index
+
+
+def default_k(num_classes: int, bank_size: int) -> int:
+    """K when none is configured: 300 for more than 10 classes, else 100 (CIDER's settings for
+    CIFAR-100 / CIFAR-10), capped at `bank_size` (logged). Plain integers in and out."""
+    k = 300 if num_classes > 10 else 100
+    if k > bank_size:
+        log.warning("K=%d is larger than the bank (%d rows); using K=%d", k, bank_size, bank_size)
+    return min(k, bank_size)
 
 
 def _check_embeddings(x: np.ndarray, field: str, dim: int | None = None) -> np.ndarray:

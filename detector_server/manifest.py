@@ -28,7 +28,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "Inde
 FORMAT = "reweightood-bundle"
 FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
 MANIFEST_FILE = "manifest.json"
-# Indexable feature -> the ONNX output (and bank.npz key is the feature name itself).
+# The one table of indexable features: feature name (bank.npz key, --feature, index.feature)
+# -> the model output holding it (ONNX output, DeployModel output, embed_arrays key).
 FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
 
@@ -79,6 +80,8 @@ class Manifest:
     input_name: str = "image"
     labels_file: str = "labels.npy"
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
+    calibration_file: str | None = None  # float32 [threshold.n_samples]: the calibration images'
+                                        # scores (drift reference); None in older bundles
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
     files: dict[str, str] = field(default_factory=dict)
@@ -95,6 +98,8 @@ class Manifest:
                               field="format_version")
         for name in ("model_file", "served_file", "labels_file"):
             check_file_name(getattr(self, name), name)
+        if self.calibration_file is not None:
+            check_file_name(self.calibration_file, "calibration_file")
         check_file_name(self.index.file, "index.file")
         try:
             spec = PreprocessSpec.from_dict(self.preprocess)
@@ -113,6 +118,7 @@ class Manifest:
         if not isinstance(self.model_version, str) or not self.model_version:
             raise BundleError(f"expected a non-empty string, got {self.model_version!r}",
                               field="model_version")
+        _check_json(self)
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -213,6 +219,17 @@ def _check_threshold(t: ThresholdInfo) -> None:
             raise BundleError(f"expected a number in [0, 1], got {v!r}", field=f"threshold.{name}")
     if not is_int(t.n_samples) or t.n_samples < 0:
         raise BundleError(f"expected a count, got {t.n_samples!r}", field="threshold.n_samples")
+
+
+def _check_json(m: Manifest) -> None:
+    """Every field must be strict JSON: a NaN or infinity (Python's json reads them) in a free-form
+    field such as `training` would otherwise get past the checks above and fail the checksum."""
+    for name, value in m.to_dict().items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"expected plain JSON values (no NaN or infinity): {e}",
+                              field=name) from None
 
 
 def manifest_digest(d: dict[str, Any]) -> str:

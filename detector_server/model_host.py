@@ -111,7 +111,8 @@ class ModelHost:
     """Owns the serving Detector, the decode pool and the batcher. Create and use on one event loop.
 
     `score` is the whole scoring path for encoded images; `load` builds a Detector from the bundle
-    path off the event loop and swaps it in (raising on failure, leaving the old one in place).
+    path off the event loop and swaps it in (raising on failure, leaving the old one in place);
+    `build` and `swap` are its two halves, for reloads that several processes agree on first.
     """
 
     def __init__(self, bundle: str | os.PathLike, config: ServeConfig, metrics: ServerMetrics):
@@ -127,9 +128,9 @@ class ModelHost:
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
-        # Read at scrape time, so the gauges fall back to 0 when the work drains.
-        metrics.queue_images.set_function(lambda: self._batcher.queued_images)
-        metrics.inflight_bytes.set_function(lambda: self._held_bytes)
+        # Read at scrape time (or every second with --workers), so they fall back to 0 when idle.
+        metrics.gauge_from(metrics.queue_images, lambda: self._batcher.queued_images)
+        metrics.gauge_from(metrics.inflight_bytes, lambda: self._held_bytes)
         self._load_lock = asyncio.Lock()
         self._abandoned: list[asyncio.Future] = []  # loads that timed out and may still run
 
@@ -143,31 +144,40 @@ class ModelHost:
         return det
 
     async def load(self) -> Detector:
-        """Load the bundle again and serve it; raises (BundleError, ...) and keeps the old model.
+        """Load the bundle again and serve it; raises (BundleError, TimeoutError, ...) and keeps
+        the old model."""
+        async with self._load_lock:
+            return self.swap(await self.build())
+
+    async def build(self) -> Detector:
+        """A new Detector from the bundle path, loaded and warmed up on a daemon thread but not
+        served yet; raises (BundleError, ...) when the bundle cannot be loaded.
 
         Raises TimeoutError when loading takes more than `reload_timeout_s`; the load is then
-        abandoned (its daemon thread may stay blocked, e.g. on a hung file system) and a later
-        call starts afresh. RuntimeError while MAX_HUNG_LOADS abandoned loads are still blocked.
+        abandoned (its thread may stay blocked, e.g. on a hung file system) and a later call
+        starts afresh. RuntimeError while MAX_HUNG_LOADS abandoned loads are still blocked.
         """
-        async with self._load_lock:
-            self._abandoned = [f for f in self._abandoned if not f.done()]
-            if len(self._abandoned) >= MAX_HUNG_LOADS:
-                raise RuntimeError(f"{len(self._abandoned)} earlier loads of the bundle are "
-                                   "still blocked reading it; not starting another")
-            loading = in_daemon_thread(self._build_detector)
-            try:
-                det = await asyncio.wait_for(asyncio.shield(loading), self._cfg.reload_timeout_s)
-            except asyncio.TimeoutError:
-                self._abandoned.append(loading)
-                loading.add_done_callback(_forget)
-                raise TimeoutError(f"loading took more than {self._cfg.reload_timeout_s:g} s "
-                                   "(is the bundle on a hung file system?)") from None
-            old, self.detector = self.detector, det
-            self._metrics.set_model(det.model_version)
-            log.info("serving model %s from %s (device %s, providers %s)%s", det.model_version,
-                     self.bundle_path, det.device, ",".join(det.providers),
-                     f", replacing {old.model_version}" if old is not None else "")
-            return det
+        self._abandoned = [f for f in self._abandoned if not f.done()]
+        if len(self._abandoned) >= MAX_HUNG_LOADS:
+            raise RuntimeError(f"{len(self._abandoned)} earlier loads of the bundle are still "
+                               "blocked reading it; not starting another")
+        loading = in_daemon_thread(self._build_detector)
+        try:
+            return await asyncio.wait_for(asyncio.shield(loading), self._cfg.reload_timeout_s)
+        except asyncio.TimeoutError:
+            self._abandoned.append(loading)
+            loading.add_done_callback(_forget)
+            raise TimeoutError(f"loading took more than {self._cfg.reload_timeout_s:g} s "
+                               "(is the bundle on a hung file system?)") from None
+
+    def swap(self, det: Detector) -> Detector:
+        """Serve `det` from the next request on (requests in flight finish on the old one)."""
+        old, self.detector = self.detector, det
+        self._metrics.set_model(det.model_version, det.expected_ood_ratio)
+        log.info("serving model %s from %s (device %s, providers %s)%s", det.model_version,
+                 self.bundle_path, det.device, ",".join(det.providers),
+                 f", replacing {old.model_version}" if old is not None else "")
+        return det
 
     @property
     def full(self) -> bool:
@@ -249,6 +259,9 @@ class ModelHost:
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
+            ranks = det.calibration_rank(batch.scores)
+            if ranks is not None:
+                self._metrics.observe_ranks(det.model_version, ranks)
         for message in errors.values():
             self._metrics.image_errors.labels(_error_kind(message)).inc()
         return merge_results(ids, [errors.get(i) for i in range(len(ids))], batch, det.class_names)

@@ -10,6 +10,9 @@ This module is the wiring and the lifecycle (start, reload, drain, stop). The pa
   Score request is decoded, batched and scored is described there);
 - `servicer.DetectorServicer`: protos to and from `ModelHost` calls, errors to status codes, metrics;
 - `server_security`: TLS credentials and the bearer-token interceptor;
+- `server_guard.CallGuard`: calls capped before their request is read, malformed messages;
+- `server_health`: grpc.health.v1 (Watch streams end on drain, capped without credentials);
+- `bundle_watch`: when --watch reloads, and retries a refused bundle;
 - `server_metrics.ServerMetrics`: the Prometheus metrics and their HTTP endpoint.
 
 Why grpc.aio rather than the sync server with a thread pool: on 2 cores the work that needs the GIL
@@ -28,9 +31,7 @@ manifest.json before model.onnx); a load taking over `reload_timeout_s` is aband
 reload's outcome is in `rwood_last_reload_ok`. SIGTERM stops the server whatever a load is doing.
 
 Limits on what clients can make the server hold (`ServeConfig`, SECURITY.md): HTTP/2 streams per
-connection (`max_streams_per_connection`), calls in all (`max_calls`, `server_guard.CallGuard`),
-request bytes held (`max_inflight_mb`), health Watch streams without a token
-(`max_health_watches`).
+connection, calls in all, request bytes held, health Watch streams without a token.
 """
 from __future__ import annotations
 
@@ -39,92 +40,30 @@ import logging
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
+from .bundle_watch import BundleWatch, bundle_stamp
 from .errors import BundleError, InputError
 from .model_host import ModelHost, in_daemon_thread
 from .serve_config import ServeConfig
 from .server_guard import CallGuard
+from .server_health import SERVICE_NAME, HealthServicer, configure_health, set_health
 from .server_metrics import ServerMetrics
 from .server_security import BearerTokenInterceptor, read_token, server_credentials
 from .servicer import DetectorServicer
 
 __all__ = ["ServeConfig", "serve", "start_background", "BackgroundServer", "DetectorServer",
-           "SERVICE_NAME"]
+           "SERVICE_NAME", "bundle_stamp"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # "rwood.v1.Detector"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-_MAX_WATCH_BACKOFF_S = 60.0     # longest wait between two --watch retries of a refused bundle
-
-
-class _HealthServicer(health.aio.HealthServicer):
-    """grpc.health.v1 whose Watch streams end when the server drains (once they have had time to
-    report NOT_SERVING), so open watches do not hold the shutdown for the whole grace period.
-    At most `max_watches` Watch streams at once without credentials (`trusted(metadata)` false);
-    beyond, RESOURCE_EXHAUSTED (Check is never limited)."""
-
-    def __init__(self, max_watches: int, trusted: Callable[[Any], bool],
-                 metrics: ServerMetrics) -> None:
-        super().__init__()
-        self._closing = asyncio.Event()
-        self._max_watches, self._trusted, self._metrics = max_watches, trusted, metrics
-        self._watches = 0
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        counted = not self._trusted(context.invocation_metadata())
-        if counted and self._watches >= self._max_watches:
-            self._metrics.requests.labels("Watch", "RESOURCE_EXHAUSTED").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too many health watches (limit {self._max_watches}); "
-                                "use Check, or retry later")
-        self._watches += counted
-        watch = asyncio.ensure_future(super().Watch(request, context))
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._watches -= counted
-            closing.cancel()
-            watch.cancel()
-        if watch.done() and not watch.cancelled():
-            watch.result()  # re-raise what the watch raised, if anything
-
-    def close_watches(self) -> None:
-        self._closing.set()
-
-
-def _configure_health(server: grpc.aio.Server, max_watches: int, trusted: Callable[[Any], bool],
-                      metrics: ServerMetrics) -> _HealthServicer:
-    """Add grpc.health.v1 to `server` (set it NOT_SERVING with `_set_health` before starting)."""
-    servicer = _HealthServicer(max_watches, trusted, metrics)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer
-
-
-async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE_NAME):
-        await servicer.set(name, status)
-
-
-def _bundle_stamp(bundle: Path) -> tuple[int, ...] | None:
-    """What --watch compares: manifest.json's inode, size and mtime (None while it is missing)."""
-    try:
-        st = (bundle / "manifest.json").stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class DetectorServer:
@@ -133,17 +72,23 @@ class DetectorServer:
     `await start()` binds, reports NOT_SERVING, loads the model, then reports SERVING;
     `await reload()` hot-swaps the bundle; `await stop()` drains (NOT_SERVING, refuse new,
     finish in-flight within grace_s). Use on one event loop.
+    `worker`: this server is worker N of `rwood-serve --workers` (`detector_server.worker`): it
+    binds with SO_REUSEPORT, names itself in each response's `rwood-worker` trailing metadata,
+    leaves reload counting to its supervisor and reloads in two phases (`prepare_reload`, then
+    `commit_reload` or `abort_reload`).
     """
 
-    def __init__(self, bundle: str | os.PathLike, config: ServeConfig):
+    def __init__(self, bundle: str | os.PathLike, config: ServeConfig, worker: int | None = None):
         self.bundle_path = Path(bundle)
         self.config = config
-        self.metrics = ServerMetrics()
+        self.worker = worker
+        self.metrics = ServerMetrics(reloads=worker is None)
+        self._pending: Any = None           # a prepared Detector waiting for commit_reload
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._host: ModelHost | None = None
-        self._health: _HealthServicer | None = None
+        self._health: HealthServicer | None = None
         self._watch_task: asyncio.Task | None = None
         self._stopping = False
         self.stopped = asyncio.Event()
@@ -159,16 +104,23 @@ class DetectorServer:
                 if cfg.auth_token_file else None)
         if cfg.metrics_port is not None:    # before gRPC: a busy metrics port leaves nothing bound
             self.metrics_port = self._start_metrics()
+        loaded = bundle_stamp(self.bundle_path)  # before loading: a change during it is seen
         try:
             await self._start_grpc(creds, auth)
-            await self._host.load()
+            await self._load_first()
         except BaseException:
             await self.stop(grace=0)        # closes what was started: gRPC port, host, /metrics
             raise
-        await _set_health(self._health, True)
+        await set_health(self._health, True)
         self.metrics.serving.set(1)
         if cfg.watch:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(loaded))
+
+    async def _load_first(self) -> None:
+        try:
+            await self._host.load()
+        except TimeoutError as e:       # a reload's timeout is logged; a start's is the error
+            raise BundleError(str(e), path=str(self.bundle_path)) from None
 
     def _start_metrics(self) -> int:
         """Serve /metrics on the configured host and port; InputError when it cannot listen there."""
@@ -193,18 +145,18 @@ class DetectorServer:
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
                      ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                      # Count streams open on the wire: a client's next call right after an answer
-                     # waits its turn instead of being refused (server handlers are counted by
-                     # --max-calls).
+                     # waits its turn instead of being refused (handlers: --max-calls).
                      ("grpc.http.overload_protection", 0),
                      # Fixed 64 KiB HTTP/2 windows: with BDP probing gRPC grows each stream's
                      # window to MBs of client data buffered unread (1.1 GB for 64 streams).
                      ("grpc.http2.bdp_probe", 0),
-                     ("grpc.so_reuseport", 0)])
-        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(host, cfg, self.metrics), server)
-        self._health = _configure_health(server, cfg.max_health_watches,
-                                         auth.authorized if auth is not None else lambda md: False,
-                                         self.metrics)
-        await _set_health(self._health, False)
+                     ("grpc.so_reuseport", int(self.worker is not None))])
+        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(host, cfg, self.metrics,
+                                                                worker=self.worker), server)
+        self._health = configure_health(server, cfg.max_health_watches,
+                                        auth.authorized if auth is not None else lambda md: False,
+                                        self.metrics)
+        await set_health(self._health, False)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = self._bind(server, creds)
@@ -238,37 +190,55 @@ class DetectorServer:
             log.error("reload of %s %s, still serving %s: %s", self.bundle_path,
                       "timed out" if outcome == "timeout" else "refused",
                       old.model_version if old else "nothing", e)
-            self.metrics.record_reload(outcome)
+            self.metrics.record_reload(outcome)     # a worker's: none (its supervisor counts)
             return False
         self.metrics.record_reload("ok")
         return True
 
-    async def _watch(self) -> None:
-        """Reload when manifest.json changes; retry a refused reload with backoff (doubling from
-        watch_interval_s up to a minute) until the bundle loads or changes again."""
-        interval = self.config.watch_interval_s
-        served = await self._stamp()
-        failed, backoff, retry_at = None, interval, 0.0
+    @property
+    def model_version(self) -> str | None:
+        """The version of the model being served (None before the first load)."""
+        det = self._host.detector if self._host is not None else None
+        return None if det is None else det.model_version
+
+    async def prepare_reload(self) -> str:
+        """Load and warm up the bundle again without serving it yet; returns its model version.
+        Raises (BundleError, ...) when it cannot be loaded. Follow with commit or abort."""
+        if self._host is None or self._stopping:
+            raise BundleError("the server is not running", path=str(self.bundle_path))
+        self._pending = await self._host.build()
+        return self._pending.model_version
+
+    def commit_reload(self) -> str | None:
+        """Serve the prepared model; returns the version now served."""
+        if self._pending is not None and self._host is not None:
+            self._host.swap(self._pending)
+        self._pending = None
+        return self.model_version
+
+    def abort_reload(self) -> None:
+        """Drop the prepared model; the current one keeps serving."""
+        self._pending = None
+
+    async def _watch(self, loaded: tuple[int, ...] | None) -> None:
+        """Reload when manifest.json differs from `loaded` (the stamp of the bundle served);
+        retry a refused bundle with backoff (`BundleWatch`)."""
+        watch = BundleWatch(self.config.watch_interval_s, loaded)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(watch.interval_s)
             stamp = await self._stamp()
-            if stamp is None or stamp == served or (stamp == failed
-                                                    and time.monotonic() < retry_at):
-                continue
-            log.info("bundle %s changed, reloading", self.bundle_path)
-            if await self.reload():
-                served, failed = stamp, None
-                continue
-            backoff = interval if stamp != failed else min(2 * backoff, _MAX_WATCH_BACKOFF_S)
-            failed, retry_at = stamp, time.monotonic() + backoff
-            log.info("--watch retries %s in %.1f s", self.bundle_path, backoff)
+            if watch.due(stamp):
+                log.info("bundle %s changed, reloading", self.bundle_path)
+                retry_in = watch.done(stamp, await self.reload())
+                if retry_in is not None:
+                    log.info("--watch retries %s in %.1f s", self.bundle_path, retry_in)
 
     async def _stamp(self) -> tuple[int, ...] | None:
-        """`_bundle_stamp` on a thread, so that a hung file system cannot stall the event loop;
-        None (no change seen) when it does not answer within watch_interval_s."""
-        stat = in_daemon_thread(lambda: _bundle_stamp(self.bundle_path))
+        """`bundle_stamp` on a thread, so that a hung file system cannot stall the event loop;
+        None (no change seen) when it does not answer within watch_interval_s (at least 1 s)."""
         try:
-            return await asyncio.wait_for(stat, max(self.config.watch_interval_s, 1.0))
+            return await asyncio.wait_for(in_daemon_thread(lambda: bundle_stamp(self.bundle_path)),
+                                          max(self.config.watch_interval_s, 1.0))
         except asyncio.TimeoutError:
             log.warning("--watch: stat of %s does not answer", self.bundle_path)
             return None
@@ -336,10 +306,16 @@ async def _serve_until_signalled(bundle: str | os.PathLike, config: ServeConfig)
 def serve(address: str, bundle: str | os.PathLike, **options: Any) -> None:
     """Serve `bundle` on `address` until SIGTERM or SIGINT; SIGHUP reloads the bundle.
 
-    `options` are `ServeConfig` fields (max_batch, max_wait_ms, tls_cert, ...). Must run on the
-    main thread (signal handlers). Raises InputError for bad options, BundleError for a bad bundle.
+    `options` are `ServeConfig` fields (max_batch, max_wait_ms, tls_cert, ...); with workers > 1,
+    that many processes serve the port (`detector_server.supervisor`). Must run on the main thread
+    (signal handlers). Raises InputError for bad options, BundleError for a bad bundle.
     """
     config = ServeConfig(address=address, **options)
+    if config.workers > 1:
+        from .supervisor import serve_workers  # not at the top: it imports this module
+
+        serve_workers(bundle, config, verbose=log.isEnabledFor(logging.DEBUG))
+        return
     asyncio.run(_serve_until_signalled(bundle, config))
 
 
@@ -347,6 +323,9 @@ class BackgroundServer:
     """A `DetectorServer` running on its own event-loop thread; see `start_background`."""
 
     def __init__(self, bundle: str | os.PathLike, config: ServeConfig):
+        if config.workers != 1:
+            raise InputError("a background server is one process; run rwood-serve --workers N "
+                             "for several", field="workers")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rwood-serve",
                                         daemon=True)

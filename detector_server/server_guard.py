@@ -88,7 +88,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(self, max_calls: int, is_full: Callable[[], bool], metrics: ServerMetrics):
         self._max_calls, self._is_full, self._metrics = max_calls, is_full, metrics
         self.active = 0
-        metrics.calls_active.set_function(lambda: self.active)
+        metrics.gauge_from(metrics.calls_active, lambda: self.active)
         self._malformed_log = RateLimitedLog(log)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):

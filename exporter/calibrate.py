@@ -19,30 +19,30 @@ from detector_server.bundle import ThresholdInfo
 from detector_server.errors import DataError, InputError
 from detector_server.metrics import threshold_at_tpr
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
+from trainer.run_dir import CALIBRATION_FILE, RunDir
 
-__all__ = ["load_calibration_images", "calibrate_threshold", "MIN_CALIBRATION", "RUN_CALIBRATION"]
+__all__ = ["load_calibration_images", "calibrate_threshold", "MIN_CALIBRATION"]
 
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION = 20                    # fewer images cannot place a 95% threshold at all
-RUN_CALIBRATION = "calibration.npz"
 
 
 def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
                             spec: PreprocessSpec) -> tuple[np.ndarray, str]:
     """Held-out ID images at model input: (uint8 [M, S, S, 3], source description).
 
-    calibration: None = RUN_DIR/calibration.npz; a .npz file with key `images` (uint8
-    [M, H, W(, C)], resized by `spec`); or a folder searched recursively for files Pillow reads.
+    calibration: None = the run's held-out split (`RunDir.calibration`, already at the run's
+    input size); a .npz file with key `images` (uint8 [M, H, W(, C)], resized by `spec`); or a
+    folder searched recursively for files Pillow reads.
     Raises DataError naming the path when it is missing, malformed or holds < MIN_CALIBRATION.
     """
     if calibration is None:
-        path = Path(run_dir) / RUN_CALIBRATION
-        if not path.is_file():
-            raise DataError("the run has no held-out calibration split (trained with "
-                            "calibration_fraction 0?); pass --calibration PATH with held-out "
-                            "in-distribution images", path=path)
-        images, source = _from_npz(path, spec), f"run:{RUN_CALIBRATION}"
+        run = RunDir(run_dir)
+        path = run.file(CALIBRATION_FILE)
+        images, _ = run.calibration(instead="pass --calibration PATH with held-out "
+                                            "in-distribution images")
+        source = f"run:{CALIBRATION_FILE}"
     else:
         path = Path(calibration)
         if path.is_dir():

@@ -24,7 +24,7 @@ class ExportConfig:
 
     feature: str = "penultimate"       # indexed embedding: penultimate (authors') | projection
     k: int | None = None               # KNN neighbours; None = the run's k, else
-                                       # trainer.evaluate.default_k (300 if > 10 classes, else 100)
+                                       # detector_server.knn.default_k (300 if > 10 classes, else 100)
     tpr: float = 0.95                  # the threshold keeps this fraction of calibration ID images
     calibration: str | None = None     # .npz (key images) or image folder of held-out ID images;
                                        # None = the run's calibration.npz

@@ -1,12 +1,14 @@
 """`export_bundle`: a finished training run -> a deployable bundle directory (rwood-export).
 
-Use it once a run has model.pt and bank.npz. Steps, in a hidden staging directory beside the
-output (an interrupted export leaves no bundle behind, see detector_server.bundle.write_bundle):
+Use it once a run has model.pt and bank.npz (read and checked by `trainer.run_dir.RunDir`).
+Steps, in a hidden staging directory beside the output (an interrupted export leaves no bundle
+behind, see detector_server.bundle.write_bundle):
 1. model.onnx: the run's DeployModel traced by `export_onnx`;
 2. optionally the int8 model (`quantize`), which is then the served file;
 3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
 4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
-   runtime's exact code path), then `metrics.threshold_at_tpr`;
+   runtime's exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram;
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
 Test: tests/exporter/test_export.py.
 """
@@ -36,21 +38,23 @@ from detector_server.bundle import (
     write_bundle,
 )
 from detector_server.detector import Detector
-from detector_server.errors import BundleError, CheckpointError, InputError
+from detector_server.errors import BundleError, CheckpointError
 from detector_server.knn import build_index
 from trainer.checkpoint import load_model
-from trainer.evaluate import default_k
+from trainer.run_dir import BANK_FILE, RunDir, RunInfo
+from trainer.run_dir import MODEL_FILE as RUN_MODEL_FILE
 
 from .calibrate import calibrate_threshold, load_calibration_images
 from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
+CALIBRATION_FILE = "calibration_scores.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -61,27 +65,28 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     """Export RUN_DIR as a bundle at `out`; returns `out`. Options: see `ExportConfig`.
 
     Raises CheckpointError for a run without model.pt or bank.npz (or with an inconsistent
-    bank), DataError for unusable calibration data, InputError for bad options, BundleError when
-    `out` exists (without `overwrite`) or the result fails verification.
+    bank), DataError for unusable calibration data, InputError for bad options (k beyond the
+    bank too), BundleError when `out` exists (without `overwrite`) or the result fails
+    verification. K, when not given: the run's k, else `detector_server.knn.default_k`.
     """
     cfg = ExportConfig(feature=feature, k=k, tpr=tpr, index_factory=index_factory,
                        calibration=None if calibration is None else str(calibration),
                        quantize=quantize, opset=opset, overwrite=overwrite, threads=threads)
-    run_dir, out = Path(run_dir), Path(out)
-    _check_run_dir(run_dir)
+    run, out = RunDir(run_dir), Path(out)
+    run.require(RUN_MODEL_FILE, BANK_FILE)
     if out.exists() and not cfg.overwrite:
         raise BundleError("already exists; pass --force to replace it", path=out)
-    model, info = load_model(run_dir)
-    spec, class_names = info["preprocess"], [str(c) for c in info["class_names"]]
-    emb, labels = _read_bank(run_dir / "bank.npz", cfg.feature, class_names)
-    _check_bank_width(model, spec.size, cfg.feature, emb.shape[1], run_dir / "bank.npz")
-    k = _resolve_k(cfg.k, info["config"], len(class_names), len(labels))
-    images, source = load_calibration_images(run_dir, cfg.calibration, spec)
+    model, info = load_model(run.path)
+    spec, class_names = info.preprocess, list(info.class_names)
+    emb, labels = run.bank(cfg.feature)
+    _check_bank_width(model, spec.size, cfg.feature, emb.shape[1], run.file(BANK_FILE))
+    k = run.choose_k(cfg.k, len(labels))
+    images, source = load_calibration_images(run.path, cfg.calibration, spec)
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
         _stage_index(stage, emb, labels, cfg.index_factory)
         manifest = Manifest(
-            model_version=f"{run_dir.resolve().name}-{file_sha256(stage / served)[:12]}",
+            model_version=f"{run.path.resolve().name}-{file_sha256(stage / served)[:12]}",
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
             index=IndexInfo(ntotal=len(labels), dim=int(emb.shape[1]), file=INDEX_FILE,
                             feature=cfg.feature, factory=cfg.index_factory),
@@ -89,14 +94,17 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             threshold=ThresholdInfo(0.0, cfg.tpr, 0.0, 0, "uncalibrated"),
             model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
             labels_file=LABELS_FILE, quantization=quant,
-            training=_training_metadata(run_dir, info), created=_now())
+            training=_training_metadata(run.path, info), created=_now())
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
-        threshold = calibrate_threshold(detector.score_arrays(images).scores, cfg.tpr, source)
+        scores = detector.score_arrays(images).scores
+        threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
+        np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
         log.info("[5/5] writing the bundle")
-        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold), out,
-                     overwrite=cfg.overwrite)
+        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
+                                                calibration_file=CALIBRATION_FILE),
+                     out, overwrite=cfg.overwrite)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,
@@ -130,33 +138,6 @@ def _stage_index(stage: Path, emb: np.ndarray, labels: np.ndarray, factory: str)
     np.save(stage / LABELS_FILE, labels, allow_pickle=False)
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise CheckpointError("run directory not found", path=run_dir)
-    for name, what in (("model.pt", "final model (rwood-train writes it when training ends)"),
-                       ("bank.npz", "embedding bank (rwood-train writes it after the model)")):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"no {what}; is the run finished?", path=run_dir / name)
-
-
-def _read_bank(path: Path, feature: str, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 [N, D] rows of `feature`, int64 [N] labels) from bank.npz, checked."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [key for key in (feature, "labels") if key not in f.files]
-            if missing:
-                raise CheckpointError(f"missing array(s) {missing} (keys: {f.files})", path=path)
-            emb, labels = f[feature], f["labels"]
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read the bank: {e}", path=path) from None
-    if emb.dtype != np.float32 or emb.ndim != 2 or labels.shape != (len(emb),) or not len(emb):
-        raise CheckpointError(f"expected {feature} float32 [N, D] and labels [N], got {emb.dtype} "
-                              f"{emb.shape} and {labels.shape}", path=path)
-    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(class_names):
-        raise CheckpointError(f"labels outside [0, {len(class_names)})", path=path, field="labels")
-    return emb, labels.astype(np.int64)
-
-
 @torch.no_grad()
 def _check_bank_width(model: torch.nn.Module, size: int, feature: str, width: int,
                       path: Path) -> None:
@@ -165,23 +146,13 @@ def _check_bank_width(model: torch.nn.Module, size: int, feature: str, width: in
     got = int(outs[FEATURE_OUTPUTS[feature]].shape[1])
     if got != width:
         raise CheckpointError(f"bank {feature!r} rows are {width}-d but the model's are {got}-d: "
-                              "the bank is from another model", path=path)
+                              "the bank is from another model", path=path, field=feature)
 
 
-def _resolve_k(k: int | None, run_config: dict[str, Any], num_classes: int, ntotal: int) -> int:
-    """An explicit k must fit the bank; otherwise the run's k or the evaluation default, capped."""
-    if k is not None and k > ntotal:
-        raise InputError(f"k={k} exceeds the {ntotal} rows of the bank", field="k")
-    run_k = (run_config.get("config") or {}).get("k")
-    return default_k(num_classes, ntotal, k if k is not None else run_k)
-
-
-def _training_metadata(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    cfg = info.get("config") or {}
-    return {"run_name": run_dir.resolve().name, "config": cfg.get("config"),
-            "model_args": info.get("model_args"), "data": cfg.get("data"),
-            "git_rev": cfg.get("git_rev"), "created": cfg.get("created"),
-            "versions": cfg.get("versions"),
+def _training_metadata(run_dir: Path, info: RunInfo) -> dict[str, Any]:
+    return {"run_name": run_dir.resolve().name, "config": info.config,
+            "model_args": info.model_args, "data": info.data, "git_rev": info.git_rev,
+            "created": info.created, "versions": info.versions,
             "export_versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                                 "onnxruntime": ort.__version__, "faiss": faiss.__version__}}
 

@@ -1,9 +1,10 @@
 """Checkpoints and the run directory's model file: atomic writes, safe loads, resumable state.
 
 Files are written with `detector_server.atomic` (a crash leaves the old file or the new one, never
-a torn one); use `load_state` to resume, and `load_model(run_dir)` to get the trained network back as a
-`DeployModel` for evaluation and export. Everything loads with `weights_only=True`: a checkpoint is a
-plain dict of tensors, numbers, strings and lists, never arbitrary pickled objects.
+a torn one); use `load_state` to resume, and `load_model(run_dir)` to get the trained network back as
+a `DeployModel`, with the run's `RunInfo` (`trainer.run_dir`), for evaluation and export. Everything
+loads with `weights_only=True`: a checkpoint is a plain dict of tensors, numbers, strings and lists,
+never arbitrary pickled objects.
 
 Resumable state (`RUN_DIR/checkpoints/last.pt`), a plain dict:
     format_version, model (state_dict), optimizer, scheduler, epoch (epochs finished), step (steps
@@ -13,15 +14,16 @@ Final model (`RUN_DIR/model.pt`):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from detector_server.atomic import atomic_write
-from detector_server.errors import CheckpointError
+from detector_server.errors import CheckpointError, ReweightOODError
 from detector_server.preprocess import PreprocessSpec
+
+from .run_dir import CONFIG_FILE, MODEL_FILE, RunDir
 
 __all__ = ["FORMAT_VERSION", "save_state", "load_state",
            "load_model", "rng_state", "set_rng_state"]
@@ -78,27 +80,35 @@ def _reason(e: Exception) -> str:
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Load RUN_DIR/model.pt as an eval-mode `DeployModel` (uint8 NHWC -> unit feature, projection).
 
-    Returns (model, info) where info has model_args, preprocess (PreprocessSpec), class_names and
-    the run's config.json content (empty dict when absent).
+    Returns (model, info): info is the run's `RunInfo` (config.json, flat). CheckpointError naming
+    the file and key for a missing or unreadable model.pt or config.json, and for a model.pt whose
+    model_args, preprocess or class_names differ from config.json's (a model from another run).
     """
     from .networks import DeployModel, build_from_args
 
-    run_dir = Path(run_dir)
-    path = run_dir / "model.pt"
+    run = RunDir(run_dir)
+    run.require(MODEL_FILE)
+    path = run.file(MODEL_FILE)
     state = load_state(path)
     for key in ("model", "model_args", "preprocess", "class_names"):
         if key not in state:
             raise CheckpointError("missing key", path=str(path), field=key)
-    spec = PreprocessSpec.from_dict(state["preprocess"])
+    info = run.info
+    try:
+        spec = PreprocessSpec.from_dict(state["preprocess"])
+    except (ReweightOODError, TypeError, ValueError) as e:
+        raise CheckpointError(f"unusable preprocessing: {e}", path=str(path),
+                              field="preprocess") from None
+    for key, mine, theirs in (("model_args", state["model_args"], info.model_args),
+                              ("preprocess", spec, info.preprocess),
+                              ("class_names", tuple(state["class_names"]), info.class_names)):
+        if mine != theirs:
+            raise CheckpointError(f"{mine!r} differs from {CONFIG_FILE}'s {theirs!r}: the model "
+                                  "is from another run", path=str(path), field=key)
     net = build_from_args(state["model_args"])
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit model_args: {e}", path=str(path),
                               field="model") from None
-    model = DeployModel(net, spec.mean, spec.std).to(device).eval()
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    info = {"model_args": state["model_args"], "preprocess": spec,
-            "class_names": list(state["class_names"]), "config": config}
-    return model, info
+    return DeployModel(net, spec.mean, spec.std).to(device).eval(), info

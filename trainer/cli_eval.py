@@ -5,10 +5,13 @@ from pathlib import Path
 
 import click
 
+from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.cli_common import Command, run_cli, setup_logging
 from detector_server.errors import InputError
 
+from .evaluate import list_postprocessors
 from .ood_sets import parse_set_arg
+from .report import evaluate_run, render_markdown
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
@@ -31,11 +34,11 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--ood", multiple=True, metavar="NAME=PATH",
               help="OOD set (repeatable): .npz, image folder, or a torchvision root for "
                    "svhn/mnist/dtd(textures)/places365/cifar10/cifar100 (never downloaded).")
-@click.option("--postprocessor", type=click.Choice(["knn", "mahalanobis"]), default="knn",
+@click.option("--postprocessor", type=click.Choice(list_postprocessors()), default="knn",
               show_default=True, help="knn: the deployed runtime's scorer; mahalanobis: MDS.")
 @click.option("--k", type=int, default=None,
               help="KNN neighbours (default: the run's k, else 300 for > 10 classes, else 100).")
-@click.option("--feature", type=click.Choice(["penultimate", "projection"]), default="penultimate",
+@click.option("--feature", type=click.Choice(list(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Which bank embedding is scored.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Report folder (default RUN_DIR/eval).")
@@ -51,9 +54,6 @@ def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, batch_size,
         rwood-eval runs/c10 --ood mnist=../shared/data/ood_mnist.npz \\
             --ood textures=../shared/data/ood_textures.npz --out reports/c10
     """
-    from .evaluate import evaluate_run
-    from .report import render_markdown
-
     setup_logging(verbose)
     out = out or str(Path(run_dir) / "eval")
 

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from detector_server.errors import InputError
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "load_config_file", "loss_kwargs"]
+__all__ = ["TrainConfig", "PRESETS", "resolve_config", "load_config_file", "loss_kwargs",
+           "default_c_b", "changed_settings"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TrainConfig:
     loss: str = "reweightood"          # see trainer.losses.list_losses()
     temperature: float = 0.1
     m_b: float = 5.0                   # negative weights: sigmoid(m_b * s + c_b)
-    c_b: float | None = None           # None = -4 (CIFAR-10, ImageNet-100), -2 for CIFAR-100
+    c_b: float | None = None           # None = default_c_b(dataset), filled in on construction
     m_w: float = 2.0                   # positive weights: sigmoid(-(m_w * s + c_w))
     c_w: float = -1.0                  # authors' code; the paper prints +1 (see losses.py)
     # --- optimisation (SGD nesterov, per-step cosine schedule with linear warm-up)
@@ -67,6 +68,8 @@ class TrainConfig:
     k: int | None = None               # KNN neighbours; None = 300 if > 10 classes else 100
 
     def __post_init__(self) -> None:
+        if self.c_b is None:  # every TrainConfig is complete: the loss never sees None
+            object.__setattr__(self, "c_b", default_c_b(self.dataset))
         positive = ("epochs", "batch_size", "head_dim", "checkpoint_every", "log_every",
                     "eval_batch_size")
         for name in positive:
@@ -102,9 +105,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(arch="small_cnn", lr=0.1, batch_size=128, epochs=15, warmup_epochs=1),
 }
 
-# Per-dataset defaults for loss parameters the paper tunes per dataset.
-_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"cifar100": {"c_b": -2.0}}
-_DEFAULT_C_B = -4.0
+
+def default_c_b(dataset: str) -> float:
+    """c_b when none is set: the paper's -2 for CIFAR-100, -4 for CIFAR-10, ImageNet-100 and
+    anything else. The one place this rule lives (TrainConfig applies it on construction; a preset,
+    config file or flag that names c_b overrides it)."""
+    return -2.0 if dataset == "cifar100" else -4.0
+
+
+def changed_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of `cfg` that differ from their defaults: what a user (preset, config file or
+    flag) changed. Defaults that follow other settings (c_b follows the dataset) are compared with
+    the value they take for `cfg`'s own dataset, so a derived default never counts as a change."""
+    default = {**TrainConfig(dataset=cfg.dataset).to_dict(), "dataset": TrainConfig.dataset}
+    return {k: v for k, v in cfg.to_dict().items() if v != default[k]}
 
 
 _TYPE_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
@@ -169,11 +183,6 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         values.update(load_config_file(config_file))
     values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None},
                               "command line"))
-    dataset = values.get("dataset", TrainConfig.dataset)
-    for key, value in _DATASET_DEFAULTS.get(dataset, {}).items():
-        values.setdefault(key, value)
-    if values.get("c_b") is None:
-        values["c_b"] = _DEFAULT_C_B
     return TrainConfig(**values)
 
 

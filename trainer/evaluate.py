@@ -1,15 +1,16 @@
 """Evaluate a trained run: OOD detection metrics, ID accuracy and embedding quality.
 
-Use `evaluate_run(run_dir, ood={...}, out=REPORT_DIR)` (what `rwood-eval` and the end of
-`rwood-train` call) or `evaluate(...)` to get the numbers and the score arrays without writing.
+Use `evaluate(...)` (one postprocessor) or `evaluate_many(...)` to get the numbers and the score
+arrays as `Evaluation` objects; nothing is written here (`trainer.report.write_report` renders and
+writes them, `trainer.report.evaluate_run` does both, for `rwood-eval` and `rwood-train --ood`).
 
-Steps: load RUN_DIR/model.pt as a DeployModel; embed the ID test set and every OOD set (uint8 at the
-run's input size, prepared by `trainer.ood_sets`); score them against RUN_DIR/bank.npz with the
-postprocessor: "knn" is `detector_server.knn.KNNScorer` (the deployed runtime's scorer, so these
-numbers are the deployed scores) and "mahalanobis" is `trainer.mahalanobis.MahalanobisScorer`;
-metrics come from `detector_server.metrics`. ID accuracy: KNN vote on the bank (always), the
-postprocessor's prediction, and the linear head when the model has one. Embedding quality of both
-bank features (paper 4.1).
+Steps: load the run (`trainer.run_dir.RunDir`, `checkpoint.load_model`); embed the ID test set and
+every OOD set (uint8 at the run's input size, prepared by `trainer.ood_sets`); score them against
+the run's bank rows with the postprocessor: "knn" is `detector_server.knn.KNNScorer` (the
+deployed runtime's scorer, so these numbers are the deployed scores) and "mahalanobis" is
+`trainer.mahalanobis.MahalanobisScorer`; metrics come from `detector_server.metrics`. ID accuracy:
+KNN vote on the bank (always), the postprocessor's prediction, and the linear head when the model
+has one. Embedding quality of both bank features (paper 4.1).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from detector_server.errors import CheckpointError, InputError
+from detector_server.bundle import FEATURE_OUTPUTS
+from detector_server.errors import InputError
 from detector_server.knn import KNNScorer, build_index, index_to_device
 from detector_server.metrics import ood_metrics, threshold_at_tpr
 from detector_server.validate import check_int
@@ -29,17 +31,16 @@ from detector_server.validate import check_int
 from .embedding_quality import QUALITY_NOTE, embedding_quality
 from .mahalanobis import MahalanobisScorer
 from .ood_sets import load_image_set, parse_set_arg
+from .run_dir import BANK_FILE, CALIBRATION_FILE, MODEL_FILE, RunDir, RunInfo
 
-__all__ = ["Evaluation", "evaluate", "evaluate_many", "evaluate_run", "default_k",
-           "list_postprocessors", "FEATURES", "METRIC_KEYS", "REPORT_FORMAT_VERSION"]
+__all__ = ["Evaluation", "evaluate", "evaluate_many", "list_postprocessors", "METRIC_KEYS",
+           "REPORT_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
 TPR = 0.95
 METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
-FEATURES = {"penultimate": "feature", "projection": "projection"}  # bank.npz key -> embed key
-# Datasets whose loader has a real test split; other runs default to their calibration split.
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)
 _POSTPROCESSORS: dict[str, Callable[..., Scorer]] = {}
@@ -66,15 +67,6 @@ def list_postprocessors() -> list[str]:
     return sorted(_POSTPROCESSORS)
 
 
-def default_k(num_classes: int, bank_size: int, configured: int | None = None) -> int:
-    """K: `configured` if given, else 300 for > 10 classes and 100 otherwise (CIDER's settings for
-    CIFAR-100 / CIFAR-10); capped at the bank size (logged)."""
-    k = configured if configured is not None else (300 if num_classes > 10 else 100)
-    if k > bank_size:
-        log.warning("K=%d is larger than the bank (%d rows); using K=%d", k, bank_size, bank_size)
-    return min(k, bank_size)
-
-
 @dataclass
 class Evaluation:
     """Everything an evaluation produced: the JSON report and the arrays the plots need."""
@@ -98,56 +90,33 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _read_bank(run_dir: Path, feature: str) -> dict[str, np.ndarray]:
-    from .bank import read_bank
-
-    path = run_dir / "bank.npz"
-    if not path.is_file():
-        raise CheckpointError("bank.npz not found: was the run finished?", path=str(path))
-    bank = read_bank(path)
-    for key in (feature, "labels"):
-        if key not in bank:
-            raise CheckpointError(f"missing key; found {sorted(bank)}", path=str(path), field=key)
-    return bank
-
-
-def _id_test_set(id_test: str | None, info: dict[str, Any],
-                 run_dir: Path) -> tuple[str, str, np.ndarray, np.ndarray]:
+def _id_test_set(id_test: str | None, run: RunDir,
+                 info: RunInfo) -> tuple[str, str, np.ndarray, np.ndarray]:
     """(name, source, images, labels) of the ID test set: `id_test` if given, else the run's test
-    split (digits, cifar10, cifar100), else the run's calibration split (see `_calibration_set`)."""
-    spec, class_names = info["preprocess"], info["class_names"]
+    split (digits, cifar10, cifar100), else the run's held-out calibration split (in neither
+    training nor the bank, so a fair ID test set for an npz or folder dataset)."""
     if id_test is not None:
         name, path = ((Path(id_test).stem, id_test) if Path(id_test).exists()
                       else parse_set_arg(id_test))
-        images, labels = load_image_set(name, path, spec, class_names)
+        images, labels = load_image_set(name, path, info.preprocess, list(info.class_names))
         return name, str(path), images, labels
-    cfg = info.get("config", {}).get("config", {})
+    cfg = info.config
     dataset = cfg.get("dataset")
     from .data import has_test_split, load_dataset, parse_classes, select_classes
 
     if not has_test_split(dataset):
-        return _calibration_set(run_dir, dataset)
+        images, labels = run.calibration(
+            instead=f"the run's dataset ({dataset!r}) has no test split either: pass --id-test "
+                    "PATH (an .npz or image folder of in-distribution test images)")
+        log.warning("no --id-test and the run's dataset (%s) has no test split: using the run's "
+                    "held-out calibration split (%d images)", dataset, len(images))
+        source = f"{run.file(CALIBRATION_FILE)} (held-out split of the training data)"
+        return "calibration", source, images, labels
 
-    d = load_dataset(dataset, cfg.get("data"), "test", size=spec.size)
+    d = load_dataset(dataset, cfg.get("data"), "test", size=info.preprocess.size)
     if cfg.get("classes"):
         d = select_classes(d, parse_classes(cfg["classes"], len(d.class_names)))
     return dataset, f"{dataset} test split ({d.source})", d.images, d.labels
-
-
-def _calibration_set(run_dir: Path, dataset: str | None) -> tuple[str, str, np.ndarray, np.ndarray]:
-    """RUN_DIR/calibration.npz: held out from training and the bank, so a fair ID test set for a
-    run whose dataset (npz, folder) has no test split. InputError asking for --id-test if empty."""
-    path = run_dir / "calibration.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            images, labels = f["images"], f["labels"].astype(np.int64)
-        if len(images):
-            log.warning("no --id-test and the run's dataset (%s) has no test split: using the "
-                        "run's held-out calibration split (%d images)", dataset, len(images))
-            return "calibration", f"{path} (held-out split of the training data)", images, labels
-    raise InputError(f"the run's dataset ({dataset!r}) has no test split and the run has no "
-                     "calibration split; pass --id-test PATH (an .npz or image folder of "
-                     "in-distribution test images)", field="id_test")
 
 
 def _embed(model, images: np.ndarray, name: str, batch_size: int, device: str,
@@ -190,7 +159,8 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
     """Evaluate one run with several postprocessors, embedding every image set once.
 
     `ood` maps a set name to an .npz / folder / torchvision root (`trainer.ood_sets`); `id_test`
-    defaults to the run's test split, else its calibration split. Returns {postprocessor:
+    defaults to the run's test split, else its calibration split; `k` to the run's k, else
+    `detector_server.knn.default_k` (see `RunDir.choose_k`). Returns {postprocessor:
     Evaluation}. Raises InputError for bad settings, CheckpointError for an incomplete run
     directory and DataError for unreadable image sets, each naming the option, file or folder.
     """
@@ -201,24 +171,24 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
     if ood and "id" in ood:
         raise InputError("'id' is reserved for the in-distribution set; rename the OOD set",
                          field="ood")
-    run_dir, device = Path(run_dir), _resolve_device(device)
-    model, info = load_model(run_dir, device=device)
-    bank = _read_bank(run_dir, feature)
-    class_names = list(info["class_names"])
-    bank_emb = np.ascontiguousarray(bank[feature], dtype=np.float32)
-    bank_labels = bank["labels"].astype(np.int64)
-    configured = info.get("config", {}).get("config", {}).get("k")
-    k = default_k(len(class_names), len(bank_labels), k if k is not None else configured)
+    run = RunDir(run_dir)
+    run.require(MODEL_FILE, BANK_FILE)
+    device = _resolve_device(device)
+    model, info = load_model(run.path, device=device)
+    class_names = list(info.class_names)
+    bank_emb, bank_labels = run.bank(feature)
+    k = run.choose_k(k, len(bank_labels))
 
     # embed the ID test set (with the linear head's logits when there is one) and the OOD sets
-    id_name, id_source, id_images, id_labels = _id_test_set(id_test, info, run_dir)
+    output = FEATURE_OUTPUTS[feature]
+    id_name, id_source, id_images, id_labels = _id_test_set(id_test, run, info)
     log.info("ID test %s: %d images", id_name, len(id_images))
     id_out = _embed(model, id_images, id_name, batch_size, device, progress)
-    embeddings = {"id": id_out[FEATURES[feature]]}
+    embeddings = {"id": id_out[output]}
     for name, path in (ood or {}).items():
-        images, _ = load_image_set(name, path, info["preprocess"])
+        images, _ = load_image_set(name, path, info.preprocess)
         log.info("OOD %s: %d images", name, len(images))
-        embeddings[name] = _embed(model, images, name, batch_size, device, progress)[FEATURES[feature]]
+        embeddings[name] = _embed(model, images, name, batch_size, device, progress)[output]
     accuracy: dict[str, float | None] = {
         "knn": None, "linear_head": (_accuracy(id_out["logits"].argmax(1), id_labels,
                                                len(class_names)) if "logits" in id_out else None)}
@@ -227,7 +197,8 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
                 "id_test": {"name": id_name, "source": id_source, "n": int(len(id_images))},
                 "ood": {n: {"path": str(p), "n": int(len(embeddings[n]))}
                         for n, p in (ood or {}).items()}}
-    quality = {f: embedding_quality(bank[f], bank_labels) for f in FEATURES if f in bank}
+    quality = {f: embedding_quality(*((bank_emb, bank_labels) if f == feature else run.bank(f)))
+               for f in run.bank_features()}
 
     # score with the KNN scorer (always: its vote is the reported KNN accuracy) and the others
     results: dict[str, Evaluation] = {}
@@ -237,7 +208,7 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
         accuracy[post] = _accuracy(scored["id"][1], id_labels, len(class_names))
         if post in postprocessors:
             scores = {n: s for n, (s, _) in scored.items()}
-            report = _report(run_dir, {"postprocessor": post, **settings}, info, scores,
+            report = _report(run.path, {"postprocessor": post, **settings}, info, scores,
                              dict(accuracy), quality)
             results[post] = Evaluation(report, scores, embeddings, id_labels, class_names)
     return results
@@ -247,14 +218,15 @@ def _check_settings(postprocessor: str, feature: str, batch_size: int, k: int | 
     if postprocessor not in _POSTPROCESSORS:
         raise InputError(f"expected one of {list_postprocessors()}, got {postprocessor!r}",
                          field="postprocessor")
-    if feature not in FEATURES:
-        raise InputError(f"expected one of {list(FEATURES)}, got {feature!r}", field="feature")
+    if feature not in FEATURE_OUTPUTS:
+        raise InputError(f"expected one of {list(FEATURE_OUTPUTS)}, got {feature!r}",
+                         field="feature")
     check_int(batch_size, "batch_size", minimum=1)
     if k is not None:
         check_int(k, "k", minimum=1)
 
 
-def _report(run_dir: Path, settings: dict[str, Any], info: dict[str, Any],
+def _report(run_dir: Path, settings: dict[str, Any], info: RunInfo,
             scores: dict[str, np.ndarray], accuracy: dict[str, float | None],
             quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The JSON report: settings, per-set metrics and their average, accuracy, quality."""
@@ -266,27 +238,10 @@ def _report(run_dir: Path, settings: dict[str, Any], info: dict[str, Any],
         "format": "reweightood-eval", "format_version": REPORT_FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir), "settings": settings,
-        "model": dict(info["model_args"]), "class_names": list(info["class_names"]),
+        "model": dict(info.model_args), "class_names": list(info.class_names),
         "id": {"threshold@95": threshold_at_tpr(scores["id"], TPR), "n": int(len(scores["id"])),
                "score_mean": float(np.mean(scores["id"])), "score_std": float(np.std(scores["id"]))},
         "ood": per_set, "average": average, "accuracy": accuracy,
         "embedding_quality": {**quality, "note": QUALITY_NOTE},
     }
 
-
-def evaluate_run(run_dir: str | Path, id_test: str | None = None,
-                 ood: dict[str, str] | None = None, postprocessor: str = "knn",
-                 k: int | None = None, feature: str = "penultimate", batch_size: int = 512,
-                 device: str = "auto", out: str | Path | None = None,
-                 progress: bool = False) -> dict[str, Any]:
-    """`evaluate`, then write report.json, report.md and the plots to `out` when given.
-
-    Returns the report dict (see report.json). `out` defaults to nothing written.
-    """
-    ev = evaluate(run_dir, id_test=id_test, ood=ood, postprocessor=postprocessor, k=k,
-                  feature=feature, batch_size=batch_size, device=device, progress=progress)
-    if out is not None:
-        from .report import write_report
-
-        write_report(ev, out)
-    return ev.report

@@ -1,11 +1,15 @@
 """Write an evaluation to a folder: report.json, report.md (paper Table 3 layout) and PNG plots.
 
-Use `write_report(evaluation, out_dir)` after `trainer.evaluate.evaluate`; `detection_table` and
-`quality_table` format the same numbers for several runs side by side (bench/paper_table.py).
-Every file is written atomically (temp file + os.replace). Plots use matplotlib's object API
-(`matplotlib.figure.Figure`, Agg canvas), never pyplot, so no global backend state is touched:
-- score_histograms.png: ID vs each OOD set's scores, the 95%-TPR threshold as a dashed line;
-- roc.png: ROC curve of each OOD set (ID positive);
+Use `evaluate_run(run_dir, ood={...}, out=REPORT_DIR)` to evaluate a run and write its report
+(what `rwood-eval` and `rwood-train --ood` call), or `write_report(evaluation, out_dir)` after
+`trainer.evaluate.evaluate`; `detection_table` and `quality_table` format the same numbers for
+several runs side by side (bench/paper_table.py). This module imports `trainer.evaluate`, never
+the other way round. Every file is written atomically (temp file + os.replace). Plots use
+matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), never pyplot, so no global
+backend state is touched; report.md links exactly the plots written:
+- score_histograms.png (with OOD sets only): ID vs each OOD set's scores, the 95%-TPR threshold as
+  a dashed line;
+- roc.png (with OOD sets only): ROC curve of each OOD set (ID positive);
 - embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings) coloured by class, OOD
   points overlaid as grey markers.
 """
@@ -13,42 +17,53 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from detector_server.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
-if TYPE_CHECKING:
-    from .evaluate import Evaluation
+from .evaluate import Evaluation, evaluate
 
-__all__ = ["write_report", "render_markdown", "detection_table", "quality_table", "PLOTS",
-           "pca_2d"]
+__all__ = ["evaluate_run", "write_report", "render_markdown", "detection_table", "quality_table",
+           "PLOTS", "pca_2d"]
 
 PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")
 _MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
 
 
-def write_report(ev: "Evaluation", out_dir: str | Path) -> list[Path]:
-    """Write report.json, report.md and the plots into `out_dir` (created). Returns the paths."""
+def evaluate_run(run_dir: str | Path, id_test: str | None = None,
+                 ood: dict[str, str] | None = None, postprocessor: str = "knn",
+                 k: int | None = None, feature: str = "penultimate", batch_size: int = 512,
+                 device: str = "auto", out: str | Path | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """`trainer.evaluate.evaluate`, then `write_report` to `out` when given (nothing otherwise).
+
+    Returns the report dict (report.json's content). Errors: those of `evaluate`.
+    """
+    ev = evaluate(run_dir, id_test=id_test, ood=ood, postprocessor=postprocessor, k=k,
+                  feature=feature, batch_size=batch_size, device=device, progress=progress)
+    if out is not None:
+        write_report(ev, out)
+    return ev.report
+
+
+def write_report(ev: Evaluation, out_dir: str | Path) -> list[Path]:
+    """Write report.json, the plots, then report.md (linking the plots written) into `out_dir`
+    (created). Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.json", out / "report.md"]
-    write_json_atomic(written[0], ev.report, default=str)
-    md = render_markdown(ev.report, plots=[p for p in PLOTS if p != "score_histograms.png"
-                                           or len(ev.scores) > 1])
-    write_text_atomic(written[1], md)
-    figures = {"embedding_2d.png": _embedding_figure(ev)}
-    if len(ev.scores) > 1:
-        figures["score_histograms.png"] = _histogram_figure(ev)
-        figures["roc.png"] = _roc_figure(ev)
-    for name, fig in figures.items():
+    write_json_atomic(out / "report.json", ev.report, default=str)
+    figures = {"embedding_2d.png": _embedding_figure}
+    if len(ev.scores) > 1:  # histograms and ROC compare ID with OOD sets: none without them
+        figures.update({"score_histograms.png": _histogram_figure, "roc.png": _roc_figure})
+    plots = [name for name in PLOTS if name in figures]
+    for name in plots:
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        data = buf.getvalue()
-        write_bytes_atomic(out / name, data)
-        written.append(out / name)
-    return written
+        figures[name](ev).savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        write_bytes_atomic(out / name, buf.getvalue())
+    write_text_atomic(out / "report.md", render_markdown(ev.report, plots=plots))
+    return [out / "report.json", *(out / name for name in plots), out / "report.md"]
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -86,8 +101,9 @@ def quality_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] = PLOTS) -> str:
-    """report.md: settings, the per-set detection table with the average, accuracy, quality."""
+def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -> str:
+    """report.md: settings, the per-set detection table with the average, accuracy, quality, and
+    links to `plots` (file names beside report.md; the section is left out when there are none)."""
     s = report["settings"]
     t = s["id_test"]
     lines = [f"# OOD evaluation of `{report['run_dir']}`", "",
@@ -116,8 +132,9 @@ def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] =
     for feat, q in report["embedding_quality"].items():
         if isinstance(q, dict):
             lines.append(f"| {feat} | {q['mean_radius']:.4f} | {q['dispersion']:.4f} |")
-    lines += ["", report["embedding_quality"]["note"], "", "## Plots", ""]
-    lines += [f"![{p[:-4]}]({p})" for p in plots]
+    lines += ["", report["embedding_quality"]["note"]]
+    if plots:
+        lines += ["", "## Plots", "", *(f"![{p[:-4]}]({p})" for p in plots)]
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +146,7 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 4.
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _histogram_figure(ev: "Evaluation"):
+def _histogram_figure(ev: Evaluation):
     names = [n for n in ev.scores if n != "id"]
     ncols = min(3, len(names))
     fig, axes = _figure(ncols, -(-len(names) // ncols), (4.6, 3.4))
@@ -152,7 +169,7 @@ def _histogram_figure(ev: "Evaluation"):
     return fig
 
 
-def _roc_figure(ev: "Evaluation"):
+def _roc_figure(ev: Evaluation):
     from sklearn.metrics import roc_curve
 
     fig, axes = _figure(1, 1, (5.0, 4.6))
@@ -178,7 +195,7 @@ def pca_2d(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [(x - mean) @ vt[:2].T for x in (fit, *others)]
 
 
-def _embedding_figure(ev: "Evaluation"):
+def _embedding_figure(ev: Evaluation):
     rng = np.random.default_rng(0)
     id_emb, labels = ev.embeddings["id"], ev.id_labels
     keep = np.sort(rng.choice(len(id_emb), min(len(id_emb), _MAX_ID_POINTS), replace=False))

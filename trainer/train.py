@@ -10,6 +10,7 @@ then the embedding bank and the run record. Only rank 0 logs and writes.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -27,27 +28,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from detector_server.atomic import atomic_write, write_json_atomic
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
 
 from .augment import Augment
-from .bank import embed_arrays, write_bank
-from .checkpoint import (
-    FORMAT_VERSION,
-    load_state,
-    rng_state,
-    save_state,
-    set_rng_state,
-)
-from .config import TrainConfig, loss_kwargs
+from .bank import embed_arrays
+from .checkpoint import load_state, rng_state, save_state, set_rng_state
+from .config import TrainConfig, changed_settings, loss_kwargs
 from .data import calibration_split, dataset_stats, fingerprint, load_dataset, parse_classes, select_classes
 from .distributed import cleanup, gather_no_grad, gather_with_grad, init_distributed
 from .losses import create_loss
 from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
+from .run_dir import MODEL_FILE, RunInfo, write_bank, write_calibration, write_run_info
 
-__all__ = ["train", "pick_device", "lr_lambda"]
+__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -60,6 +55,41 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def build_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters
+    instead of a loop over them), where this torch has it."""
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True,
+                           weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def train_step(model: nn.Module, augment: nn.Module, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, y: torch.Tensor, *,
+               autocast: Any = None, channels_last: bool = True,
+               world_size: int = 1) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the loss as a tensor.
+
+    x_u8: uint8 [b, S, S, 3], y: int64 [b]. `criterion.n_views` augmented views of each image go
+    through `model` (under `autocast`, a context manager or None) as one batch [V*b, 3, S, S].
+    Nothing here waits for the device (no .item(), no host copy, no check of a tensor's value),
+    so the host can queue the next steps while the GPU works; read the loss only when logging.
+    """
+    x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])           # [V*b, 3, S, S]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else nullcontext():
+        out = model(x)[criterion.input]                                          # [V*b, D]
+    feats = out.float().view(criterion.n_views, len(y), -1).transpose(0, 1)      # [b, V, D]
+    if world_size > 1:
+        feats, y = gather_with_grad(feats), gather_no_grad(y)
+    loss = criterion(feats, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
+    optimizer.step()
+    return loss
 
 
 def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
@@ -112,20 +142,20 @@ def _stop_requested(local: bool, world_size: int, device: torch.device, step: in
     return bool(flag.item())
 
 
-def _run_record(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
-                model_args: dict, finished: bool) -> dict[str, Any]:
+def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], data_info: dict,
+               model_args: dict, finished: bool) -> RunInfo:
     import torchvision
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         rev = None
-    return {"format": "reweightood-run", "format_version": FORMAT_VERSION, "finished": finished,
-            "config": cfg.to_dict(), "model_args": model_args, "preprocess": spec.to_dict(),
-            "class_names": class_names, "data": data_info,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__, "numpy": np.__version__},
-            "git_rev": rev, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return RunInfo(config=cfg.to_dict(), model_args=model_args, preprocess=spec,
+                   class_names=tuple(class_names), data=data_info,
+                   versions={"python": platform.python_version(), "torch": torch.__version__,
+                             "torchvision": torchvision.__version__, "numpy": np.__version__},
+                   git_rev=rev, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   finished=finished)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
@@ -145,8 +175,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                                   path=str(ckpt_path))
         state = load_state(ckpt_path)
         saved = TrainConfig(**{**state["config"], "device": cfg.device, "out": cfg.out})
-        default, kept = TrainConfig().to_dict(), saved.to_dict()
-        ignored = [f"{k}={v!r}" for k, v in cfg.to_dict().items() if v != kept[k] and v != default[k]]
+        kept = saved.to_dict()
+        ignored = [f"{k}={v!r}" for k, v in changed_settings(cfg).items() if v != kept[k]]
         if ignored:  # a resumed run continues exactly as it started
             log.warning("resuming with the checkpoint's settings; ignoring %s", ", ".join(ignored))
         cfg = saved
@@ -213,8 +243,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 
     # -- optimiser and per-step schedule
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, device=device)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
     warmup = min(warmup, cfg.epochs - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
@@ -236,9 +266,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                  "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, False),
-                          default=str)
+        write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
+                                          False))
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     writer = _tensorboard(run_dir) if cfg.tensorboard and dist.is_main else None
 
@@ -263,19 +292,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
-                x_u8, y = images[rows], labels[rows]
-                x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    out = model(x)[criterion.input]                                  # [V*b, D]
-                feats = out.float().view(criterion.n_views, len(rows), -1).transpose(0, 1)  # [b, V, D]
-                if dist.world_size > 1:
-                    feats, y = gather_with_grad(feats), gather_no_grad(y)
-                loss = criterion(feats, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
-                optimizer.step()
+                loss = train_step(model, augment, criterion, optimizer, images[rows], labels[rows],
+                                  autocast=autocast, channels_last=cfg.channels_last,
+                                  world_size=dist.world_size)
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views
@@ -311,12 +330,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
     if dist.is_main:
         _finish(run_dir, net, model_args, spec, full, train_idx, cal_idx, device,
                 cfg.eval_batch_size)
-        write_json_atomic(run_dir / "config.json", _run_record(cfg, spec, full.class_names,
-                                                               data_info, model_args, True),
-                          default=str)
+        write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
+                                          True))
         log.info("run written to %s", run_dir)
         if ood:
-            from .evaluate import evaluate_run
+            from .report import evaluate_run
             evaluate_run(run_dir, None, ood, device=str(device), out=run_dir / "eval")
     cleanup()
     return run_dir
@@ -325,17 +343,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpec, full,
             train_idx: np.ndarray, cal_idx: np.ndarray, device: torch.device, batch: int) -> None:
     net = net.float().to(memory_format=torch.contiguous_format)
-    save_state(run_dir / "model.pt", {"model": net.state_dict(), "model_args": model_args,
+    save_state(run_dir / MODEL_FILE, {"model": net.state_dict(), "model_args": model_args,
                                       "preprocess": spec.to_dict(), "class_names": full.class_names})
     deploy = DeployModel(net, spec.mean, spec.std).to(device).eval()
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
-    write_bank(run_dir / "bank.npz", emb, full.labels[train_idx], train_idx, full.class_names)
-
-    def write_cal(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=full.images[cal_idx], labels=full.labels[cal_idx], indices=cal_idx)
-    atomic_write(run_dir / "calibration.npz", write_cal)
+    write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
+    write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
 
 
 def _tensorboard(run_dir: Path):

@@ -35,8 +35,7 @@ def _gauge(gauge) -> float:
 # ---------------------------------------------------------------------------------------------
 # 1. Nothing that depends on a request's bytes runs on the event loop
 # ---------------------------------------------------------------------------------------------
-def test_health_answers_while_an_image_takes_long_to_decode(tiny_bundle, shared_data,
-                                                           monkeypatch):
+def test_health_answers_while_an_image_takes_long_to_decode(tiny_bundle, monkeypatch):
     """A decode that takes 2 s (here a sleeping decoder) must not hold the event loop: health
     and other calls answer meanwhile. Small requests (a 32x32 PNG) used to be decoded on it."""
     from detector_server.detector import Detector
@@ -86,12 +85,11 @@ def _metric(port: int, name: str) -> float:
 
 
 @pytest.mark.parametrize("read", [True, False], ids=["reading", "not_reading"])
-def test_a_flood_of_streams_holds_bounded_memory(tiny_bundle, shared_data, tmp_path, read):
+def test_a_flood_of_streams_holds_bounded_memory(tiny_bundle, tmp_path, read):
     """40 streams on one connection writing 140 KB requests for 3 s (the report: 200 streams for
     11 s took the server to 3 GB). Before: +470 to +580 MB; now the server holds at most
     --max-inflight-mb of requests and stops reading the streams meanwhile."""
-    jpegs = raw_jpeg_files(shared_data, 8)
-    request = score_request(*jpegs[:4])
+    request = score_request(*raw_jpeg_files(6)[2:])          # 4 photos, 130 KB
     metrics_port = free_port()
     with ServerProcess(tiny_bundle, "--max-inflight-mb", "16", "--metrics-port",
                        str(metrics_port), log_path=tmp_path / "serve.log") as srv:
@@ -156,14 +154,13 @@ def test_streams_per_connection_are_capped(tiny_bundle):
 
 
 def test_score_is_shed_before_reading_while_the_server_holds_its_byte_limit(tiny_bundle,
-                                                                         shared_data,
                                                                          monkeypatch):
     from detector_server.detector import Detector
 
     release = threading.Event()
     real = Detector.prepare
     monkeypatch.setattr(Detector, "prepare", lambda self, item: release.wait(30) and real(self, item))
-    jpeg = raw_jpeg_files(shared_data, 1)[0]
+    jpeg = raw_jpeg_files(1)[0]
     with start_background(tiny_bundle, max_inflight_mb=0.01, **OPTS) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)

@@ -22,7 +22,7 @@ from detector_server.bundle import (
 )
 from detector_server.errors import BundleError
 
-PAYLOAD = ("model.onnx", "index.faiss", "labels.npy")
+PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "calibration_scores.npy")
 
 
 @pytest.fixture()
@@ -132,6 +132,8 @@ def test_not_a_directory_refused(tmp_path: Path) -> None:
     (lambda d: d.update(outputs={"feature": "128", "projection": 128}), "outputs"),
     (lambda d: d.update(class_names="airplane"), "class_names"),
     (lambda d: d.update(model_version=""), "model_version"),
+    (lambda d: d["training"].update(lr=float("nan")), "training"),
+    (lambda d: d.update(quantization={"scale": float("inf")}), "quantization"),
 ])
 def test_invalid_manifest_fields_refused(tiny_bundle: Path, edit, field: str) -> None:
     raw = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
@@ -139,6 +141,19 @@ def test_invalid_manifest_fields_refused(tiny_bundle: Path, edit, field: str) ->
     with pytest.raises(BundleError) as e:
         Manifest.from_dict(raw, "manifest.json")
     assert e.value.path == "manifest.json" and f"'{field}'" in str(e.value)
+
+
+def test_nan_in_free_form_manifest_field_is_a_bundle_error(bundle_copy: Path) -> None:
+    """Python's json reads NaN; the manifest checksum (strict JSON) cannot: refused as a
+    BundleError naming the file and field, never a bare ValueError."""
+    path = bundle_copy / MANIFEST_FILE
+    raw = json.loads(path.read_text())
+    raw["training"]["config"]["lr"] = float("nan")
+    path.write_text(json.dumps(raw))
+    assert "NaN" in path.read_text()
+    with pytest.raises(BundleError, match="NaN") as e:
+        load_bundle(bundle_copy)
+    assert e.value.path == str(path) and "field 'training'" in str(e.value)
 
 
 def test_outputs_not_matching_manifest_refused(bundle_copy: Path, tmp_path: Path) -> None:

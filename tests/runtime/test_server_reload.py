@@ -49,8 +49,8 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def request_(shared_data: Path) -> pb.ScoreRequest:
-    imgs = np.load(shared_data / "cifar10_test.npz")["images"][:4]
+def request_(id_images: np.ndarray) -> pb.ScoreRequest:
+    imgs = id_images[:4]
     items = []
     for i, a in enumerate(imgs):
         buf = io.BytesIO()
@@ -224,3 +224,23 @@ def test_watch_follows_the_documented_symlink_switch(tiny_bundle, request_, tmp_
             assert time.monotonic() < deadline, "--watch did not follow the switched link"
             time.sleep(0.1)
         assert _metric(srv, 'rwood_reloads_total{outcome="refused"}') == 0
+
+
+def test_bundle_watch_retries_a_refused_stamp_with_backoff(monkeypatch):
+    """The policy both --watch loops use (one server, and the supervisor of --workers)."""
+    from detector_server import bundle_watch
+
+    now = [100.0]
+    monkeypatch.setattr(bundle_watch.time, "monotonic", lambda: now[0])
+    watch = bundle_watch.BundleWatch(1.0, served=(1,))
+    assert not watch.due((1,)) and not watch.due(None) and watch.due((2,))
+    waits = []
+    for _ in range(8):                   # the copy of stamp 2 stays incomplete
+        assert watch.due((2,))
+        waits.append(watch.done((2,), ok=False))
+        now[0] += waits[-1] - 0.01
+        assert not watch.due((2,))       # not before its backoff
+        now[0] += 0.01
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert watch.due((3,)) and watch.done((3,), ok=False) == 1.0    # a newer stamp: at once
+    assert watch.done((3,), ok=True) is None and not watch.due((3,))

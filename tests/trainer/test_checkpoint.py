@@ -2,7 +2,7 @@
 naming the file, RNG state round trips and load_model on a hand-made run directory."""
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.networks import DeployModel, create_model, model_args
+from trainer.run_dir import RunDir, RunInfo, write_run_info
 
 torch.set_num_threads(2)
 
@@ -106,19 +107,21 @@ def _run_dir(tmp_path: Path, with_classifier: bool = False) -> tuple[Path, torch
     save_state(tmp_path / "model.pt", {"model": net.state_dict(), "model_args": model_args(net),
                                        "preprocess": spec.to_dict(),
                                        "class_names": ["a", "b", "c", "d"]})
-    (tmp_path / "config.json").write_text(json.dumps({"format": "reweightood-run"}))
+    info = RunInfo(config={"arch": "small_cnn"}, model_args=model_args(net), preprocess=spec,
+                   class_names=("a", "b", "c", "d"))
+    write_run_info(tmp_path, info)
     return tmp_path, net
 
 
-def test_load_model_rebuilds_the_deploy_model(tmp_path, cifar10_small):
+def test_load_model_rebuilds_the_deploy_model(tmp_path, ood_images):
     run, net = _run_dir(tmp_path, with_classifier=True)
     model, info = load_model(run)
     assert isinstance(model, DeployModel) and not model.training
-    assert info["class_names"] == ["a", "b", "c", "d"]
-    assert info["model_args"] == {"arch": "small_cnn", "num_classes": 4, "head_dim": 16,
-                                  "with_classifier": True}
-    assert info["preprocess"].mean == (0.4, 0.5, 0.6) and info["config"]["format"] == "reweightood-run"
-    x = torch.from_numpy(cifar10_small["images"][:6])
+    assert info.class_names == ("a", "b", "c", "d")
+    assert info.model_args == {"arch": "small_cnn", "num_classes": 4, "head_dim": 16,
+                               "with_classifier": True}
+    assert info.preprocess.mean == (0.4, 0.5, 0.6) and info.config == {"arch": "small_cnn"}
+    x = torch.from_numpy(ood_images[:6])
     ref = DeployModel(net, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)).eval()
     with torch.no_grad():
         f, p = model(x)
@@ -145,9 +148,23 @@ def test_load_model_weights_that_do_not_fit(tmp_path):
     state = torch.load(run / "model.pt", weights_only=True)
     state["model_args"]["head_dim"] = 32
     torch.save(state, run / "model.pt")
+    info = RunDir(run).info
+    write_run_info(run, dataclasses.replace(info, model_args=state["model_args"]))
     with pytest.raises(CheckpointError) as e:
         load_model(run)
     assert e.value.field == "model" and "model_args" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [("model_args", {"arch": "small_cnn", "num_classes": 5}),
+                                       ("class_names", ("a", "b", "c", "e")),
+                                       ("preprocess", PreprocessSpec(32, (0.5,) * 3, (0.2,) * 3))])
+def test_load_model_from_another_run_is_refused(tmp_path, key, value):
+    """model.pt and config.json must describe the same model: RunInfo has one source."""
+    run, _ = _run_dir(tmp_path)
+    write_run_info(run, dataclasses.replace(RunDir(run).info, **{key: value}))
+    with pytest.raises(CheckpointError, match="another run") as e:
+        load_model(run)
+    assert e.value.field == key and e.value.path == str(run / "model.pt")
 
 
 def test_load_model_without_a_run(tmp_path):

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from detector_server.errors import InputError
-from trainer.config import PRESETS, TrainConfig, load_config_file, loss_kwargs, resolve_config
+from trainer.config import (
+    PRESETS,
+    TrainConfig,
+    changed_settings,
+    default_c_b,
+    load_config_file,
+    loss_kwargs,
+    resolve_config,
+)
 
 
 def _write(path: Path, values: dict) -> Path:
@@ -88,6 +96,29 @@ def test_cifar100_defaults_c_b_to_minus_two_unless_set(tmp_path):
     # the dataset may come from the file and the default still follows it
     f2 = _write(tmp_path / "d.json", {"dataset": "cifar100"})
     assert resolve_config(config_file=f2).c_b == -2.0
+
+
+def test_every_train_config_is_complete():
+    """A TrainConfig built directly (not through resolve_config) has a number for c_b, so the
+    loss can be built from it; the default follows the dataset unless c_b is given."""
+    from trainer.losses import create_loss
+
+    assert TrainConfig().c_b == -4.0 and TrainConfig(dataset="cifar100").c_b == -2.0
+    assert TrainConfig(dataset="cifar100", c_b=-3.0).c_b == -3.0
+    assert TrainConfig(**TrainConfig(dataset="cifar100").to_dict()).c_b == -2.0
+    create_loss("reweightood", **loss_kwargs(TrainConfig()))
+    assert default_c_b("cifar100") == -2.0 and default_c_b("folder") == -4.0
+
+
+def test_changed_settings_names_only_what_was_set():
+    assert changed_settings(TrainConfig()) == {}
+    assert changed_settings(resolve_config(overrides={"out": "runs/x", "epochs": 3})) == {
+        "out": "runs/x", "epochs": 3}
+    # c_b follows the dataset: its derived default is no change, an explicit value is
+    assert changed_settings(resolve_config(overrides={"dataset": "cifar100"})) == {
+        "dataset": "cifar100"}
+    assert changed_settings(resolve_config(overrides={"dataset": "cifar100", "c_b": -4.0})) == {
+        "dataset": "cifar100", "c_b": -4.0}
 
 
 def test_loss_kwargs_carries_the_loss_hyperparameters():

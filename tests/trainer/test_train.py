@@ -1,4 +1,4 @@
-"""trainer/train.py end to end on real CIFAR-10 pixels (small_cnn, CPU, deterministic mode):
+"""trainer/train.py end to end on real digit scans (small_cnn, CPU, deterministic mode):
 
 - the run directory holds every file of docs/CONTRACTS.md with the right keys, dtypes and shapes;
 - resuming gives the same weights as an uninterrupted run, after a stop at an epoch boundary
@@ -44,13 +44,13 @@ STEPS_PER_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, cifar10_small) -> dict:
-    """256 real CIFAR-10 images as an npz file, plus the arrays themselves."""
+def data(tmp_path_factory, digits_small) -> dict:
+    """256 real training digits (round-robin by class) as an npz file, plus the arrays themselves."""
     root = tmp_path_factory.mktemp("train_data")
-    arrays = {"images": cifar10_small["images"][:N_IMAGES],
-              "labels": cifar10_small["labels"][:N_IMAGES], "classes": cifar10_small["classes"]}
-    np.savez(root / "c10_256.npz", **arrays)
-    return {"path": root / "c10_256.npz", **arrays}
+    arrays = {"images": digits_small["images"][:N_IMAGES],
+              "labels": digits_small["labels"][:N_IMAGES], "classes": digits_small["classes"]}
+    np.savez(root / "digits_256.npz", **arrays)
+    return {"path": root / "digits_256.npz", **arrays}
 
 
 def _overrides(data: dict, out: Path, **kw) -> dict:
@@ -218,6 +218,33 @@ def test_stop_at_an_epoch_boundary_then_resume_equals_uninterrupted(tmp_path, da
     assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))    # no step lost or repeated
 
 
+def test_resume_warns_only_about_settings_the_user_changed(tmp_path, reference, caplog):
+    """A run whose c_b is not the offline default's (here -2, as a CIFAR-100 run records it)
+    resumed with `--out` and one changed flag: the warning names that flag, not the c_b the
+    command line's defaults would have given."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    state = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["c_b"] = -2.0
+    torch.save(state, out / "checkpoints" / "last.pt")
+    with caplog.at_level("WARNING", logger="reweightood.train"):
+        train(resolve_config(overrides=dict(out=str(out), device="cpu", lr=9.0)), resume=True)
+    warnings = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert warnings == ["resuming with the checkpoint's settings; ignoring lr=9.0"]
+    assert json.loads((out / "config.json").read_text())["config"]["c_b"] == -2.0
+
+
+def test_a_train_config_built_directly_trains(tmp_path, data):
+    """TrainConfig(...) built directly, not through resolve_config, with no c_b: the dataset's
+    default c_b is filled in, so the loss gets a number."""
+    from trainer.config import TrainConfig
+
+    cfg = TrainConfig(**_overrides(data, tmp_path / "run", epochs=1, deterministic=False))
+    run = train(cfg)
+    rec = json.loads((run / "config.json").read_text())
+    assert rec["finished"] and rec["config"]["c_b"] == -4.0 and (run / "bank.npz").is_file()
+
+
 def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError) as e:
         train(resolve_config(overrides=dict(out=str(tmp_path / "none"), device="cpu")), resume=True)
@@ -319,6 +346,7 @@ def test_two_process_gloo_ddp_writes_one_run(tmp_path, data):
 
 # ------------------------------------------------------------------------------ the issue's criterion
 @pytest.mark.slow
+@pytest.mark.cifar_pack
 def test_one_epoch_of_2000_cifar_images_on_cpu_under_a_minute(tmp_path, cifar10_small):
     """Done-when of the trainer issue: small_cnn, 1 epoch, 2,000 CIFAR-10 images, CPU, < 60 s
     (defaults otherwise: batch 256, bank and calibration split included). Load-sensitive."""
