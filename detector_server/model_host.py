@@ -15,7 +15,7 @@ Use it from the gRPC servicer (or any asyncio front end) on one event loop. A re
 Admission bounds what requests hold: at most `max_images` per request, `max_queue_images` images
 and `max_inflight_bytes` bytes of requests (image data and ids) at once; beyond, ModelUnavailable
 (UNAVAILABLE: load shedding). `full` and `wait_for_room()` let the front end stop reading new
-requests instead (flow control for streams).
+requests instead (flow control for streams, whose requests are then never shed).
 
 `ModelHost.load` builds the new Detector on a daemon thread, warms it up, then swaps it in; a
 bundle that fails to load raises and the old one keeps serving. A load that takes longer than
@@ -123,7 +123,7 @@ class ModelHost:
         self.draining = False               # set by the server's stop(): new work is refused
         self._admitted = 0                  # images of requests being decoded, queued or scored
         self._held_bytes = 0                # image data and id bytes of those requests
-        self._room = asyncio.Event()        # set while _held_bytes < max_inflight_bytes
+        self._room = asyncio.Event()        # set while both are under their limits
         self._room.set()
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
@@ -181,17 +181,17 @@ class ModelHost:
 
     @property
     def full(self) -> bool:
-        """True while the requests being handled hold `max_inflight_bytes` or more."""
+        """True while the requests being handled hold `max_inflight_bytes` or more, or
+        `max_queue_images` images or more."""
         return not self._room.is_set()
 
     async def wait_for_room(self) -> None:
-        """Return once the requests being handled hold less than `max_inflight_bytes`."""
+        """Return once the server is not `full`."""
         await self._room.wait()
 
     def hold_bytes(self, nbytes: int) -> None:
-        """Count `nbytes` of a request already read (a stream's, whatever the limit: the stream
-        waits for room before reading the next); `score(..., bytes_held=True)` it, then
-        `release_bytes`."""
+        """Count `nbytes` of a request already read (a stream's, read only when there was room);
+        `score(..., bytes_held=True)` it, then `release_bytes`."""
         self._hold(0, nbytes)
 
     def release_bytes(self, nbytes: int) -> None:
@@ -203,7 +203,8 @@ class ModelHost:
         """Score images (`ids[i]`, encoded bytes `datas[i]`); returns results in order and the
         model version used. `datas` is read on the decode threads only, so it may copy each item
         out when indexed (and slicing must give such a sequence too); `nbytes` is what the request
-        holds (default: the lengths of ids and datas), counted here unless `bytes_held`.
+        holds (default: the lengths of ids and datas), counted here unless `bytes_held` (a
+        stream's request, counted by `hold_bytes`, is never shed: its stream waited for room).
 
         Raises InputError for no images or more than max_images, ModelUnavailable when there is no
         model (loading, draining) or too much work is held, TimeoutError when `deadline`
@@ -213,7 +214,7 @@ class ModelHost:
             nbytes = 0
         elif nbytes is None:
             nbytes = sum(map(len, ids)) + sum(map(len, datas))
-        det = self._admit(len(ids), nbytes)
+        det = self._admit(len(ids), nbytes, shed=not bytes_held)
         self._hold(len(ids), nbytes)
         try:
             arrays, ok, errors = await self._prepare(det, datas, deadline)
@@ -227,13 +228,16 @@ class ModelHost:
     def _hold(self, n_images: int, nbytes: int) -> None:
         self._admitted += n_images
         self._held_bytes += nbytes
-        if self._held_bytes < self._cfg.max_inflight_bytes:
+        if (self._held_bytes < self._cfg.max_inflight_bytes
+                and self._admitted < self._cfg.max_queue_images):
             self._room.set()
         else:
             self._room.clear()
 
-    def _admit(self, n_images: int, nbytes: int) -> Detector:
-        """The Detector to use for this request, or the reason it is refused."""
+    def _admit(self, n_images: int, nbytes: int, shed: bool) -> Detector:
+        """The Detector to use for this request, or the reason it is refused; `shed`: refuse it
+        when the images or bytes held are at their limits (a stream's request waited for room
+        before it was read instead)."""
         if not n_images:
             raise InputError("the request has no images", field="images")
         if n_images > self._cfg.max_images:
@@ -243,10 +247,9 @@ class ModelHost:
         if det is None or self.draining:
             raise ModelUnavailable("the server is shutting down" if self.draining
                                    else "the model is still loading")
-        if self._admitted and self._admitted + n_images > self._cfg.max_queue_images:
+        if shed and self._admitted and self._admitted + n_images > self._cfg.max_queue_images:
             raise ModelUnavailable(f"overloaded: {self._admitted} images waiting; retry later")
-        if nbytes and self._held_bytes and (self._held_bytes + nbytes
-                                            > self._cfg.max_inflight_bytes):
+        if shed and self._held_bytes and self._held_bytes + nbytes > self._cfg.max_inflight_bytes:
             raise ModelUnavailable(f"overloaded: {self._held_bytes / 2**20:.1f} MiB of requests "
                                    "in progress; retry later")
         self._metrics.images.inc(n_images)

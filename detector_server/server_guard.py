@@ -8,8 +8,9 @@ and `refusal(handler, code, details)` wherever a call must be refused without re
   under load): a call beyond gets RESOURCE_EXHAUSTED before its request is read. A call is
   counted until its task ends, however it ends (grpc's own `maximum_concurrent_rpcs` would queue
   calls instead, health checks with them).
-- While the requests being handled hold `max_inflight_mb` (`is_full()`), a new Score call gets
-  UNAVAILABLE (retryable) before its request is read; ScoreStream stops reading instead.
+- While the requests being handled hold `max_inflight_mb` or `max_queue_images` (`is_full()`), a
+  new Score call gets UNAVAILABLE (retryable) before its request is read; ScoreStream stops
+  reading instead.
 - A request message that does not parse gets INVALID_ARGUMENT, is counted in
   `rwood_malformed_messages_total{method}` and logged as one line per method and cause (the
   parser's exception type), at most once a minute with the count of those not logged (grpc.aio
@@ -103,7 +104,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                            f"too many calls in progress (limit {self._max_calls}); retry later")
             elif method in _FULL_SHEDS and self._is_full():
                 refused = (grpc.StatusCode.UNAVAILABLE,
-                           "overloaded: the server holds its limit of request bytes; retry later")
+                           "overloaded: the server holds its limit of requests; retry later")
             if refused is not None:
                 self._metrics.requests.labels(method.rsplit("/", 1)[-1], refused[0].name).inc()
                 return refusal(handler, *refused)

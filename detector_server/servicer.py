@@ -11,8 +11,9 @@ A response never exceeds `max_message_bytes`: per-image errors are at most MAX_E
 request whose response could be larger (many images with long ids and little data) is refused
 INVALID_ARGUMENT before any decoding (`response_bound`). ScoreStream reads a request only when
 the stream has fewer than `stream_window` requests in flight (responses the client has not taken
-hold their slot) and the server holds less than `max_inflight_mb` of requests, so a client that
-does not read its responses, or a server at its limit, stops being read.
+hold their slot) and the server holds less than `max_inflight_mb` of requests and fewer than
+`max_queue_images` images, so a client that does not read its responses, or a server at its
+limit, stops being read (and what a stream sends is never shed).
 """
 from __future__ import annotations
 

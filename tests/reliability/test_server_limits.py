@@ -153,18 +153,23 @@ def test_streams_per_connection_are_capped(tiny_bundle):
     assert active == 2
 
 
-def test_score_is_shed_before_reading_while_the_server_holds_its_byte_limit(tiny_bundle,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("limit", [{"max_inflight_mb": 0.01}, {"max_queue_images": 1}],
+                         ids=["bytes", "images"])
+def test_at_its_limit_the_server_sheds_score_unread_and_stops_reading_streams(tiny_bundle, limit,
+                                                                              monkeypatch):
+    """One request holds more than 10 KB (or the one image allowed): a new Score is refused
+    UNAVAILABLE before its body is read (a garbage body is not parsed), and a stream's requests
+    are not read until there is room, then all scored (a stream is never shed)."""
     from detector_server.detector import Detector
 
     release = threading.Event()
     real = Detector.prepare
     monkeypatch.setattr(Detector, "prepare", lambda self, item: release.wait(30) and real(self, item))
     jpeg = raw_jpeg_files(1)[0]
-    with start_background(tiny_bundle, max_inflight_mb=0.01, **OPTS) as srv, \
+    with start_background(tiny_bundle, **limit, **OPTS) as srv, \
             grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.DetectorStub(ch)
-        first = stub.Score.future(score_request(jpeg), timeout=30)       # holds more than 10 KB
+        first = stub.Score.future(score_request(jpeg), timeout=30)
         t_end = time.monotonic() + 10
         while not srv.server._host.full:
             assert time.monotonic() < t_end
