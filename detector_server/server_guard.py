@@ -90,6 +90,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._max_calls, self._is_full, self._metrics = max_calls, is_full, metrics
         self.active = 0
         metrics.gauge_from(metrics.calls_active, lambda: self.active)
+        # Each method's handler wrapped once (grpc hands the same handler object every call).
+        self._safe: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._malformed_log = RateLimitedLog(log)
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
@@ -112,7 +114,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
             if task is not None:
                 self.active += 1
                 task.add_done_callback(self._release)
-        return self._parsing_safely(handler, method)
+        cached = self._safe.get(id(handler))
+        if cached is None or cached[0] is not handler:
+            cached = self._safe[id(handler)] = (handler, self._parsing_safely(handler, method))
+        return cached[1]
 
     def _release(self, _task: asyncio.Task) -> None:
         self.active -= 1

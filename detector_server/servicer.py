@@ -36,7 +36,7 @@ from .preprocess import MAX_ERROR_CHARS, safe_message
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
 
-__all__ = ["DetectorServicer", "response_bound"]
+__all__ = ["DetectorServicer", "response_bound", "per_image_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,22 @@ _RESULT_FIXED = 30
 _RESPONSE_FIXED = 32 + MAX_ERROR_CHARS
 
 
-def response_bound(ids: Sequence[str], request_id: str, detector: Detector) -> int:
+def response_bound(ids: Sequence[str], request_id: str, detector: Detector,
+                   per_image: int | None = None) -> int:
     """The most bytes the ScoreResponse to a request with these image ids can take: ids and
     request_id echoed, and per image either an error (at most MAX_ERROR_CHARS, ASCII) or a label
-    of the model's. Fields added to Result must be added here."""
+    of the model's (`per_image`: `per_image_bound(detector)`, computed when not given). Fields
+    added to Result must be added here."""
+    if per_image is None:
+        per_image = per_image_bound(detector)
+    return (sum(len(i.encode()) for i in ids) + per_image * len(ids)
+            + len(request_id.encode()) + len(detector.model_version.encode()) + _RESPONSE_FIXED)
+
+
+def per_image_bound(detector: Detector) -> int:
+    """The most bytes one Result takes besides its id (see `response_bound`)."""
     label = max((len(c.encode()) for c in detector.class_names), default=0)
-    per_image = _RESULT_FIXED + 3 + max(MAX_ERROR_CHARS, label)
-    return (sum(len(i.encode()) for i in ids) + per_image * len(ids) + len(request_id.encode())
-            + len(detector.model_version.encode()) + _RESPONSE_FIXED)
+    return _RESULT_FIXED + 3 + max(MAX_ERROR_CHARS, label)
 
 
 class _ImageData(collections.abc.Sequence):
@@ -169,6 +177,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         `rwood-worker` trailing metadata of unary calls (which worker answered)."""
         self._host, self._cfg, self._metrics = host, config, metrics
         self._trailers = () if worker is None else (("rwood-worker", str(worker)),)
+        self._bound: tuple[Detector | None, int] = (None, 0)   # per_image_bound of a model
 
     @_observed("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -188,7 +197,10 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         detector = self._host.detector
         if detector is None or not ids:
             return                      # ModelHost refuses these itself
-        need, limit = response_bound(ids, request_id, detector), self._cfg.max_message_bytes
+        if self._bound[0] is not detector:             # once per model served
+            self._bound = (detector, per_image_bound(detector))
+        need = response_bound(ids, request_id, detector, self._bound[1])
+        limit = self._cfg.max_message_bytes
         if need > limit:
             raise InputError(f"the response to {len(ids)} images with these ids could take "
                              f"{need} bytes, over the message limit of {limit}; send fewer "
