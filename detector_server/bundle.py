@@ -56,7 +56,7 @@ from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
-           "check_model_io", "file_sha256", "manifest_digest"]
+           "check_model_io", "file_sha256", "manifest_digest", "require_bundle_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 
+def require_bundle_dir(root: Path) -> None:
+    """BundleError unless `root` is a directory with a manifest; a training run directory (what
+    rwood-train writes) is named as such, with the command that makes a bundle of it."""
+    if not root.is_dir():
+        raise BundleError("bundle directory not found", path=root)
+    if (root / MANIFEST_FILE).is_file():
+        return
+    if (root / "config.json").is_file() and any(
+            (root / n).exists() for n in ("bank.npz", "model.pt", "checkpoints")):
+        raise BundleError("this is a training run directory (rwood-train's), not a bundle; "
+                          "rwood-serve and rwood-score take a bundle: make one with "
+                          "rwood-export RUN_DIR --out BUNDLE", path=root)
+    raise BundleError("manifest missing (not a bundle, or an unfinished export)",
+                      path=root / MANIFEST_FILE)
+
+
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -140,14 +156,10 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError("bundle directory not found", path=root)
+    require_bundle_dir(root)
     mpath = root / MANIFEST_FILE
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError("manifest missing (not a bundle, or an unfinished export)",
-                          path=mpath) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"unreadable manifest: {e}", path=mpath) from None
     manifest = Manifest.from_dict(raw, mpath)

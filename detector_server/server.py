@@ -48,6 +48,7 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from ._proto import detector_pb2_grpc as pb_grpc
+from .bundle import require_bundle_dir
 from .bundle_watch import BundleWatch, bundle_stamp
 from .errors import BundleError, InputError
 from .model_host import ModelHost, in_daemon_thread
@@ -97,8 +98,7 @@ class DetectorServer:
         """Listen and load; raises InputError (options, address, metrics port) or BundleError
         (bundle), and then leaves nothing listening or running."""
         cfg = self.config
-        if not (self.bundle_path / "manifest.json").is_file():
-            raise BundleError("not a bundle directory (no manifest.json)", path=str(self.bundle_path))
+        require_bundle_dir(self.bundle_path)
         creds = server_credentials(cfg)
         auth = (BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)
                 if cfg.auth_token_file else None)

@@ -392,8 +392,10 @@ def test_bad_config_raises_input_error_naming_the_field(kwargs, field):
 
 
 def test_missing_bundle_raises_bundle_error(tmp_path):
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match="bundle directory not found"):
         start_background(tmp_path / "nope")
+    with pytest.raises(BundleError, match="manifest missing"):
+        start_background(tmp_path)
 
 
 def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path):
