@@ -3,9 +3,10 @@
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
 session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `MahalanobisInfo`,
-`ThresholdInfo`, `manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in
-`detector_server.manifest` and re-exported here, so `from detector_server.bundle import ...` gives
-every name of the format. A bundle is one flat directory:
+`ThresholdInfo`, `manifest_digest`, `derive_model_version`, `FORMAT*`, `FEATURE_OUTPUTS`) is
+defined in `detector_server.manifest` and re-exported here, so
+`from detector_server.bundle import ...` gives every name of the format.
+A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
     model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection`
@@ -14,26 +15,26 @@ every name of the format. A bundle is one flat directory:
     index.faiss       KNN scorer: faiss.write_index of the indexed feature's bank rows (inner
                       product; search parameters in the manifest)
     labels.npy        KNN scorer: int64 [ntotal], the class of each indexed row
-    mahalanobis.npz   Mahalanobis scorer, instead of the two above: means float64 [C, D],
-                      precision float64 [D, D] (all arrays np.load(allow_pickle=False))
+    mahalanobis_means.npy      Mahalanobis scorer, instead of the two above: the class means,
+    mahalanobis_precision.npy  float64 [C, D], and the shared precision matrix, float64 [D, D]
     calibration_scores.npy  float32 [M], the scores of the M calibration images that set the
                       threshold: the reference of the drift test and of the server's score
                       histogram (`Manifest.calibration_file`; absent from older bundles)
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
-a model whose input/outputs do not match the manifest. Test: tests/runtime/test_bundle.py.
+a model whose input/outputs do not match the manifest. Every file is read through
+`detector_server.bundle_files`: regular files only, no symbolic links followed, bounded sizes.
+Test: tests/runtime/test_bundle.py; attacks: tests/reliability/test_hostile_bundle.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ import onnxruntime as ort
 
 from ._faiss import faiss
 from .atomic import fsync_dir, fsync_file, write_json_atomic
+from .bundle_files import member_sha256, read_json, read_npy
 from .errors import BundleError
 from .manifest import (
+    DESCRIPTIVE_FIELDS,
     FEATURE_OUTPUTS,
     FORMAT,
     FORMAT_VERSION,
@@ -57,13 +60,18 @@ from .manifest import (
     Manifest,
     ThresholdInfo,
     check_file_name,
+    decision_digest,
+    derive_model_version,
     manifest_digest,
+    version_name,
 )
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
-           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle", "load_bundle",
-           "write_bundle", "staging_dir", "check_model_io", "file_sha256", "manifest_digest"]
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle",
+           "load_bundle", "write_bundle", "staging_dir", "check_model_io", "file_sha256",
+           "manifest_digest", "require_bundle_dir", "DESCRIPTIVE_FIELDS", "decision_digest",
+           "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +111,16 @@ class Bundle:
             return None
         path, n = self.path / name, self.manifest.threshold.n_samples
         try:
-            scores = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
-        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            scores = read_npy(self.path, name, np.float32, (n,))
+        except BundleError as e:
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples): "
+                              f"{str(e).removeprefix(f'{path}: ')}", path=path) from None
+        except OSError as e:
+            raise BundleError(f"cannot read calibration scores: {e.strerror or e}",
+                              path=path) from None
+        if not np.isfinite(scores).all():
             raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
-                              f"{scores.dtype} {scores.shape}", path=path)
+                              "NaN or infinity", path=path)
         return scores
 
     def read_index(self) -> faiss.Index:
@@ -127,22 +139,24 @@ class Bundle:
         return index
 
     def read_mahalanobis(self) -> tuple[np.ndarray, np.ndarray]:
-        """(means float64 [C, D], precision float64 [D, D]) of a mahalanobis bundle, checked
-        against the manifest (C = the class names, D = the feature width); BundleError naming
-        the file."""
+        """(means float64 [C, D], precision float64 [D, D]) of a mahalanobis bundle, read with
+        `bundle_files.read_npy` (dtype and shape checked from the header against the manifest:
+        C = the class names, D = the feature width) and finite; BundleError naming the file."""
         info, c = self.manifest.mahalanobis, len(self.manifest.class_names)
-        path = self.path / info.file
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                means, precision = f["means"], f["precision"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise BundleError(f"cannot read the Mahalanobis parameters: {e}", path=path) from None
-        want = {"means": (c, info.dim), "precision": (info.dim, info.dim)}
-        for name, a in (("means", means), ("precision", precision)):
-            if a.dtype != np.float64 or a.shape != want[name] or not np.isfinite(a).all():
-                raise BundleError(f"expected finite float64 {list(want[name])}, got {a.dtype} "
-                                  f"{list(a.shape)}", path=path, field=name)
-        return means, precision
+        out = []
+        for name, shape in ((info.means_file, (c, info.dim)),
+                            (info.precision_file, (info.dim, info.dim))):
+            path = self.path / name
+            try:
+                a = read_npy(self.path, name, np.float64, shape)
+            except OSError as e:
+                raise BundleError(f"cannot read the Mahalanobis parameters: {e.strerror or e}",
+                                  path=path) from None
+            if not np.isfinite(a).all():
+                raise BundleError(f"expected finite float64 {list(shape)}, got NaN or infinity",
+                                  path=path)
+            out.append(a)
+        return out[0], out[1]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -155,6 +169,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 
+def require_bundle_dir(root: Path) -> None:
+    """BundleError unless `root` is a directory with a manifest; a training run directory (what
+    rwood-train writes) is named as such, with the command that makes a bundle of it."""
+    if not root.is_dir():
+        raise BundleError("bundle directory not found", path=root)
+    if os.path.lexists(root / MANIFEST_FILE):   # a link, a FIFO: load_bundle's reader refuses it
+        return
+    if (root / "config.json").is_file() and any(
+            (root / n).exists() for n in ("bank.npz", "model.pt", "checkpoints")):
+        raise BundleError("this is a training run directory (rwood-train's), not a bundle; "
+                          "rwood-serve and rwood-score take a bundle: make one with "
+                          "rwood-export RUN_DIR --out BUNDLE", path=root)
+    raise BundleError("manifest missing (not a bundle, or an unfinished export)",
+                      path=root / MANIFEST_FILE)
+
+
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -162,27 +192,28 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     payload file is listed and present, every SHA-256, the labels array, and (with
     `verify_model`) that every ONNX file has the manifest's input and output names, dtypes and
     widths (a CPU session without graph optimisation).
+    Every file is a regular file inside `path`, read within the bounds of
+    `detector_server.bundle_files` (no symbolic link followed, no FIFO read, manifest size and
+    nesting, .npy header); `path` itself may be a link.
     `Detector` passes `verify_model=False` and checks its own session instead.
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise BundleError("bundle directory not found", path=root)
+    require_bundle_dir(root)
     mpath = root / MANIFEST_FILE
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError("manifest missing (not a bundle, or an unfinished export)",
-                          path=mpath) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"unreadable manifest: {e}", path=mpath) from None
+    raw = read_json(root, MANIFEST_FILE,
+                    missing="manifest missing (not a bundle, or an unfinished export)")
     manifest = Manifest.from_dict(raw, mpath)
-    if raw.get("manifest_sha256") != manifest_digest(raw):
+    try:
+        digest = manifest_digest(raw)
+    except ValueError as e:             # NaN or infinity in a key the manifest does not know
+        raise BundleError(f"expected plain JSON values (no NaN or infinity): {e}",
+                          path=mpath) from None
+    if raw.get("manifest_sha256") != digest:
         raise BundleError("manifest was edited after export (manifest_sha256 does not match its "
                           "content); export again to change settings", path=mpath)
     _verify_files(root, manifest)
-    labels = (_load_labels(root / manifest.labels_file, manifest) if manifest.scorer == "knn"
-              else None)
+    labels = _load_labels(root, manifest) if manifest.scorer == "knn" else None
     bundle = Bundle(path=root, manifest=manifest, labels=labels)
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
@@ -201,22 +232,21 @@ def _verify_files(root: Path, m: Manifest) -> None:
                               field="files")
     for name, digest in m.files.items():
         check_file_name(name, "files")
-        f = root / name
-        if not f.is_file():
-            raise BundleError("file listed in the manifest is missing", path=f)
-        if file_sha256(f) != digest:
+        try:
+            actual = member_sha256(root, name)
+        except OSError as e:
+            raise BundleError(f"cannot read: {e.strerror or e}", path=root / name) from None
+        if actual != digest:
             raise BundleError("SHA-256 differs from the manifest: the file was altered or "
-                              "truncated after export", path=f)
+                              "truncated after export", path=root / name)
 
 
-def _load_labels(path: Path, m: Manifest) -> np.ndarray:
+def _load_labels(root: Path, m: Manifest) -> np.ndarray:
+    path = root / m.labels_file
     try:
-        labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read labels: {e}", path=path) from None
-    if labels.dtype != np.int64 or labels.shape != (m.index.ntotal,):
-        raise BundleError(f"expected int64 [{m.index.ntotal}], got {labels.dtype} {labels.shape}",
-                          path=path)
+        labels = read_npy(root, m.labels_file, np.int64, (m.index.ntotal,))
+    except OSError as e:
+        raise BundleError(f"cannot read labels: {e.strerror or e}", path=path) from None
     if labels.size and (labels.min() < 0 or labels.max() >= len(m.class_names)):
         raise BundleError(f"labels outside [0, {len(m.class_names)})", path=path)
     return labels
@@ -287,8 +317,14 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: str | os.PathLike,
-                 *, overwrite: bool = False) -> Path:
+                 *, overwrite: bool = False, name: str | None = None) -> Path:
     """Publish a staged bundle: checksum its files, write manifest.json, rename to `out_dir`.
+
+    The manifest's `files`, `model_version` and `manifest_sha256` are filled in here:
+    `model_version` is `derive_model_version(name, ...)`, so it changes with every
+    decision-relevant byte whoever writes the bundle. `name` is its human-readable part (the
+    exporter passes the run name); without it, `version_name(manifest.model_version)` (the
+    name of the bundle a copy or an edit was made from).
 
     `staging_dir` must hold the manifest's payload files (flat, no manifest.json yet) and be on
     the same filesystem as `out_dir` (use `staging_dir(out_dir)`). The rename is atomic: readers
@@ -300,6 +336,8 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     _check_target(out, overwrite)
     files = _stage_checksums(stage, manifest)
     d = dataclasses.replace(manifest, files=files).to_dict()
+    d["model_version"] = derive_model_version(
+        version_name(manifest.model_version) if name is None else name, d)
     d["manifest_sha256"] = manifest_digest(d)
     write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
     old = None
@@ -316,7 +354,7 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    log.info("wrote bundle %s (%d files)", out, len(files) + 1)
+    log.info("wrote bundle %s (model %s, %d files)", out, d["model_version"], len(files) + 1)
     return out
 
 

@@ -54,7 +54,10 @@ _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512
 class IndexChoice:
     """A built index with its search parameters, why it was chosen, and its check.
 
-    `to_manifest()` is what the bundle records (everything but the index object).
+    `to_manifest()` is what the bundle records as `index.choice`: what was asked for, why this
+    index, its check, the tuning steps. Not `build_seconds`, which is logged instead: every
+    field of the manifest but the descriptive ones counts in the model version, and a
+    wall-clock time would give every re-export of the same run a new version.
     """
 
     index: Any                          # faiss index holding the bank rows in order
@@ -69,7 +72,7 @@ class IndexChoice:
     def to_manifest(self) -> dict[str, Any]:
         return {"requested": self.requested, "reason": self.reason,
                 "check": None if self.check is None else self.check.to_dict(),
-                "build_seconds": round(self.build_seconds, 3)}
+                "trials": self.trials}
 
 
 def nlist_for(n_rows: int) -> int:
@@ -222,7 +225,7 @@ def choose_index(bank: np.ndarray, queries: np.ndarray, k: int, *, factory: str 
     if ann.is_exact(index):
         if fixed:
             ann.apply_search_params(index, fixed, "search")   # refuses: Flat takes none
-        log.info("index %s: %s", factory, reason)
+        log.info("index %s (built in %.1f s): %s", factory, built, reason)
         return IndexChoice(index, factory, {}, requested, reason, None, built)
     exact = exact_neighbours(bank, queries, k)
     trials: list[dict[str, Any]] = []
@@ -245,7 +248,7 @@ def choose_index(bank: np.ndarray, queries: np.ndarray, k: int, *, factory: str 
     if ood_queries:
         check = check_index(index, bank, queries, k, tpr=tpr, exact=exact,
                             ood_queries=ood_queries)
-    log.info("index %s %s: %s", factory, params, reason)
+    seconds = time.perf_counter() - t0
+    log.info("index %s %s (built and checked in %.1f s): %s", factory, params, seconds, reason)
     log.info("index check: %s", check.summary())
-    return IndexChoice(index, factory, params, requested, reason, check,
-                       time.perf_counter() - t0, trials)
+    return IndexChoice(index, factory, params, requested, reason, check, seconds, trials)

@@ -2,8 +2,10 @@
 
 Use `Manifest` (with `IndexInfo` or `MahalanobisInfo`, and `ThresholdInfo`) to build the manifest
 the exporter writes or to validate one a loader read (`Manifest.from_dict` raises a BundleError
-naming the field), and `manifest_digest` for the checksum that protects it. Reading and writing
-bundle directories (checksums of the files, the ONNX model check, the atomic publish) is
+naming the field), `manifest_digest` for the checksum that protects it, and `derive_model_version`
+for the bundle's version (`write_bundle` sets it: it changes with anything that changes a score or
+a decision, the scorer and the index's search parameters included). Reading and writing bundle
+directories (checksums of the files, the ONNX model check, the atomic publish) is
 `detector_server.bundle`, which re-exports every name here: import them from there. No ONNX
 Runtime or FAISS.
 
@@ -19,6 +21,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,8 @@ from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
            "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest",
-           "manifest_digest", "check_file_name"]
+           "manifest_digest", "check_file_name", "DESCRIPTIVE_FIELDS", "decision_digest",
+           "derive_model_version", "version_name"]
 
 FORMAT = "reweightood-bundle"
 FORMAT_VERSION = 2                      # what the exporter writes; bump on incompatible changes
@@ -40,6 +45,12 @@ MANIFEST_FILE = "manifest.json"
 FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
 SCORERS = ("knn", "mahalanobis")
+# The manifest fields that describe a bundle but never change a score or a decision. The model
+# version leaves out these and nothing else: every other field counts, new ones included, so a
+# field added later (a scorer setting, a search parameter) changes the version by construction.
+DESCRIPTIVE_FIELDS = ("model_version", "manifest_sha256", "created", "training")
+_VERSION_HEX = 12                       # hex digits of the decision digest in model_version
+_VERSION_SUFFIX = re.compile(rf"-[0-9a-f]{{{_VERSION_HEX}}}\Z")
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class IndexInfo:
     factory: str = "Flat"               # the faiss.index_factory string it was built with
     metric: str = "inner_product"
     search_params: dict[str, int] = field(default_factory=dict)  # set at load: nprobe, efSearch
-    choice: dict[str, Any] | None = None  # how export chose it: requested, reason, build_seconds
+    choice: dict[str, Any] | None = None  # how export chose it: requested, reason, check, trials
     check: dict[str, Any] | None = None   # ann_check.SearchCheck.to_dict() (non-Flat only)
 
 
@@ -63,8 +74,13 @@ class MahalanobisInfo:
 
     dim: int                            # feature width D
     n_bank: int                         # bank rows they were fitted on
-    file: str = "mahalanobis.npz"       # means float64 [C, D], precision float64 [D, D]
+    means_file: str = "mahalanobis_means.npy"            # float64 [C, D], C = len(class_names)
+    precision_file: str = "mahalanobis_precision.npy"    # float64 [D, D], symmetric
     feature: str = "penultimate"        # a key of FEATURE_OUTPUTS
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return self.means_file, self.precision_file
 
 
 @dataclass(frozen=True)
@@ -84,11 +100,11 @@ class Manifest:
 
     `files` maps every file of the bundle except manifest.json to its SHA-256 (hex), and
     `manifest_sha256` protects the manifest itself (an edited threshold or K is refused: change
-    them by exporting again); `write_bundle` fills in both. File names are plain names inside
-    the bundle directory.
+    them by exporting again); `model_version` is `derive_model_version` of the rest; all three
+    are filled in by `write_bundle`. File names are plain names inside the bundle directory.
     """
 
-    model_version: str                  # "<run name>-<sha256(model.onnx)[:12]>"
+    model_version: str                  # "<run name>-<decision digest[:12]>" (derive_model_version)
     input_size: int                     # S: input is uint8 [N, S, S, 3]
     outputs: dict[str, int]             # ONNX output -> width: {"feature": Dp, "projection": 128}
     preprocess: dict[str, Any]          # PreprocessSpec.to_dict()
@@ -168,7 +184,7 @@ class Manifest:
         calibration = () if self.calibration_file is None else (self.calibration_file,)
         if self.scorer == "knn":
             return models + (self.index.file, self.labels_file) + calibration
-        return models + (self.mahalanobis.file,) + calibration
+        return models + self.mahalanobis.files + calibration
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -244,7 +260,11 @@ def _check_scorer(m: Manifest) -> None:
         if m.k is not None:
             raise BundleError("must be null for the mahalanobis scorer", field="k")
         mh = m.mahalanobis
-        check_file_name(mh.file, "mahalanobis.file")
+        check_file_name(mh.means_file, "mahalanobis.means_file")
+        check_file_name(mh.precision_file, "mahalanobis.precision_file")
+        if mh.means_file == mh.precision_file:
+            raise BundleError(f"means and precision need two files, got {mh.means_file!r} twice",
+                              field="mahalanobis.precision_file")
         if not (is_int(mh.n_bank) and mh.n_bank >= 1):
             raise BundleError(f"expected a positive integer, got {mh.n_bank!r}",
                               field="mahalanobis.n_bank")
@@ -309,8 +329,44 @@ def _check_json(m: Manifest) -> None:
                               field=name) from None
 
 
-def manifest_digest(d: dict[str, Any]) -> str:
-    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
-    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+def _json_sha256(value: Any) -> str:
+    """SHA-256 (hex) of canonical JSON: sorted keys, compact, no NaN or infinity (ValueError)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
+    return _json_sha256({k: v for k, v in d.items() if k != "manifest_sha256"})
+
+
+def decision_digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of everything in a manifest dict that can change a score or a decision.
+
+    `d` is `Manifest.to_dict()` with `files` filled in (ValueError without: the payload is what
+    the digest is mostly about). It is the canonical JSON of `d` less DESCRIPTIVE_FIELDS (the
+    version itself, the manifest checksum, the export time, the training metadata), so it
+    covers every payload byte through `files` (models, index, labels, any file a scorer adds)
+    and every setting: K, the threshold, the indexed feature, the index factory, preprocessing,
+    class names, the served model and its quantisation, and any field added later."""
+    if not d.get("files"):
+        raise ValueError("decision_digest needs the payload checksums ('files')")
+    return _json_sha256({k: v for k, v in d.items() if k not in DESCRIPTIVE_FIELDS})
+
+
+def derive_model_version(name: str, d: Mapping[str, Any]) -> str:
+    """The model_version of the bundle whose manifest dict is `d`: `"<name>-<12 hex digits of
+    decision_digest(d)>"`, e.g. "run7-3f9a0c1d2e4b".
+
+    `name` is the human-readable part (the run name). Two bundles get the same version only if
+    every decision-relevant byte is equal, so score tables (`rwood-score --resume`), metrics and
+    GetInfo tell them apart. `write_bundle` calls it: every writer of bundles goes through it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"expected a non-empty version name, got {name!r}")
+    return f"{name}-{decision_digest(d)[:_VERSION_HEX]}"
+
+
+def version_name(version: str) -> str:
+    """The human-readable part of a model_version: `version` less the "-<12 hex digits>" that
+    `derive_model_version` appends (unchanged when there is none)."""
+    return _VERSION_SUFFIX.sub("", version) or version

@@ -1,10 +1,12 @@
 """The deployed threshold: calibration images in, `ThresholdInfo` at the target TPR out.
 
 Use `load_calibration_images` to get held-out in-distribution images (the run's calibration.npz,
-a user .npz, or an image folder) at model input, and `calibrate_threshold` on the scores the
-runtime's own `Detector` gives them, so the deployed decision is exactly the calibrated one.
+a user .npz, or an image folder) at model input, and `calibrate_threshold` (defined in
+`detector_server.calibration`, shared with `rwood-bank`) on the scores the runtime's own
+`Detector` gives them, so the deployed decision is exactly the calibrated one.
 The images must not be in the index (DESIGN section 2): the run's calibration split never is;
-a user set is the user's responsibility.
+a user set is checked against the hashes of the bank's images the run keeps (bank_hashes.npy)
+and refused, with the count, when it holds any of them.
 Test: tests/exporter/test_export.py.
 """
 from __future__ import annotations
@@ -14,18 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from detector_server.bundle import ThresholdInfo
+from detector_server.calibration import MIN_CALIBRATION, calibrate_threshold
 from detector_server.errors import DataError, InputError
 from detector_server.listing import IMAGE_EXTENSIONS, list_files, read_file
-from detector_server.metrics import threshold_at_tpr
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
-from trainer.run_dir import CALIBRATION_FILE, RunDir
+from trainer.run_dir import CALIBRATION_FILE, HASHES_FILE, RunDir, image_hashes
 
 __all__ = ["load_calibration_images", "calibrate_threshold", "MIN_CALIBRATION"]
 
 log = logging.getLogger(__name__)
-
-MIN_CALIBRATION = 20                    # fewer images cannot place a 95% threshold at all
 
 
 def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
@@ -36,7 +35,8 @@ def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
     input size); a .npz file with key `images` (uint8 [M, H, W(, C)], resized by `spec`); or a
     folder: its image files (by suffix, as `detector_server.listing.list_files` walks it:
     symlinks followed, hidden entries left out).
-    Raises DataError naming the path when it is missing, malformed or holds < MIN_CALIBRATION.
+    Raises DataError naming the path when it is missing, malformed, holds < MIN_CALIBRATION or
+    holds images of the run's bank (the training images, compared at model input).
     """
     if calibration is None:
         run = RunDir(run_dir)
@@ -52,11 +52,28 @@ def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
             images, source = _from_npz(path, spec), f"npz:{path.resolve()}"
         else:
             raise DataError("expected an .npz file (key 'images') or a folder of images", path=path)
+        _refuse_bank_images(RunDir(run_dir), images, path)
     if len(images) < MIN_CALIBRATION:
         raise DataError(f"{len(images)} calibration images; need at least {MIN_CALIBRATION}",
                         path=path)
     log.info("calibration: %d images from %s", len(images), source)
     return images, source
+
+
+def _refuse_bank_images(run: RunDir, images: np.ndarray, path: Path) -> None:
+    """DataError naming `path` when any of `images` (at model input) is one of the bank's."""
+    bank = run.bank_hashes()
+    if bank is None:
+        log.warning("%s has no %s (written before rwood-train kept them): cannot check that the "
+                    "calibration images are not training images", run.path, HASHES_FILE)
+        return
+    overlap = int(np.isin(image_hashes(images), bank).sum())
+    if overlap:
+        raise DataError(f"{overlap} of the {len(images)} calibration images are training images "
+                        "of this run (in the bank): their scores are those of their own "
+                        "embeddings, so the threshold would be too high. Use held-out "
+                        "in-distribution images, or leave --calibration out to use the run's "
+                        "held-out split", path=path)
 
 
 def _from_npz(path: Path, spec: PreprocessSpec) -> np.ndarray:
@@ -87,21 +104,3 @@ def _from_folder(path: Path, spec: PreprocessSpec) -> np.ndarray:
         except InputError as e:
             raise DataError(e.message, path=f) from None
     return np.stack(out)
-
-
-def calibrate_threshold(scores: np.ndarray, tpr: float, source: str) -> ThresholdInfo:
-    """The largest threshold keeping a fraction >= `tpr` of `scores` (float32 [M], ID images).
-
-    The achieved TPR moves in steps of 1/M (ties can add more); it is recorded as measured with
-    the runtime's own comparison (score >= threshold in float32).
-    """
-    scores = np.asarray(scores, dtype=np.float32)
-    value = threshold_at_tpr(scores, tpr)
-    achieved = float(np.mean(scores >= np.float32(value)))
-    if len(scores) < 200:
-        log.warning("only %d calibration images: the achieved TPR moves in steps of %.1f points",
-                    len(scores), 100.0 / len(scores))
-    log.info("threshold %.6g: TPR %.4f on %d calibration images (target %.4f)", value, achieved,
-             len(scores), tpr)
-    return ThresholdInfo(value=float(value), target_tpr=float(tpr), achieved_tpr=achieved,
-                         n_samples=int(len(scores)), source=source)

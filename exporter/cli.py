@@ -16,6 +16,7 @@ from detector_server.ann import parse_search_params
 from detector_server.bundle import FEATURE_OUTPUTS, SCORERS
 from detector_server.cli_common import Command, run_cli, setup_logging
 from detector_server.index_choice import AUTO, DEFAULT_MIN_RECALL, FLAT_MAX_VALUES
+from trainer.run_dir import K_HELP
 
 from .config import DEFAULT_OPSET
 from .export import export_bundle
@@ -30,18 +31,18 @@ __all__ = ["export_main"]
               help="Bundle directory to write (must not exist unless --force).")
 @click.option("--feature", type=click.Choice(sorted(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Embedding to index and score.")
-@click.option("--k", type=int, default=None,
-              help="KNN neighbours [default: the run's k, else 300 if > 10 classes else 100].")
+@click.option("--k", type=int, default=None, help=K_HELP)
 @click.option("--tpr", type=float, default=0.95, show_default=True,
               help="Fraction of held-out ID images the threshold keeps.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Held-out ID images for the threshold: .npz (key 'images') or an image folder "
-                   "[default: the run's calibration.npz]. Must not overlap the bank.")
+                   "[default: the run's calibration.npz]. At least 20; must not overlap the bank "
+                   "(images the run trained on are refused, with their count).")
 @click.option("--scorer", type=click.Choice(SCORERS), default="knn", show_default=True,
               help="knn: distance to the K-th nearest bank row (a FAISS index of the bank); "
                    "mahalanobis: class means and one shared precision matrix, whose cost does "
                    "not grow with the bank.")
-@click.option("--index", "index_factory", default=AUTO, show_default=True,
+@click.option("--index", "index", default=AUTO, show_default=True,
               help=f"'auto': exact search (Flat) up to {FLAT_MAX_VALUES:,} bank values (rows x "
                    "dims), else an IVF index sized from the bank; or a faiss index_factory string "
                    "('Flat', 'IVF1024,Flat', 'IVF1024,SQ8', 'HNSW32'). An approximate index is "
@@ -53,7 +54,7 @@ __all__ = ["export_main"]
 @click.option("--min-recall", type=float, default=DEFAULT_MIN_RECALL, show_default=True,
               help="Least recall of the K-th neighbour an approximate index may have on the "
                    "calibration images (queries short of K neighbours are always refused).")
-@click.option("--index-memory", "index_memory_mib", type=float, default=None, metavar="MIB",
+@click.option("--index-memory", "index_memory", type=float, default=None, metavar="MIB",
               help="Memory limit of an 'auto' index in MiB: above, vectors are stored as SQ8, "
                    "then PQ codes [default: no limit, float32].")
 @click.option("--check-ood", multiple=True, metavar="NAME=PATH",
@@ -67,8 +68,8 @@ __all__ = ["export_main"]
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def export_main(run_dir: Path, out: Path, feature: str, k: int | None, tpr: float,
-                calibration: Path | None, scorer: str, index_factory: str,
-                search: tuple[str, ...], min_recall: float, index_memory_mib: float | None,
+                calibration: Path | None, scorer: str, index: str,
+                search: tuple[str, ...], min_recall: float, index_memory: float | None,
                 check_ood: tuple[str, ...], quantize: str | None, opset: int,
                 threads: int | None, force: bool, verbose: bool) -> None:
     """Export a finished training run (RUN_DIR with model.pt and bank.npz) as a deployable bundle:
@@ -77,9 +78,9 @@ def export_main(run_dir: Path, out: Path, feature: str, k: int | None, tpr: floa
     setup_logging(verbose)
     params = run_cli(parse_search_params, search)
     path = run_cli(export_bundle, run_dir, out, feature=feature, k=k, tpr=tpr,
-                   calibration=calibration, scorer=scorer, index_factory=index_factory,
+                   calibration=calibration, scorer=scorer, index_factory=index,
                    search_params=params, min_recall=min_recall,
-                   index_memory_mib=index_memory_mib, check_ood=check_ood, quantize=quantize,
+                   index_memory_mib=index_memory, check_ood=check_ood, quantize=quantize,
                    opset=opset, overwrite=force, threads=threads)
     click.echo(str(path))
 

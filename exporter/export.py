@@ -9,11 +9,15 @@ behind, see detector_server.bundle.write_bundle):
    `Embedder`): for knn, index.faiss + labels.npy, the index chosen, its search parameters set
    and checked against exact search by `detector_server.index_choice.choose_index` (refused
    below `min_recall` or when a query gets fewer than K neighbours; the numbers go into the
-   manifest); for mahalanobis, mahalanobis.npz (class means, shared precision);
+   manifest); for mahalanobis, mahalanobis_means.npy and mahalanobis_precision.npy (class
+   means, shared precision);
 4. the threshold: those embeddings scored by a `Detector` on the staged bundle (the runtime's
    exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
    calibration_scores.npy, the reference of the runtime's drift test and score histogram;
-5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
+5. manifest + checksums, atomic rename, and a final `load_bundle` of the result. The model
+   version is the run name plus the digest of everything that decides a score
+   (`detector_server.manifest.derive_model_version`): another K, TPR, feature or index gives
+   another version.
 Test: tests/exporter/test_export.py.
 """
 from __future__ import annotations
@@ -37,7 +41,6 @@ from detector_server.bundle import (
     MahalanobisInfo,
     Manifest,
     ThresholdInfo,
-    file_sha256,
     load_bundle,
     staging_dir,
     write_bundle,
@@ -59,13 +62,11 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "MAHALANOBIS_FILE",
-           "CALIBRATION_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
-MAHALANOBIS_FILE = "mahalanobis.npz"
 CALIBRATION_FILE = "calibration_scores.npy"
 
 
@@ -103,11 +104,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     k = run.choose_k(cfg.k, len(labels)) if knn else None
     images, source = load_calibration_images(run.path, cfg.calibration, spec)
     ood = _load_ood(cfg.check_ood, spec, class_names)
+    name = run.path.resolve().name
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
         dim = int(emb.shape[1])
         manifest = Manifest(
-            model_version=f"{run.path.resolve().name}-{file_sha256(stage / served)[:12]}",
+            model_version=name,             # write_bundle appends the decision digest
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
             index=IndexInfo(len(labels), dim, INDEX_FILE, cfg.feature) if knn else None,
             class_names=tuple(class_names), k=k,
@@ -115,16 +117,15 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
             labels_file=LABELS_FILE, quantization=quant,
             training=_training_metadata(run.path, info), created=_now(), scorer=cfg.scorer,
-            mahalanobis=None if knn else MahalanobisInfo(dim, len(labels), MAHALANOBIS_FILE,
-                                                         cfg.feature))
+            mahalanobis=None if knn else MahalanobisInfo(dim, len(labels), feature=cfg.feature))
         embedder = Embedder(stage / served, manifest, device="cpu",
                             threads=resolve_threads(cfg.threads))
         calib = embedder.embed(images)
         if knn:
-            ood_emb = {name: embedder.embed(x) for name, x in ood.items()}
+            ood_emb = {set_name: embedder.embed(x) for set_name, x in ood.items()}
             manifest = _stage_index(stage, emb, labels, calib, ood_emb, manifest, cfg)
         else:
-            _stage_mahalanobis(stage, emb, labels, len(class_names))
+            _stage_mahalanobis(stage, emb, labels, manifest)
         del embedder
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels if knn else None), device="cpu",
@@ -137,7 +138,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
         log.info("[5/5] writing the bundle")
         write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
                                                 calibration_file=CALIBRATION_FILE),
-                     out, overwrite=cfg.overwrite)
+                     out, overwrite=cfg.overwrite, name=name)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,
@@ -183,11 +184,14 @@ def _stage_index(stage: Path, emb: np.ndarray, labels: np.ndarray, calib: np.nda
     return dataclasses.replace(manifest, index=index)
 
 
-def _stage_mahalanobis(stage: Path, emb: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
-    """Step 3 (mahalanobis): class means and shared precision of the bank rows."""
+def _stage_mahalanobis(stage: Path, emb: np.ndarray, labels: np.ndarray,
+                       manifest: Manifest) -> None:
+    """Step 3 (mahalanobis): class means and shared precision of the bank rows, one .npy each
+    (the files `manifest.mahalanobis` names)."""
     log.info("[3/5] fitting class means and the shared precision on %d x %d bank rows", *emb.shape)
-    means, precision = fit_mahalanobis(emb, labels, num_classes)
-    np.savez(stage / MAHALANOBIS_FILE, means=means, precision=precision)
+    means, precision = fit_mahalanobis(emb, labels, len(manifest.class_names))
+    np.save(stage / manifest.mahalanobis.means_file, means, allow_pickle=False)
+    np.save(stage / manifest.mahalanobis.precision_file, precision, allow_pickle=False)
 
 
 def _check_threshold(manifest: Manifest, threshold: ThresholdInfo) -> None:

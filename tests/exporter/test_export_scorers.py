@@ -44,7 +44,7 @@ def test_ivf_with_nprobe_1_is_refused_with_a_clear_message(tiny_run: Path, tmp_p
                                                "--search", "nprobe=1"])
     assert res.exit_code == 2, res.output
     line = res.output.strip().splitlines()[-1]
-    assert line.startswith("error: field 'search': 'IVF32,Flat' with {'nprobe': 1}: ")
+    assert line.startswith("error: --search: 'IVF32,Flat' with {'nprobe': 1}: ")
     assert "calibration queries got fewer than K=100 neighbours" in line
     assert "so nprobe must be at least 4" in line and not (tmp_path / "b").exists()
 
@@ -82,7 +82,10 @@ def test_option_refusals(tiny_run: Path, tmp_path: Path) -> None:
         assert e.value.field == fld, kwargs
     res = CliRunner().invoke(cli.export_main, [str(tiny_run), "--out", str(tmp_path / "b"),
                                                "--search", "nprobe"])
-    assert res.exit_code == 2 and "error: field 'search': expected NAME=INTEGER" in res.output
+    assert res.exit_code == 2 and "error: --search: expected NAME=INTEGER" in res.output
+    res = CliRunner().invoke(cli.export_main, [str(tiny_run), "--out", str(tmp_path / "b"),
+                                               "--index", "Flat", "--index-memory", "64"])
+    assert res.exit_code == 2 and res.output.startswith("error: --index-memory: "), res.output
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,8 @@ def test_mahalanobis_bundle_matches_rwood_eval(mds_bundle: Path, tiny_run: Path,
     b = load_bundle(mds_bundle)
     m = b.manifest
     assert m.scorer == "mahalanobis" and m.k is None and m.index is None
-    assert set(m.files) == {"model.onnx", "mahalanobis.npz", "calibration_scores.npy"}
+    assert set(m.files) == {"model.onnx", "mahalanobis_means.npy", "mahalanobis_precision.npy",
+                            "calibration_scores.npy"}
     assert m.mahalanobis.n_bank == 950
     det = Detector(b, device="cpu", threads=1)
     images = np.load(data["id"])["images"]

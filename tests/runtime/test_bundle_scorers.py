@@ -3,9 +3,12 @@ overridden and reported; short queries counted; version 1 manifests still load; 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import shutil
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from detector_server.bundle import (
     Manifest,
     load_bundle,
     manifest_digest,
+    version_name,
 )
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
@@ -105,16 +109,18 @@ def _mahalanobis_bundle(tiny_run: Path, tiny_bundle: Path, out: Path,
         means, precision = fit_mahalanobis(f["penultimate"], f["labels"], len(m.class_names))
     mm = dataclasses.replace(m, scorer="mahalanobis", index=None, k=None,
                              mahalanobis=MahalanobisInfo(m.index.dim, m.index.ntotal))
-    write = write or (lambda p: np.savez(p, means=means, precision=precision))
-    return publish(tiny_bundle, out, mm, {"mahalanobis.npz": write}), mm
+    files = {"mahalanobis_means.npy": lambda p: np.save(p, means),
+             "mahalanobis_precision.npy": lambda p: np.save(p, precision), **(write or {})}
+    return publish(tiny_bundle, out, mm, files), mm
 
 
 def test_mahalanobis_bundle_scores_with_the_nearest_mean(tiny_run: Path, tiny_bundle: Path,
                                                          tmp_path: Path, images) -> None:
     out, _ = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "m")
     b = load_bundle(out)
-    assert b.labels is None and set(b.manifest.files) == {"model.onnx", "mahalanobis.npz",
-                                                          "calibration_scores.npy"}
+    assert b.labels is None and set(b.manifest.files) == {
+        "model.onnx", "mahalanobis_means.npy", "mahalanobis_precision.npy",
+        "calibration_scores.npy"}
     det = Detector(b, device="cpu", threads=1)
     means, precision = b.read_mahalanobis()
     emb = det.embed(images).astype(np.float64)
@@ -140,9 +146,82 @@ def test_mahalanobis_manifest_and_file_refusals(tiny_run: Path, tiny_bundle: Pat
         edit(bad)
         with pytest.raises(BundleError, match=f"field '{fld}'"):
             Manifest.from_dict(bad)
-    wrong = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "w", write=lambda p: np.savez(
-        p, means=np.zeros((10, 128), np.float32), precision=np.eye(128)))[0]
-    with pytest.raises(BundleError, match="float64") as e:
+    wrong = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "w", write={
+        "mahalanobis_means.npy": lambda p: np.save(p, np.zeros((10, 128), np.float32))})[0]
+    with pytest.raises(BundleError, match=r"expected float64 \[10, 128\], got float32") as e:
         Detector(wrong, device="cpu", threads=1)
-    assert e.value.path == str(wrong / "mahalanobis.npz") and e.value.field == "means"
+    assert e.value.path == str(wrong / "mahalanobis_means.npy")
+    nan = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "n", write={
+        "mahalanobis_precision.npy": lambda p: np.save(p, np.full((128, 128), np.nan))})[0]
+    with pytest.raises(BundleError, match="NaN or infinity") as e:
+        Detector(nan, device="cpu", threads=1)
+    assert e.value.path == str(nan / "mahalanobis_precision.npy")
     assert IndexInfo(1, 1).search_params == {}          # older bundles: no parameters
+
+
+def test_search_params_check_and_scorer_count_in_the_model_version(tiny_run: Path,
+                                                                   tiny_bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    """Every manifest field but DESCRIPTIVE_FIELDS counts in model_version: the very same files
+    with another nprobe, another export check or another choice are another model, and so is
+    the Mahalanobis scorer of the same run; the export time and training metadata are not."""
+    a = ivf_bundle(tiny_bundle, tmp_path / "a", "IVF16,Flat", {"nprobe": 5})
+    ma = load_bundle(a).manifest
+    same_files = {n: (lambda p, n=n: shutil.copy(a / n, p)) for n in ("index.faiss", "labels.npy")}
+    variants = {"nprobe6": {"search_params": {"nprobe": 6}},
+                "check": {"check": {"recall_kth": 0.999}},
+                "choice": {"choice": {"requested": "IVF16,Flat", "reason": "as requested"}}}
+    versions = {"knn": ma.model_version}
+    for what, change in variants.items():
+        m = dataclasses.replace(ma, index=dataclasses.replace(ma.index, **change))
+        got = load_bundle(publish(a, tmp_path / what, m, same_files)).manifest
+        assert got.files == ma.files                       # every payload byte equal
+        versions[what] = got.model_version
+    versions["mahalanobis"] = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "m")[0]
+    versions["mahalanobis"] = load_bundle(versions["mahalanobis"]).manifest.model_version
+    assert len(set(versions.values())) == len(versions), versions
+    assert {version_name(v) for v in versions.values()} == {tiny_run.name}
+    described = dataclasses.replace(ma, created="2000-01-01T00:00:00", training={"note": "x"})
+    again = load_bundle(publish(a, tmp_path / "described", described, same_files)).manifest
+    assert again.model_version == ma.model_version
+
+
+def test_mahalanobis_files_are_read_within_bounds_never_through_links(
+        tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    """The parameters go through bundle_files.read_npy like labels.npy: with recomputed checksums
+    (whoever can write the bundle can), a header declaring 10^12 values is refused before any
+    data is allocated, a truncated file from its size, and a symbolic link is never followed."""
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1000000, 1000000), }"
+    huge = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "huge", write={
+        "mahalanobis_precision.npy": lambda p: p.write_bytes(_npy(header))})[0]
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match=r"expected float64 \[128, 128\], got float64 "
+                       r"\(1000000, 1000000\)") as e:
+        Detector(huge, device="cpu", threads=1)
+    assert e.value.path == str(huge / "mahalanobis_precision.npy")
+    assert time.perf_counter() - t0 < 5.0
+    cut = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "cut", write={
+        "mahalanobis_means.npy": lambda p: p.write_bytes(_saved(np.zeros((10, 128)))[:-8])})[0]
+    with pytest.raises(BundleError, match="truncated or padded") as e:
+        Detector(cut, device="cpu", threads=1)
+    assert e.value.path == str(cut / "mahalanobis_means.npy")
+    outside = tmp_path / "means_elsewhere.npy"
+    np.save(outside, np.zeros((10, 128)))
+    linked = _mahalanobis_bundle(tiny_run, tiny_bundle, tmp_path / "link", write={
+        "mahalanobis_means.npy": lambda p: p.symlink_to(outside)})[0]
+    with pytest.raises(BundleError, match="symbolic link") as e:
+        load_bundle(linked)
+    assert e.value.path == str(linked / "mahalanobis_means.npy")
+
+
+def _npy(header: str) -> bytes:
+    """A version 1.0 .npy file holding `header` (padded as numpy does) and no data."""
+    h = header.encode("latin1")
+    h += b" " * (63 - (10 + len(h)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h
+
+
+def _saved(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()

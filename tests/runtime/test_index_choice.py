@@ -90,3 +90,12 @@ def test_refusals_name_the_option(emb) -> None:
     with pytest.raises(InputError) as e:
         choose_index(bank, emb["id"], K, factory=" ")
     assert e.value.field == "index"
+
+
+def test_the_recorded_choice_repeats_for_the_same_bank(emb) -> None:
+    """What the manifest records holds no wall-clock time (the build time is logged): it counts
+    in the model version, so the same bank and settings must record the same choice."""
+    bank = noisy_copies(emb["bank"], 10)
+    a, b = (choose_index(bank, emb["id"], K, factory="IVF64,Flat").to_manifest()
+            for _ in range(2))
+    assert a == b and a["trials"] and "build_seconds" not in a

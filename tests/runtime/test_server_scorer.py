@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from detector_server.client import DetectorClient
+from detector_server.errors import InputError
 from detector_server.serve_cli import serve_main
+from detector_server.serve_config import ServeConfig
 from detector_server.server import start_background
 
 
@@ -71,4 +73,17 @@ def test_search_override_reaches_the_served_index(short_bundle: Path, pngs) -> N
 
 def test_serve_cli_refuses_a_malformed_search_flag(short_bundle: Path) -> None:
     res = CliRunner().invoke(serve_main, [str(short_bundle), "--search", "nprobe=many"])
-    assert res.exit_code == 2 and "error: field 'search': expected NAME=INTEGER" in res.output
+    assert res.exit_code == 2 and "error: --search: expected NAME=INTEGER" in res.output
+
+
+@pytest.mark.parametrize("given, fld", [(("nprobe",), "search_params"),
+                                        (("nprobe=1", "nprobe=2"), "search_params"),
+                                        (("nprobe=0",), "search_params.nprobe"),
+                                        ({"nprobe": -1}, "search_params.nprobe")])
+def test_serve_config_checks_search_params_under_its_own_name(given, fld) -> None:
+    """ServeConfig takes --search's strings or a dict and names its own field, which rwood-serve
+    turns into the flag (the CLI's option is the config field, as for every other option)."""
+    with pytest.raises(InputError) as e:
+        ServeConfig(search_params=given)
+    assert e.value.field == fld
+    assert ServeConfig(search_params=("nprobe=8",)).search_params == {"nprobe": 8}
