@@ -19,7 +19,7 @@ Definitions (K = the bundle's k; "exact" = exhaustive inner-product search over 
   fpr_exact, and the set's own recall_kth and short_queries.
 An IVF or HNSW index with exact distances can only miss neighbours, so its scores are never
 above the exact ones: it loses TPR, not FPR. SQ8/PQ codes change the distances both ways.
-Numpy + faiss only. Test: tests/runtime/test_ann_check.py.
+Numpy + faiss only. Test: tests/runtime/test_ann.py.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ the search parameters recorded in the manifest (the ones export checked against 
 applies an operator's override (logged as a warning: the threshold and the export check hold for
 the recorded ones only), describes the index (type, rows, bytes, parameters) and moves it to the
 GPU when asked; for a Mahalanobis bundle it reads the means and the precision matrix. Both
-scorers answer `.score(emb) -> (scores, predicted)`. Test: tests/runtime/test_detector.py.
+scorers answer `.score(emb) -> (scores, predicted)`.
+Test: tests/runtime/test_bundle_scorers.py, tests/runtime/test_server_scorer.py.
 """
 from __future__ import annotations
 

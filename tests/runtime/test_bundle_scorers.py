@@ -1,5 +1,7 @@
 """Bundles with approximate indexes and Mahalanobis scorers: search parameters stored, applied,
-overridden and reported; short queries counted; version 1 manifests still load; refusals."""
+overridden (Detector, rwood-score --search) and reported; short queries counted; version 1
+manifests still load; the model version follows the scorer and its settings; the Mahalanobis
+files read within bundle_files' bounds; refusals."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_images
 from ann_data import ivf_bundle, publish
+from click.testing import CliRunner
+from PIL import Image
 
 from detector_server.bundle import (
     MANIFEST_FILE,
@@ -27,6 +32,8 @@ from detector_server.bundle import (
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, InputError
 from detector_server.mahalanobis import fit_mahalanobis
+from detector_server.score_cli import score_main
+from detector_server.score_table import read_rows
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +232,29 @@ def _saved(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def test_rwood_score_search_overrides_the_bundle_and_names_the_flag(tiny_bundle: Path,
+                                                                  tmp_path: Path) -> None:
+    """rwood-score --search reaches the index: the bundle's nprobe 1 leaves every query short of
+    K = 100 neighbours (score -2), nprobe 64 (every cell) scores them all. The rows keep the
+    bundle's model_version: an override is logged, not a new model."""
+    out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF64,Flat", {"nprobe": 1}, k=100)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(real_images.digits_unseen()[:6]):
+        Image.fromarray(img).save(folder / f"d{i}.png")
+    scores = {}
+    for name, extra in (("bundle", []), ("override", ["--search", "nprobe=64"])):
+        table = tmp_path / f"{name}.csv"
+        res = CliRunner().invoke(score_main, [str(out), str(folder), "--out", str(table),
+                                              "--workers", "0", "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+        rows = read_rows(table)
+        assert len(rows) == 6 and not any(r.error for r in rows)
+        assert {r.model_version for r in rows} == {load_bundle(out).manifest.model_version}
+        scores[name] = np.array([r.score for r in rows])
+    assert (scores["bundle"] == -2).all() and (scores["override"] > -2).all()
+    res = CliRunner().invoke(score_main, [str(out), str(folder), "--out", str(tmp_path / "x.csv"),
+                                          "--search", "nprobe"])
+    assert res.exit_code == 2 and "error: --search: expected NAME=INTEGER" in res.output

@@ -99,3 +99,12 @@ def test_the_recorded_choice_repeats_for_the_same_bank(emb) -> None:
     a, b = (choose_index(bank, emb["id"], K, factory="IVF64,Flat").to_manifest()
             for _ in range(2))
     assert a == b and a["trials"] and "build_seconds" not in a
+
+
+def test_hnsw_gets_the_smallest_passing_ef_search(emb) -> None:
+    """HNSW is tuned like IVF, on efSearch from K up: the stored value passes the check."""
+    c = choose_index(emb["bank"], emb["id"], K, factory="HNSW16")
+    ef = c.search_params["efSearch"]
+    assert ef >= K and ann.current_search_params(c.index) == {"efSearch": ef}
+    assert c.check.short_queries == 0 and c.check.recall_kth >= 0.995
+    assert all(t["recall_kth"] < 0.995 or t["short_queries"] for t in c.trials[:-1])
