@@ -13,6 +13,10 @@ A bundle is one flat directory:
     model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
     index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
     labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
+    sources.json      optional (`manifest.bank`): where each indexed row came from
+                      (detector_server/bank_sources.py)
+    calibration.npy   optional (`manifest.bank.calibration_file`): float32 [M, D] embeddings of
+                      the calibration images, for re-measuring the TPR after a bank edit
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -36,13 +40,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ._faiss import faiss
-from .atomic import fsync_dir, fsync_file, write_json_atomic
+from .atomic import exchange_paths, fsync_dir, fsync_file, write_json_atomic
+from .bank_sources import BankSources
 from .errors import BundleError
 from .manifest import (
     FEATURE_OUTPUTS,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    BankInfo,
     IndexInfo,
     Manifest,
     ThresholdInfo,
@@ -52,8 +58,8 @@ from .manifest import (
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "Manifest", "Bundle", "load_bundle", "write_bundle", "staging_dir",
-           "check_model_io", "file_sha256", "manifest_digest"]
+           "ThresholdInfo", "BankInfo", "Manifest", "Bundle", "load_bundle", "write_bundle",
+           "staging_dir", "check_model_io", "file_sha256", "manifest_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,28 @@ class Bundle:
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise BundleError("index metric is not inner product", path=path)
         return index
+
+    def sources(self) -> BankSources:
+        """Where each indexed row came from; all unknown for a bundle without `manifest.bank`."""
+        m = self.manifest
+        if m.bank is None:
+            return BankSources.unknown(m.index.ntotal)
+        return BankSources.read(self.path / m.bank.sources_file, m.index.ntotal)
+
+    def calibration_embeddings(self) -> np.ndarray | None:
+        """float32 [M, index.dim] embeddings of the calibration images, None when not stored."""
+        m = self.manifest
+        if m.bank is None or m.bank.calibration_file is None:
+            return None
+        path = self.path / m.bank.calibration_file
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read calibration embeddings: {e}", path=path) from None
+        if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[1] != m.index.dim:
+            raise BundleError(f"expected float32 [M, {m.index.dim}], got {emb.dtype} {emb.shape}",
+                              path=path)
+        return emb
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -149,7 +177,7 @@ def _verify_files(root: Path, m: Manifest) -> None:
     mpath = root / MANIFEST_FILE
     if not isinstance(m.files, dict):
         raise BundleError("expected an object of file name -> sha256", path=mpath, field="files")
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
+    for name in m.payload_files:
         if name not in m.files:
             raise BundleError(f"{name!r} has no checksum in the manifest", path=mpath,
                               field="files")
@@ -247,7 +275,9 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     `staging_dir` must hold the manifest's payload files (flat, no manifest.json yet) and be on
     the same filesystem as `out_dir` (use `staging_dir(out_dir)`). The rename is atomic: readers
     see either no bundle or the whole bundle. An existing `out_dir` is refused unless `overwrite`
-    (and then only if it is a bundle or empty); it is moved aside, replaced, then deleted.
+    (and then only if it is a bundle or empty); it is swapped with the new one in one step
+    (`atomic.exchange_paths`; where the system cannot, moved aside and replaced, leaving a moment
+    without a bundle), then deleted.
     Returns `out_dir`. Raises BundleError naming the path at fault.
     """
     stage, out = Path(staging_dir), Path(out_dir)
@@ -256,6 +286,12 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     d = dataclasses.replace(manifest, files=files).to_dict()
     d["manifest_sha256"] = manifest_digest(d)
     write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
+    if out.exists() and exchange_paths(stage, out):
+        # one step: readers (a serving rwood-serve reloading) see the old bundle or the new one
+        fsync_dir(out.parent)
+        shutil.rmtree(stage, ignore_errors=True)     # now the old bundle
+        log.info("replaced bundle %s (%d files)", out, len(files) + 1)
+        return out
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -287,7 +323,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _stage_checksums(stage: Path, m: Manifest) -> dict[str, str]:
     if not stage.is_dir():
         raise BundleError("staging directory not found", path=stage)
-    for name in (m.model_file, m.served_file, m.index.file, m.labels_file):
+    for name in m.payload_files:
         if not (stage / name).is_file():
             raise BundleError("staged bundle lacks a file the manifest names", path=stage / name)
     files: dict[str, str] = {}

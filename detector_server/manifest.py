@@ -23,7 +23,7 @@ from .preprocess import PreprocessSpec
 from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "Manifest", "manifest_digest", "check_file_name"]
+           "ThresholdInfo", "BankInfo", "Manifest", "manifest_digest", "check_file_name"]
 
 FORMAT = "reweightood-bundle"
 FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
@@ -58,6 +58,31 @@ class ThresholdInfo:
 
 
 @dataclass(frozen=True)
+class BankInfo:
+    """Where the bank rows came from and how the bank was edited since export (optional: a bundle
+    without it has rows of unknown origin, no calibration embeddings and no lineage)."""
+
+    sources_file: str = "sources.json"  # per-row origin, index, path (detector_server.bank_sources)
+    calibration_file: str | None = None  # float32 [M, D] embeddings (.npy) of the calibration
+                                        # images: rwood-bank re-measures the TPR after an edit
+    lineage: tuple[dict[str, Any], ...] = ()   # one entry per rwood-bank edit, oldest first
+
+    def __post_init__(self) -> None:
+        check_file_name(self.sources_file, "bank.sources_file")
+        if self.calibration_file is not None:
+            check_file_name(self.calibration_file, "bank.calibration_file")
+        if (isinstance(self.lineage, (str, dict))
+                or not all(isinstance(e, dict) for e in self.lineage)):
+            raise BundleError(f"expected a list of objects, got {self.lineage!r}",
+                              field="bank.lineage")
+        object.__setattr__(self, "lineage", tuple(self.lineage))
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.sources_file,) + ((self.calibration_file,) if self.calibration_file else ())
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about a bundle; `manifest.json` is `to_dict()`.
 
@@ -82,6 +107,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
+    bank: BankInfo | None = None        # row sources, calibration embeddings, edit lineage
     files: dict[str, str] = field(default_factory=dict)
     manifest_sha256: str = ""           # SHA-256 of the other fields (see manifest_digest)
     format: str = FORMAT
@@ -121,6 +147,12 @@ class Manifest:
         return PreprocessSpec.from_dict(self.preprocess)
 
     @property
+    def payload_files(self) -> tuple[str, ...]:
+        """The files the bundle must hold besides manifest.json (each once)."""
+        names = (self.model_file, self.served_file, self.index.file, self.labels_file)
+        return tuple(dict.fromkeys(names + (self.bank.files if self.bank else ())))
+
+    @property
     def indexed_output(self) -> str:
         """Name of the ONNX output whose rows are in the index ("feature" or "projection")."""
         return FEATURE_OUTPUTS[self.index.feature]
@@ -128,6 +160,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["class_names"] = list(self.class_names)
+        if self.bank is None:           # bundles without sources keep their exact old manifest
+            del d["bank"]
+        else:
+            d["bank"]["lineage"] = list(self.bank.lineage)
         return d
 
     @classmethod
@@ -141,6 +177,8 @@ class Manifest:
             kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
             kw["index"] = IndexInfo(**_sub(d, "index", IndexInfo))
             kw["threshold"] = ThresholdInfo(**_sub(d, "threshold", ThresholdInfo))
+            if d.get("bank") is not None:
+                kw["bank"] = BankInfo(**_sub(d, "bank", BankInfo))
             missing = [f.name for f in dataclasses.fields(cls)
                        if f.name not in kw and f.default is dataclasses.MISSING
                        and f.default_factory is dataclasses.MISSING]

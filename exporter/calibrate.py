@@ -1,8 +1,9 @@
 """The deployed threshold: calibration images in, `ThresholdInfo` at the target TPR out.
 
 Use `load_calibration_images` to get held-out in-distribution images (the run's calibration.npz,
-a user .npz, or an image folder) at model input, and `calibrate_threshold` on the scores the
-runtime's own `Detector` gives them, so the deployed decision is exactly the calibrated one.
+a user .npz, or an image folder) at model input, and `calibrate_threshold` (defined in
+`detector_server.calibration`, shared with `rwood-bank`) on the scores the runtime's own
+`Detector` gives them, so the deployed decision is exactly the calibrated one.
 The images must not be in the index (DESIGN section 2): the run's calibration split never is;
 a user set is the user's responsibility.
 Test: tests/exporter/test_export.py.
@@ -15,17 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detector_server.bundle import ThresholdInfo
+from detector_server.calibration import MIN_CALIBRATION, calibrate_threshold
 from detector_server.errors import DataError, InputError
-from detector_server.metrics import threshold_at_tpr
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 from trainer.run_dir import CALIBRATION_FILE, RunDir
 
 __all__ = ["load_calibration_images", "calibrate_threshold", "MIN_CALIBRATION"]
 
 log = logging.getLogger(__name__)
-
-MIN_CALIBRATION = 20                    # fewer images cannot place a 95% threshold at all
 
 
 def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
@@ -83,21 +81,3 @@ def _from_folder(path: Path, spec: PreprocessSpec) -> np.ndarray:
             raise DataError(str(e), path=f) from None
     s = spec.size
     return np.stack(out) if out else np.empty((0, s, s, 3), np.uint8)
-
-
-def calibrate_threshold(scores: np.ndarray, tpr: float, source: str) -> ThresholdInfo:
-    """The largest threshold keeping a fraction >= `tpr` of `scores` (float32 [M], ID images).
-
-    The achieved TPR moves in steps of 1/M (ties can add more); it is recorded as measured with
-    the runtime's own comparison (score >= threshold in float32).
-    """
-    scores = np.asarray(scores, dtype=np.float32)
-    value = threshold_at_tpr(scores, tpr)
-    achieved = float(np.mean(scores >= np.float32(value)))
-    if len(scores) < 200:
-        log.warning("only %d calibration images: the achieved TPR moves in steps of %.1f points",
-                    len(scores), 100.0 / len(scores))
-    log.info("threshold %.6g: TPR %.4f on %d calibration images (target %.4f)", value, achieved,
-             len(scores), tpr)
-    return ThresholdInfo(value=float(value), target_tpr=float(tpr), achieved_tpr=achieved,
-                         n_samples=int(len(scores)), source=source)

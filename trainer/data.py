@@ -40,6 +40,8 @@ class ImageArrays:
     labels: np.ndarray         # int64 [N], in [0, len(class_names))
     class_names: list[str]     # index = label
     source: str                # where the pixels came from (path or package)
+    files: tuple[str, ...] | None = None  # each image's file relative to the folder root
+                                          # ("/"-separated; folder datasets only)
 
 
 Loader = Callable[[str | None, str, int, bool], ImageArrays]  # (path, split, size, download)
@@ -221,7 +223,7 @@ def read_folder(root: str | Path, size: int) -> ImageArrays:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError("expected one sub-folder per class (ROOT/<class>/<images>)", path=str(root))
-    images, labels = [], []
+    images, labels, files = [], [], []
     spec = _spec(size)
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
@@ -232,9 +234,11 @@ def read_folder(root: str | Path, size: int) -> ImageArrays:
             except InputError as e:
                 raise DataError(str(e).split(": ", 1)[-1], path=str(f)) from None
             labels.append(label)
+            files.append(f.relative_to(root).as_posix())
     if not images:
         raise DataError("no image files found under the class folders", path=str(root))
-    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), classes, str(root))
+    return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), classes, str(root),
+                       tuple(files))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -258,8 +262,9 @@ def select_classes(d: ImageArrays, keep: list[int]) -> ImageArrays:
     remap = np.full(len(d.class_names), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     mask = remap[d.labels] >= 0
+    files = None if d.files is None else tuple(f for f, m in zip(d.files, mask) if m)
     return ImageArrays(d.images[mask], remap[d.labels[mask]], [d.class_names[c] for c in keep],
-                       d.source)
+                       d.source, files)
 
 
 def dataset_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -57,6 +57,15 @@ def test_default_bundle_contents(tiny_run: Path, tiny_bundle: Path) -> None:
     index = faiss.read_index(str(tiny_bundle / "index.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), bank["penultimate"])
     np.testing.assert_array_equal(np.load(tiny_bundle / "labels.npy"), bank["labels"])
+    # Every row's source is its training-set index; the calibration embeddings are kept.
+    b = load_bundle(tiny_bundle)
+    sources = b.sources()
+    np.testing.assert_array_equal(sources.index, bank["indices"])
+    assert sources.describe(0) == f"train#{bank['indices'][0]}" and sources.counts() == {
+        "train": index.ntotal}
+    det = Detector(b, device="cpu", threads=2)
+    calibration = np.load(tiny_run / "calibration.npz")["images"]
+    np.testing.assert_allclose(b.calibration_embeddings(), det.embed(calibration), atol=1e-5)
 
 
 def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
@@ -64,7 +73,8 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     m = load_bundle(custom_bundle).manifest
     assert m.index.feature == "projection" and m.k == 20
     assert m.served_file == "model.int8.onnx" and m.quantization["type"] == "int8"
-    assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy"}
+    assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy",
+                            "sources.json", "calibration.npy"}
     assert m.model_version.endswith(file_sha256(custom_bundle / "model.int8.onnx")[:12])
     t = m.threshold
     assert t.source.startswith("npz:") and t.n_samples == 1000

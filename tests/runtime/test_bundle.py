@@ -22,7 +22,7 @@ from detector_server.bundle import (
 )
 from detector_server.errors import BundleError
 
-PAYLOAD = ("model.onnx", "index.faiss", "labels.npy")
+PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "sources.json", "calibration.npy")
 
 
 @pytest.fixture()
