@@ -15,7 +15,7 @@ import click
 
 from .errors import ReweightOODError
 
-__all__ = ["run_cli", "setup_logging", "Command"]
+__all__ = ["run_cli", "setup_logging", "Command", "Group"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,13 @@ class Command(click.Command):
             sys.exit(130)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+
+
+class Group(Command, click.Group):
+    """A click group (a command with subcommands, e.g. `rwood-bank add|remove|info`) that behaves
+    as `Command` does; its subcommands are `Command`s."""
+
+    command_class = Command
 
 
 def run_cli(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
