@@ -35,6 +35,7 @@ from .detector import Detector, ItemResult, merge_results
 from .errors import InputError
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
+from .validate import check_int
 
 __all__ = ["ModelHost", "ModelUnavailable", "INLINE_DECODE_IMAGES", "INLINE_DECODE_PIXELS"]
 
@@ -136,26 +137,27 @@ class ModelHost:
                      f", replacing {old.model_version}" if old is not None else "")
             return det
 
-    async def score(self, images: Sequence[tuple[str, bytes]], deadline: float | None
-                    ) -> tuple[list[ItemResult], str]:
+    async def score(self, images: Sequence[tuple[str, bytes]], deadline: float | None,
+                    neighbors: int = 0) -> tuple[list[ItemResult], str]:
         """Score `(id, encoded bytes)` pairs; returns results in order and the model version used.
+        Each result carries its `neighbors` nearest bank rows (0 = none).
 
-        Raises InputError for no images or more than max_images, ModelUnavailable when there is no
-        model (loading, draining) or too much work is queued, TimeoutError when `deadline`
-        (time.monotonic()) passes first.
+        Raises InputError for no images, more than max_images or `neighbors` outside [0, K],
+        ModelUnavailable when there is no model (loading, draining) or too much work is queued,
+        TimeoutError when `deadline` (time.monotonic()) passes first.
         """
-        det = self._admit(images)
+        det = self._admit(images, neighbors)
         self._admitted += len(images)
         try:
             arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
             batch = None
             if arrays is not None:
-                batch = await self._batcher.score(det, arrays, deadline)
+                batch = await self._batcher.score(det, arrays, deadline, neighbors)
         finally:
             self._admitted -= len(images)
         return self._results(det, images, ok, batch, errors), det.model_version
 
-    def _admit(self, images: Sequence[tuple[str, bytes]]) -> Detector:
+    def _admit(self, images: Sequence[tuple[str, bytes]], neighbors: int) -> Detector:
         """The Detector to use for this request, or the reason it is refused."""
         if not images:
             raise InputError("the request has no images", field="images")
@@ -168,6 +170,7 @@ class ModelHost:
                                    else "the model is still loading")
         if self._admitted and self._admitted + len(images) > self._cfg.max_queue_images:
             raise ModelUnavailable(f"overloaded: {self._admitted} images waiting; retry later")
+        check_int(neighbors, "neighbors", minimum=0, maximum=det.k)
         self._metrics.images.inc(len(images))
         return det
 
@@ -181,7 +184,8 @@ class ModelHost:
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
         return merge_results([id_ for id_, _ in images],
-                             [errors.get(i) for i in range(len(images))], batch, det.class_names)
+                             [errors.get(i) for i in range(len(images))], batch, det.class_names,
+                             det.describe_neighbors)
 
     async def _prepare(self, det: Detector, datas: list[bytes], deadline: float | None):
         """Decode inline when the images are small (cheaper than a thread hop), else on the pool

@@ -50,11 +50,18 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _to_response(results: Sequence[ItemResult], model_version: str, request_id: str
                  ) -> pb.ScoreResponse:
-    return pb.ScoreResponse(
-        results=[pb.Result(id=r.id, score=r.score, is_ood=r.is_ood, error=r.error,
-                           predicted_class=r.predicted_class, predicted_label=r.predicted_label)
-                 for r in results],
-        model_version=model_version, request_id=request_id)
+    return pb.ScoreResponse(results=[_result(r) for r in results], model_version=model_version,
+                            request_id=request_id)
+
+
+def _result(r: ItemResult) -> pb.Result:
+    out = pb.Result(id=r.id, score=r.score, is_ood=r.is_ood, error=r.error,
+                    predicted_class=r.predicted_class, predicted_label=r.predicted_label)
+    if r.neighbors:
+        out.neighbors.extend(pb.Neighbor(row=n.row, class_index=n.class_index, label=n.label,
+                                         similarity=n.similarity, source=n.source,
+                                         source_index=n.source_index) for n in r.neighbors)
+    return out
 
 
 class _Outcome:
@@ -122,7 +129,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
                     ) -> pb.ScoreResponse:
         results, version = await self._host.score([(im.id, im.data) for im in request.images],
-                                                  _deadline(context))
+                                                  _deadline(context), request.neighbors)
         return _to_response(results, version, request.request_id)
 
     @_observed("GetInfo")
@@ -168,7 +175,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         """One stream request's response; a failure is answered in it, the stream stays open."""
         with _handled(self._metrics, "ScoreStream", None) as outcome:
             results, version = await self._host.score(
-                [(im.id, im.data) for im in request.images], deadline)
+                [(im.id, im.data) for im in request.images], deadline, request.neighbors)
             return _to_response(results, version, request.request_id)
         return pb.ScoreResponse(request_id=request.request_id, error_code=outcome.code.value[0],
                                 error=outcome.details)
