@@ -44,6 +44,10 @@ __all__ = ["score_main"]
                    "the cluster; needs the [ray] extra).")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
               help="Images with more pixels get an error row (decompression-bomb guard).")
+@click.option("--neighbors", type=int, default=0,
+              help="Also write each image's N nearest bank rows (row, class, similarity, "
+                   "source), at most the bundle's K: a nested list in JSONL and Parquet, one JSON "
+                   "column in CSV.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:

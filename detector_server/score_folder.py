@@ -99,8 +99,10 @@ class ScoreSummary:
 # ---------------------------------------------------------------- the local engine
 
 def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: int,
-               workers: int | None, device: str, max_pixels: int) -> Iterator[tuple[int, list[Row]]]:
-    """The local engine: yields (files consumed, their rows) per scored batch, in file order.
+               workers: int | None, device: str, max_pixels: int,
+               neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
+    """The local engine: yields (files consumed, their rows) per scored batch, in file order;
+    with `neighbors` > 0 each row lists that many nearest bank rows.
 
     `workers` spawned processes decode chunks of up to `_CHUNK` files (0: in this process);
     the main process holds the one Detector and scores a batch while the workers decode ahead
@@ -125,19 +127,21 @@ def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size
             buf_status += status
             buf_arrays.append(arrays)
             if len(buf_paths) >= batch_size:
-                yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+                yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays,
+                                             neighbors)
                 buf_paths, buf_status, buf_arrays = [], [], []
         if buf_paths:
-            yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+            yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays, neighbors)
     finally:
         decoded.close()
 
 
 def _score(detector: "Detector", paths: list[str], status: list[str | None],
-           arrays: list[np.ndarray]) -> list[Row]:
+           arrays: list[np.ndarray], neighbors: int) -> list[Row]:
     images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    batch = detector.score_arrays(images)
-    return make_rows(paths, status, batch, detector.class_names, detector.model_version)
+    batch = detector.score_arrays(images, neighbors)
+    return make_rows(paths, status, batch, detector.class_names, detector.model_version,
+                     detector.describe_neighbors if neighbors else None)
 
 
 # Engines: name -> "module:function" with iter_local's signature, imported when used (so that
@@ -163,7 +167,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                  device: str = "auto", resume: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ScoreSummary:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, neighbors: int = 0) -> ScoreSummary:
     """Score every image file under `input_dir` with `bundle` into the table `out`.
 
     bundle: a bundle directory (or a loaded `Bundle`); out: *.csv, *.jsonl or *.parquet;
@@ -171,7 +175,9 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     0 = in this process) or Detector actors (ray engine); device: auto|cpu|cuda; resume: keep the
     rows already in `out` / its partial file and score only the other files; plot: also save a
     histogram of all scores in `out` with the threshold line (needs matplotlib); engine: a key of
-    `ENGINES`; progress: show a tqdm bar (images/s, running OOD rate).
+    `ENGINES`; progress: show a tqdm bar (images/s, running OOD rate); neighbors: add to each
+    row its N nearest bank rows (0 <= N <= the bundle's K; `score_table` says how each format
+    holds them).
     Raises InputError (bad option, missing folder, missing pyarrow/matplotlib/ray, resume over
     another model's rows) or BundleError, naming the path or field; bad image files never raise.
     """
@@ -182,17 +188,18 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     _check_options(batch_size, workers, plot, max_pixels)
     run = _engine(engine)
     b = _load_bundle(bundle)
+    check_int(neighbors, "neighbors", minimum=0, maximum=b.manifest.k)
     version = b.manifest.model_version
     exclude = [out, partial_path(out)] + ([Path(plot)] if plot is not None else [])
     files = list_files(input_dir, recursive, exclude)
-    prior = prior_rows(out, resume, version)
+    prior = prior_rows(out, resume, version, neighbors > 0)
     done = {r.path for r in prior}
     todo = [p for p in files if p not in done]
     journal = Journal(out, prior)
     try:
-        counts, times = _consume(run(b, Path(input_dir), todo, batch_size=batch_size,
-                                     workers=workers, device=device, max_pixels=max_pixels),
-                                 journal, len(todo), progress)
+        batches = run(b, Path(input_dir), todo, batch_size=batch_size, workers=workers,
+                      device=device, max_pixels=max_pixels, neighbors=neighbors)
+        counts, times = _consume(batches, journal, len(todo), progress)
         journal.publish(out, fmt)
     except BaseException:
         journal.abandon()

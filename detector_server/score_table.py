@@ -7,6 +7,9 @@ Use `read_rows(path)` to read a table written by `score_folder` (or its partial 
 Rows (`Row`, columns `ROW_FIELDS`): path relative to INPUT ("/"-separated), score (float; empty /
 null on error), is_ood, predicted_label, predicted_class (-1 on error), error ("" when scored),
 model_version. CSV writes booleans as true/false; Parquet needs pyarrow (`OUTPUT_FORMATS`).
+With `rwood-score --neighbors N` a last column `neighbors` holds each image's N nearest bank rows
+(`NEIGHBOR_FIELDS`; [] on error): a list of objects in JSONL, a list of structs in Parquet, one
+JSON array in a CSV cell. Without it the table has no such column.
 
 Crash safety and resume: rows go to `partial_path(OUT)` (OUT.partial.jsonl) as they are scored
 (flushed per batch, fsynced every few seconds); the finished table is published with
@@ -20,7 +23,9 @@ Test: tests/runtime/test_score_folder.py; a real SIGKILL: tests/reliability/test
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -37,13 +42,14 @@ from .errors import InputError
 if TYPE_CHECKING:
     from .detector import ScoreBatch
 
-__all__ = ["ROW_FIELDS", "Row", "make_rows", "OutputFormat", "OUTPUT_FORMATS", "output_format",
-           "read_rows", "partial_path", "Journal", "prior_rows"]
+__all__ = ["ROW_FIELDS", "NEIGHBOR_FIELDS", "Row", "make_rows", "OutputFormat", "OUTPUT_FORMATS",
+           "output_format", "read_rows", "partial_path", "Journal", "prior_rows"]
 
 log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("path", "score", "is_ood", "predicted_label", "predicted_class", "error",
               "model_version")
+NEIGHBOR_FIELDS = ("row", "class_index", "label", "similarity", "source", "source_index")
 _PARQUET_ROWS = 65536           # rows per Parquet row group when finishing
 _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial file
 
@@ -58,21 +64,27 @@ class Row(NamedTuple):
     predicted_class: int        # majority vote of the K neighbours; -1 on error
     error: str                  # "" when scored
     model_version: str          # the bundle's model_version
+    neighbors: Sequence[dict[str, Any]] | None = None  # with --neighbors: NEIGHBOR_FIELDS each
 
 
 def make_rows(paths: Sequence[str], status: Sequence[str | None], batch: "ScoreBatch | None",
-              class_names: Sequence[str], model_version: str) -> list[Row]:
+              class_names: Sequence[str], model_version: str,
+              describe: Callable[..., Any] | None = None) -> list[Row]:
     """Rows for `paths` in order: scored ones take the next entry of `batch` (the decoded images
-    in order), error ones get nan/-1, and status None (not an image) gets no row."""
+    in order), error ones get nan/-1, and status None (not an image) gets no row. With
+    `describe` (`Detector.describe_neighbors`; the batch scored with neighbours) every row has a
+    `neighbors` list (empty on error)."""
     # Imported here, not at the top: decode processes re-import the CLI's main module, which
     # imports this one, and must not load ONNX Runtime and FAISS (detector imports the bundle).
     from .detector import merge_results
 
     kept = [(p, st) for p, st in zip(paths, status) if st is not None]
     results = merge_results([p for p, _ in kept], [st or None for _, st in kept], batch,
-                            class_names)
+                            class_names, describe)
     return [Row(r.id, r.score, r.is_ood, r.predicted_label, r.predicted_class, r.error,
-                model_version) for r in results]
+                model_version,
+                None if describe is None else [dataclasses.asdict(n) for n in r.neighbors])
+            for r in results]
 
 
 # ---------------------------------------------------------------- output formats
@@ -81,6 +93,8 @@ def _row_to_json(row: Row) -> str:
     d = row._asdict()
     if math.isnan(row.score):
         d["score"] = None
+    if row.neighbors is None:
+        del d["neighbors"]
     return json.dumps(d)   # ASCII: a file name that is not UTF-8 survives as \udcXX escapes
 
 
@@ -89,9 +103,21 @@ def _row_from_dict(d: dict[str, Any]) -> Row:
     is_ood = d["is_ood"]
     if isinstance(is_ood, str):
         is_ood = is_ood.lower() == "true"
+    neighbors = d.get("neighbors")
+    if isinstance(neighbors, str):                          # a CSV cell
+        neighbors = json.loads(neighbors) if neighbors else []
     return Row(str(d["path"]), math.nan if score in (None, "") else float(score), bool(is_ood),
                str(d["predicted_label"] or ""), int(d["predicted_class"]), str(d["error"] or ""),
-               str(d["model_version"]))
+               str(d["model_version"]), None if neighbors is None else list(neighbors))
+
+
+def _peek(rows: Iterable[Row]) -> tuple[bool, Iterator[Row]]:
+    """(whether the table has a neighbors column: its first row has one, the rows unchanged)."""
+    it = iter(rows)
+    first = next(it, None)
+    if first is None:
+        return False, iter(())
+    return first.neighbors is not None, itertools.chain([first], it)
 
 
 def _write_jsonl(rows: Iterable[Row], f: io.BufferedWriter) -> None:
@@ -123,11 +149,13 @@ def _read_journal(path: Path) -> Iterator[Row]:
 def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
     text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
     w = csv.writer(text)
-    w.writerow(ROW_FIELDS)
+    with_neighbors, rows = _peek(rows)
+    w.writerow(ROW_FIELDS + (("neighbors",) if with_neighbors else ()))
     for r in rows:
         w.writerow((r.path, "" if math.isnan(r.score) else repr(r.score),
                     "true" if r.is_ood else "false", r.predicted_label, r.predicted_class,
-                    r.error, r.model_version))
+                    r.error, r.model_version)
+                   + ((json.dumps(list(r.neighbors or ())),) if with_neighbors else ()))
     text.flush()
     text.detach()
 
@@ -150,9 +178,14 @@ def _pyarrow() -> Any:
 
 def _write_parquet(rows: Iterable[Row], f: io.BufferedWriter) -> None:
     pa = _pyarrow()
+    with_neighbors, rows = _peek(rows)
+    neighbor = pa.struct([("row", pa.int64()), ("class_index", pa.int64()), ("label", pa.string()),
+                          ("similarity", pa.float64()), ("source", pa.string()),
+                          ("source_index", pa.int64())])
     schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("is_ood", pa.bool_()),
                         ("predicted_label", pa.string()), ("predicted_class", pa.int64()),
-                        ("error", pa.string()), ("model_version", pa.string())])
+                        ("error", pa.string()), ("model_version", pa.string())]
+                       + ([("neighbors", pa.list_(neighbor))] if with_neighbors else []))
     with pa.parquet.ParquetWriter(f, schema) as w:
         chunk: list[Row] = []
         for row in rows:
@@ -164,12 +197,15 @@ def _write_parquet(rows: Iterable[Row], f: io.BufferedWriter) -> None:
 
 
 def _arrow_table(pa: Any, schema: Any, rows: list[Row]) -> Any:
-    cols = list(zip(*rows)) if rows else [[] for _ in ROW_FIELDS]
+    cols = list(zip(*rows)) if rows else [[] for _ in Row._fields]
     scores = [None if math.isnan(s) else s for s in cols[1]]
     # Parquet strings are UTF-8: the bytes of a non-UTF-8 file name are written as \xNN.
     paths = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
              for p in cols[0]]
-    return pa.table([paths, scores, *cols[2:]], schema=schema)
+    rest = list(cols[2:len(ROW_FIELDS)])
+    if "neighbors" in schema.names:
+        rest.append([list(n or ()) for n in cols[len(ROW_FIELDS)]])
+    return pa.table([paths, scores, *rest], schema=schema)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
@@ -270,9 +306,10 @@ def _write_to(path: str, write: Callable[[Iterable[Row], io.BufferedWriter], Non
         write(rows, f)
 
 
-def prior_rows(out: Path, resume: bool, model_version: str) -> list[Row]:
+def prior_rows(out: Path, resume: bool, model_version: str, neighbors: bool = False) -> list[Row]:
     """The rows to keep: with `resume`, those of `out` and of its partial file, once per path.
-    Raises InputError (naming `out`) when they were written by another model."""
+    Raises InputError (naming `out`) when they were written by another model, or with(out)
+    neighbours when this run wants the other (`neighbors`: whether it asks for them)."""
     partial = partial_path(out)
     if not resume:
         if partial.exists():
@@ -288,4 +325,8 @@ def prior_rows(out: Path, resume: bool, model_version: str) -> list[Row]:
     if other:
         raise InputError(f"rows were written by model {sorted(other)[0]!r}, the bundle is "
                          f"{model_version!r}: write to a new --out or drop --resume", path=out)
+    if any((r.neighbors is not None) != neighbors for r in kept.values()):
+        raise InputError(f"rows were written {'without' if neighbors else 'with'} --neighbors: "
+                         "resume with the same --neighbors setting, or write to a new --out",
+                         path=out)
     return list(kept.values())
