@@ -11,7 +11,9 @@ backend state is touched; report.md links exactly the plots written:
   a dashed line;
 - roc.png (with OOD sets only): ROC curve of each OOD set (ID positive);
 - embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings) coloured by class, OOD
-  points overlaid as grey markers.
+  points overlaid as grey markers;
+- neighbors.png (when the bank images can be read back, `trainer.evidence`): the best-scored ID
+  and the worst- and best-scored OOD images, each next to its nearest bank images.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import numpy as np
 from detector_server.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 from .evaluate import Evaluation, evaluate
+from .evidence import SHEET, contact_sheet
 
 __all__ = ["evaluate_run", "write_report", "render_markdown", "detection_table", "quality_table",
            "PLOTS", "pca_2d"]
 
-PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")
+PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png", SHEET)
 _MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
 
 
@@ -57,6 +60,8 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> list[Path]:
     figures = {"embedding_2d.png": _embedding_figure}
     if len(ev.scores) > 1:  # histograms and ROC compare ID with OOD sets: none without them
         figures.update({"score_histograms.png": _histogram_figure, "roc.png": _roc_figure})
+    if ev.evidence is not None and ev.evidence.bank_images is not None:
+        figures[SHEET] = lambda e: contact_sheet(e.evidence)
     plots = [name for name in PLOTS if name in figures]
     for name in plots:
         buf = io.BytesIO()
@@ -133,8 +138,18 @@ def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] =
         if isinstance(q, dict):
             lines.append(f"| {feat} | {q['mean_radius']:.4f} | {q['dispersion']:.4f} |")
     lines += ["", report["embedding_quality"]["note"]]
-    if plots:
-        lines += ["", "## Plots", "", *(f"![{p[:-4]}]({p})" for p in plots)]
+    figures = [p for p in plots if p != SHEET]
+    if figures:
+        lines += ["", "## Plots", "", *(f"![{p[:-4]}]({p})" for p in figures)]
+    if SHEET in plots or report.get("evidence", {}).get("note"):
+        lines += ["", "## Evidence: the nearest bank images", "",
+                  "The best-scored ID images and each OOD set's worst- and best-scored images, "
+                  "each next to the bank rows behind its KNN score (class, similarity, source: "
+                  "`train#i` is row i of the training set)."
+                  " For a bundle with this feature and a Flat index, `rwood-serve` returns "
+                  "these rows for `neighbors`.", ""]
+        lines.append(f"![neighbors]({SHEET})" if SHEET in plots
+                     else f"No contact sheet: {report['evidence']['note']}.")
     return "\n".join(lines) + "\n"
 
 
