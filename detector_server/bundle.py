@@ -59,7 +59,7 @@ from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "BankInfo", "Manifest", "Bundle", "load_bundle", "write_bundle",
-           "staging_dir", "check_model_io", "file_sha256", "manifest_digest"]
+           "staging_dir", "check_model_io", "file_sha256", "manifest_digest", "manifest_stamp"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,19 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 
+def manifest_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What tells one published bundle at `path` from the next: manifest.json's inode, size and
+    mtime (None while there is none). `write_bundle` always publishes a new manifest file."""
+    try:
+        st = (Path(path) / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_LOAD_ATTEMPTS = 3      # a bundle replaced while it is read is read again (rwood-bank --force)
+
+
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -146,9 +159,27 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     `verify_model`) that every ONNX file has the manifest's input and output names, dtypes and
     widths (a CPU session without graph optimisation).
     `Detector` passes `verify_model=False` and checks its own session instead.
+    A bundle replaced while it is read (`manifest_stamp` changed) is read again, so the result
+    is one published bundle, never a mix of two.
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
+    for attempt in range(_LOAD_ATTEMPTS):
+        stamp = manifest_stamp(root)
+        try:
+            bundle = _load(root, verify_model)
+        except BundleError:
+            if attempt + 1 < _LOAD_ATTEMPTS and manifest_stamp(root) != stamp:
+                continue
+            raise
+        if manifest_stamp(root) == stamp:
+            log.debug("loaded bundle %s (model %s)", root, bundle.manifest.model_version)
+            return bundle
+    raise BundleError(f"replaced {_LOAD_ATTEMPTS} times while it was being read; try again",
+                      path=root)
+
+
+def _load(root: Path, verify_model: bool) -> Bundle:
     if not root.is_dir():
         raise BundleError("bundle directory not found", path=root)
     mpath = root / MANIFEST_FILE
@@ -169,7 +200,6 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
             check_model_io(_metadata_session(root / name), manifest, root / name)
-    log.debug("loaded bundle %s (model %s)", root, manifest.model_version)
     return bundle
 
 

@@ -31,8 +31,9 @@ import numpy as np
 from PIL import Image
 
 from .batcher import DynamicBatcher
+from .bundle import manifest_stamp
 from .detector import Detector, ItemResult, merge_results
-from .errors import InputError
+from .errors import BundleError, InputError
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
 from .validate import check_int
@@ -40,6 +41,8 @@ from .validate import check_int
 __all__ = ["ModelHost", "ModelUnavailable", "INLINE_DECODE_IMAGES", "INLINE_DECODE_PIXELS"]
 
 log = logging.getLogger(__name__)
+
+_LOAD_ATTEMPTS = 3      # loads of a bundle that keeps being replaced meanwhile
 
 
 class ModelUnavailable(Exception):
@@ -118,9 +121,24 @@ class ModelHost:
         self._load_lock = asyncio.Lock()
 
     def _build_detector(self) -> Detector:
-        """Runs on a worker thread: load, then warm up so the first request pays no set-up cost."""
-        det = Detector(self.bundle_path, device=self._cfg.device, threads=self._cfg.threads,
-                       max_pixels=self._cfg.max_pixels)
+        """Runs on a worker thread: load, then warm up so the first request pays no set-up cost.
+
+        The Detector opens the model and the index after `load_bundle` has verified them: a
+        bundle replaced meanwhile (rwood-bank --out BUNDLE --force) is loaded again, so the
+        served Detector is always one published bundle."""
+        for attempt in range(_LOAD_ATTEMPTS):
+            stamp = manifest_stamp(self.bundle_path)
+            try:
+                det = Detector(self.bundle_path, device=self._cfg.device,
+                               threads=self._cfg.threads, max_pixels=self._cfg.max_pixels)
+            except BundleError:
+                if attempt + 1 < _LOAD_ATTEMPTS and manifest_stamp(self.bundle_path) != stamp:
+                    continue
+                raise
+            if manifest_stamp(self.bundle_path) == stamp:
+                break
+        else:
+            raise BundleError("replaced again while it was being loaded", path=self.bundle_path)
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))

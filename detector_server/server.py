@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
+from .bundle import manifest_stamp
 from .errors import BundleError, InputError
 from .model_host import ModelHost
 from .serve_config import ServeConfig
@@ -91,15 +92,6 @@ async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> Non
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
-
-
-def _bundle_stamp(bundle: Path) -> tuple[int, ...] | None:
-    """What --watch compares: manifest.json's inode, size and mtime (None while it is missing)."""
-    try:
-        st = (bundle / "manifest.json").stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class DetectorServer:
@@ -204,10 +196,10 @@ class DetectorServer:
         return True
 
     async def _watch(self) -> None:
-        last = _bundle_stamp(self.bundle_path)
+        last = manifest_stamp(self.bundle_path)
         while True:
             await asyncio.sleep(self.config.watch_interval_s)
-            stamp = _bundle_stamp(self.bundle_path)
+            stamp = manifest_stamp(self.bundle_path)
             if stamp is not None and stamp != last:
                 last = stamp
                 log.info("bundle %s changed, reloading", self.bundle_path)
