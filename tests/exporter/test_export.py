@@ -28,10 +28,18 @@ def cifar_test(shared_data: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def custom_bundle(tiny_run: Path, cifar_test: np.ndarray, tmp_path_factory) -> Path:
     """Non-default options in one export: projection index, k=20, int8, 1,000 user calibration
-    images (the first half of the CIFAR-10 test split; never in the bank)."""
+    images (the first half of the CIFAR-10 test split; never in the bank), and a bank whose rows
+    name their files (as a folder dataset's do)."""
     root = tmp_path_factory.mktemp("custom")
     np.savez(root / "calib.npz", images=cifar_test[:1000])
-    return export_bundle(tiny_run, root / "bundle", feature="projection", k=20,
+    run = root / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    with np.load(run / "bank.npz") as f:
+        bank = {k: f[k] for k in f.files}
+    bank["files"] = np.array([f"{bank['class_names'][c]}/{i:04d}.png"
+                              for c, i in zip(bank["labels"], bank["indices"])])
+    np.savez(run / "bank.npz", **bank)
+    return export_bundle(run, root / "bundle", feature="projection", k=20,
                          calibration=root / "calib.npz", quantize="int8", threads=2)
 
 
@@ -88,6 +96,10 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     index = faiss.read_index(str(custom_bundle / "index.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal),
                                   np.load(tiny_run / "bank.npz")["projection"])
+    sources, bank = load_bundle(custom_bundle).sources(), np.load(tiny_run / "bank.npz")
+    np.testing.assert_array_equal(sources.index, bank["indices"])
+    c, i = bank["class_names"][bank["labels"][5]], bank["indices"][5]
+    assert sources.describe(5) == f"train/{c}/{i:04d}.png" and sources.path[5] == f"{c}/{i:04d}.png"
 
 
 def test_int8_model_close_to_float(custom_bundle: Path, cifar_test: np.ndarray) -> None:
