@@ -8,7 +8,10 @@ Measures, in one run, on real CIFAR-10 test images encoded as PNG:
      (`score_images`: decode + model + KNN), the single-image in-process time;
 (b)  the server (`rwood-serve` in its own process) under 1, 8 and 64 concurrent clients, each
      sending one PNG per Score request and waiting for the answer (grpc.aio, one client process
-     on the same 2 cores), plus 64 clients sending 16 PNGs per request (--batched);
+     on the same 2 cores), plus 64 clients sending 16 PNGs per request (--batched); with
+     --neighbors 0,5 each load also asks for the 5 nearest bank rows per image (the cost of the
+     evidence), and with --baseline DIR the same loads (without neighbours) run against the
+     rwood-serve of another checkout (e.g. the one before a change), in the same rounds;
 (c)  a research-style scorer: the run's PyTorch eager model (`trainer.checkpoint.load_model`) +
      a FAISS IndexFlatL2 over the bank, one PIL-decoded image at a time (c1) and in batches of 64.
 Prints images/s, p50/p99 latency (per call) and the ratios the serving issue targets:
@@ -106,12 +109,12 @@ def bench_in_process(bundle: Path, images: np.ndarray, pngs: list[bytes], second
 
 
 # ---- (b) the server ------------------------------------------------------------------------------
-def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+def start_server(bundle: Path, extra: list[str], repo: Path = REPO) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo),
                                                                     os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "detector_server.serve_cli", str(bundle),
                              "--address", "127.0.0.1:0", *extra],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
     for line in proc.stderr:
         m = re.search(r"serving on [^:\s]+:(\d+)", line)
         if m:
@@ -121,14 +124,14 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
 
 
 async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: float,
-                   per_request: int = 1) -> tuple[list[float], float]:
+                   per_request: int = 1, neighbors: int = 0) -> tuple[list[float], float]:
     import grpc
 
     from detector_server._proto import detector_pb2 as pb
     from detector_server._proto import detector_pb2_grpc as pb_grpc
 
     requests = [pb.ScoreRequest(images=[pb.Image(id=str(i + j), data=pngs[(i + j) % len(pngs)])
-                                        for j in range(per_request)])
+                                        for j in range(per_request)], neighbors=neighbors)
                 for i in range(len(pngs))]
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -144,6 +147,7 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
                 response = await stub.Score(requests[i % len(requests)], timeout=30)
                 latencies.append(time.perf_counter() - t)
                 assert len(response.results) == per_request and response.results[0].error == ""
+                assert len(response.results[0].neighbors) == neighbors
                 i += n_clients
 
         t0 = time.perf_counter()
@@ -151,17 +155,20 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
         return latencies, time.perf_counter() - t0
 
 
-def bench_server(bundle: Path, pngs: list[bytes], loads: list[tuple[int, int]], seconds: float,
-                 extra: list[str]) -> list[Row]:
-    """One row per (clients, PNGs per request) in `loads`, all against one server process."""
-    proc, target = start_server(bundle, extra)
+def bench_server(bundle: Path, pngs: list[bytes], loads: list[tuple[int, int, int]],
+                 seconds: float, extra: list[str], repo: Path = REPO, tag: str = "") -> list[Row]:
+    """One row per (clients, PNGs per request, neighbours) in `loads`, all against one server
+    process (of the checkout `repo`; `tag` marks its rows)."""
+    proc, target = start_server(bundle, extra, repo)
     try:
         rows = []
-        for n, per_request in loads:
+        for n, per_request, neighbors in loads:
             srv0, cli0 = _cpu_seconds(proc.pid), _cpu_seconds()
-            lat, el = asyncio.run(_clients(target, pngs, n, seconds, per_request))
-            row = _row(f"(b)  server, {n} client{'s' if n > 1 else ''}, {per_request} PNG"
-                       f"{'s' if per_request > 1 else ''} per request", per_request * len(lat), el, lat)
+            lat, el = asyncio.run(_clients(target, pngs, n, seconds, per_request, neighbors))
+            row = _row(f"(b)  server{tag}, {n} client{'s' if n > 1 else ''}, {per_request} PNG"
+                       f"{'s' if per_request > 1 else ''} per request"
+                       + (f", {neighbors} neighbors" if neighbors else ""),
+                       per_request * len(lat), el, lat)
             row.server_cores = (_cpu_seconds(proc.pid) - srv0) / el
             row.client_cores = (_cpu_seconds() - cli0) / el
             rows.append(row)
@@ -199,14 +206,25 @@ def bench_reference(run_dir: Path, pngs: list[bytes], k: int, seconds: float) ->
 
 
 # ---- driver --------------------------------------------------------------------------------------
+def _cpu_per_image(a: Row, b: Row) -> float:
+    """Server CPU seconds per image of row a over row b."""
+    return (a.server_cores / a.images_per_s) / (b.server_cores / b.images_per_s)
+
+
 def print_table(rows: list[Row]) -> dict[str, float]:
-    by = {r.name[:4].strip() + ",".join(r.name.split(",")[1:]) if r.name.startswith("(b)")
-          else r.name[:4].strip(): r for r in rows}
+    def key(name: str) -> str:       # "(b) [baseline] 8 clients, 1 PNG per request", "(a1)", ...
+        if not name.startswith("(b)"):
+            return name[:4].strip()
+        first, *rest = name.split(",")
+        return "(b)" + (" [baseline]" if "[baseline]" in first else "") + ",".join(rest)
+
+    by = {key(r.name): r for r in rows}
     print(f"\n{'':60s} {'images/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s} "
-          f"{'srv cores':>9s} {'cli cores':>9s}")
-    for r in rows:
+          f"{'srv cores':>9s} {'cli cores':>9s} {'srv ms/img':>10s}")
+    for r in rows:     # server CPU per image: what a busy shared machine skews least
         cores = ("" if r.server_cores is None
-                 else f" {r.server_cores:9.2f} {r.client_cores:9.2f}")
+                 else f" {r.server_cores:9.2f} {r.client_cores:9.2f} "
+                      f"{1e3 * r.server_cores / r.images_per_s:10.3f}")
         print(f"{r.name:60s} {r.images_per_s:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.calls:7d}{cores}")
     a, a1, c1 = by["(a)"], by["(a1)"], by["(c1)"]
     b1, b64 = by.get("(b) 1 client, 1 PNG per request"), by.get("(b) 64 clients, 1 PNG per request")
@@ -217,6 +235,17 @@ def print_table(rows: list[Row]) -> dict[str, float]:
     for name, r in by.items():
         if name.startswith("(b)") and "1 PNG per" not in name:
             ratios[f"{name.split(' ', 1)[1]} / (a)"] = r.images_per_s / a.images_per_s
+        if name.startswith("(b)") and "neighbors" in name:     # the cost of the evidence
+            plain = by.get(name.rsplit(",", 1)[0])
+            if plain:
+                ratios[f"{name} / without"] = r.images_per_s / plain.images_per_s
+                ratios[f"{name} / without, srv CPU per image"] = _cpu_per_image(r, plain)
+        if name.startswith("(b) [baseline]"):                    # this checkout against another
+            ours = by.get(name.replace(" [baseline]", ""))
+            if ours:
+                mine = name.replace(" [baseline]", "")
+                ratios[f"{mine}: this / baseline"] = ours.images_per_s / r.images_per_s
+                ratios[f"{mine}: this / baseline, srv CPU per image"] = _cpu_per_image(ours, r)
     if b1:
         ratios["p50(b@1) - p50(a1) ms  [target <= 2]"] = b1.p50_ms - a1.p50_ms
         ratios["(b@1) / (c1)  [target >= 1.5]"] = b1.images_per_s / c1.images_per_s
@@ -236,6 +265,12 @@ def main() -> None:
     p.add_argument("--batched", default="64x16",
                    help="extra loads CLIENTSxPNGS_PER_REQUEST, comma-separated ('' for none)")
     p.add_argument("--server-args", default="", help="extra rwood-serve flags, e.g. '--max-wait-ms 1'")
+    p.add_argument("--neighbors", default="0",
+                   help="neighbours per image to ask for, comma-separated: every server load "
+                        "runs once per value (e.g. '0,5')")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of the repository: its rwood-serve runs the same loads "
+                        "(without neighbours) in the same rounds, for an A/B comparison")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of every row; each row reports its median round")
     p.add_argument("--json", type=Path, help="also write the rows and ratios here")
@@ -256,12 +291,16 @@ def main() -> None:
 
         k = load_bundle(bundle).manifest.k
         images, pngs = load_pngs(512)
-        loads = [(int(c), 1) for c in args.clients.split(",")] + [
+        base = [(int(c), 1) for c in args.clients.split(",")] + [
             tuple(int(x) for x in b.split("x")) for b in args.batched.split(",") if b]
+        loads = [(c, p, int(n)) for c, p in base for n in args.neighbors.split(",")]
         rounds = []
         for r in range(args.repeat):   # interleaved rounds: load drift hits every row alike
             rows = bench_in_process(bundle, images, pngs, args.seconds)
             rows += bench_server(bundle, pngs, loads, args.seconds, args.server_args.split())
+            if args.baseline is not None:
+                rows += bench_server(bundle, pngs, [(c, p, 0) for c, p in base], args.seconds,
+                                     args.server_args.split(), args.baseline, " [baseline]")
             rows += bench_reference(run, pngs, k, args.seconds)
             rounds.append(rows)
             print(f"round {r + 1}/{args.repeat} done, load average {os.getloadavg()[0]:.1f}",

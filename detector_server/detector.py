@@ -80,7 +80,7 @@ class ScoreBatch:
 
 def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: ScoreBatch | None,
                   class_names: Sequence[str],
-                  describe: "Callable[[np.ndarray, np.ndarray], tuple[Neighbor, ...]] | None" = None
+                  describe: Callable[[np.ndarray, np.ndarray], tuple[Neighbor, ...]] | None = None
                   ) -> list[ItemResult]:
     """One ItemResult per id, in order: where `errors[i]` is set, an error result (score nan,
     predicted_class -1); otherwise the next row of `batch`, which holds the other items in order.
