@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/fuzz.py --bundle BUNDLE [--n 2000] [--seed 0] [--json out.json]
 
-Inputs are real images from ../shared/data in every encoding the runtime accepts (the "score" cases
-of the hostile corpus: PNG, JPEG, GIF, BMP, WebP, TIFF, ICO, 16-bit, CMYK, palette, EXIF, ...),
+Inputs are real images (shipped with scikit-learn: photo patches and a camera JPEG) in every
+encoding the runtime accepts (the "score" cases of the hostile corpus: PNG, JPEG, GIF, BMP, WebP,
+TIFF, ICO, 16-bit, CMYK, palette, EXIF, ...),
 each mutated by 1-3 seeded operators: bit flips, byte overwrites with boundary values, truncation,
 splicing with another image, random insertion, duplicated regions, and patched size fields
 (PNG/GIF/BMP headers claiming huge or odd dimensions). Every input goes
@@ -39,8 +40,7 @@ from typing import Callable
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "reliability")]
-SHARED = Path(os.environ.get("RWOOD_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "reliability")]
 
 from hostile_corpus import build_hostile_corpus  # noqa: E402
 
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16, help="images per Score request")
     ap.add_argument("--passes", type=int, default=4, help="passes of the inputs through the server")
-    ap.add_argument("--data", type=Path, default=SHARED, help="the shared data pack")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="decoder pixel limit (default: the runtime's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from detector_server.preprocess import DEFAULT_MAX_PIXELS
 
     faulthandler.enable()
-    seeds = [c.data for c in build_hostile_corpus(args.data, seed=args.seed) if c.expect == "score"]
+    seeds = [c.data for c in build_hostile_corpus(seed=args.seed) if c.expect == "score"]
     inputs = make_inputs(seeds, args.n, args.seed)
     spec = PreprocessSpec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS

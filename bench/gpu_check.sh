@@ -6,7 +6,7 @@
 #   3. bench/train_throughput.py: ours vs the reference loop, resnet18_cifar, batch 512
 #   4. ONNX parity on CUDA (onnxruntime-gpu), exported with exporter.onnx_export; skipped with a
 #      message when there is no CUDAExecutionProvider (then it checks ORT-CPU against torch-CUDA)
-#   5. (last, optional) the same throughput with torch.compile, if time allows
+#   5. (last, optional) the same throughput with torch.compile and CUDA graphs, if time allows
 # A failed section is reported and the rest still run; the exit status is 1 if any failed.
 #
 #   RWOOD_DATA=DIR bash bench/gpu_check.sh 2>&1 | tee gpu_check.log
@@ -138,7 +138,7 @@ EOF
 WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
 run "3. throughput: ours vs reference (resnet18_cifar, batch 512, $WORKERS workers)" 300 \
     "$PY" bench/train_throughput.py --device cuda --arch resnet18_cifar --batch-size 512 \
-    --steps 50 --warmup 5 --workers "$WORKERS" --data "$DATA"
+    --steps 50 --warmup 5 --workers "$WORKERS" --data "$DATA" --variants eager-bf16,eager-fp32
 
 # ------------------------------------------------------------------------------------------ 4
 run "4. ONNX parity on CUDA (exporter.onnx_export of the run's model)" 240 \
@@ -200,9 +200,9 @@ EOF
 
 # ------------------------------------------------------------------------------------------ 5
 if [[ "${RWOOD_COMPILE:-1}" != "0" ]] && ((SECONDS - START < 300)); then
-    run "5. throughput with torch.compile (ours only)" 180 \
+    run "5. throughput with torch.compile, with and without CUDA graphs (ours only)" 180 \
         "$PY" bench/train_throughput.py --device cuda --arch resnet18_cifar --batch-size 512 \
-        --steps 50 --warmup 5 --compile --skip-reference --data "$DATA"
+        --steps 50 --warmup 5 --variants compile-bf16,cudagraphs-bf16 --skip-reference --data "$DATA"
 else
     section "5. torch.compile throughput: skipped (RWOOD_COMPILE=0 or over 300 s used)"
 fi

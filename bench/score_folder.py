@@ -40,8 +40,9 @@ def write_folder(root: Path, n_cifar: int, n_textures: int, data: Path = SHARED)
     return len(cifar) + len(textures)
 
 
-def make_bundle(work: Path, data: Path = SHARED) -> Path:
-    """A bundle of a 1-epoch small_cnn run on 1,000 CIFAR-10 training images (as the tests)."""
+def make_bundle(work: Path, data: Path = SHARED, arch: str = "small_cnn") -> Path:
+    """A bundle of a 1-epoch `arch` run on 1,000 CIFAR-10 training images (small_cnn: as the
+    tests)."""
     import torch
 
     from exporter.export import export_bundle
@@ -52,7 +53,7 @@ def make_bundle(work: Path, data: Path = SHARED) -> Path:
     npz = work / "cifar10_1k.npz"
     np.savez(npz, images=d["images"][:1000], labels=d["labels"][:1000], classes=d["classes"])
     torch.set_num_threads(2)
-    cfg = resolve_config(overrides=dict(dataset="npz", data=str(npz), arch="small_cnn", epochs=1,
+    cfg = resolve_config(overrides=dict(dataset="npz", data=str(npz), arch=arch, epochs=1,
                                         batch_size=128, lr=0.05, out=str(work / "run"),
                                         device="cpu", seed=0, k=10))
     return export_bundle(train(cfg), work / "bundle", k=10)

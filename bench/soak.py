@@ -5,9 +5,10 @@
 Starts `rwood-serve BUNDLE` as a child process on a free loopback port (CPU, the server's default
 threads), then runs `--clients` concurrent clients (grpc.aio tasks in this process, one channel
 each) for `--warmup` + `--duration` seconds. Each client sends Score requests of 1-8 images: real
-CIFAR-10 PNGs and DTD photos (good), and with probability `--bad-fraction` per image an entry of
-the hostile corpus that must be refused (truncated, random, mislabelled, bombs). Checks: every
-request OK, every good image scored, every bad image refused with a per-item error.
+CIFAR-10 PNGs (the data pack, `--data`) and photo JPEGs (good), and with probability
+`--bad-fraction` per image an entry of the hostile corpus that must be refused (truncated, random,
+mislabelled, bombs). Checks: every request OK, every good image scored, every bad image refused
+with a per-item error.
 Reports requests and images per second, latency p50/p90/p99/max per request, errors by kind, and
 the server's RSS (start, after warm-up, every second, end), threads and file descriptors.
 Growth of RSS after warm-up must stay under `--max-growth` (5%). Exit status 1 on any failure.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "reliability")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "reliability")]
 SHARED = Path(os.environ.get("RWOOD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 from hostile_corpus import build_hostile_corpus, encode, raw_jpeg_files  # noqa: E402
@@ -39,12 +40,12 @@ MAX_DURATION_S, MAX_CLIENTS = 1800, 1024
 
 
 def image_pools(data: Path) -> tuple[list[bytes], list[bytes]]:
-    """(good, bad): 256 CIFAR-10 test PNGs + 16 raw DTD JPEGs; the corpus's must-refuse cases."""
+    """(good, bad): 256 CIFAR-10 test PNGs + 16 photo JPEGs; the corpus's must-refuse cases."""
     from PIL import Image
 
     cifar = np.load(data / "cifar10_test.npz")["images"][:256]
-    good = [encode(Image.fromarray(a), "PNG") for a in cifar] + raw_jpeg_files(data, 16)
-    bad = [c.data for c in build_hostile_corpus(data) if c.expect == "error"]
+    good = [encode(Image.fromarray(a), "PNG") for a in cifar] + raw_jpeg_files(16)
+    bad = [c.data for c in build_hostile_corpus() if c.expect == "error"]
     return good, bad
 
 

@@ -10,7 +10,8 @@ served bundle, `rwood-serve --watch` or SIGHUP picks it up with no failed reques
 
 What a new bundle records (`manifest.bank`): every row's source (`bank_sources`), the lineage
 (one entry per edit: parent version, rows added or removed, from where, when, the threshold
-decision) and the calibration embeddings. Its `model_version` is the exported version plus
+decision) and the calibration embeddings, with their scores on the edited bank as the new
+`calibration_file` (the drift test's reference). Its `model_version` is the exported version plus
 `+bank-<digest of the bank>`. The threshold is kept (and the calibration set's TPR at it is
 re-measured on the stored calibration embeddings: adding rows can only raise KNN scores, removing
 them only lower them) unless `calibration` (held-out ID images of every class, none of them in
@@ -36,7 +37,16 @@ import numpy as np
 from . import bank_index
 from ._faiss import faiss
 from .bank_sources import TRAIN_ORIGIN, BankSources
-from .bundle import BankInfo, Bundle, Manifest, file_sha256, load_bundle, staging_dir, write_bundle
+from .bundle import (
+    BankInfo,
+    Bundle,
+    Manifest,
+    ThresholdInfo,
+    file_sha256,
+    load_bundle,
+    staging_dir,
+    write_bundle,
+)
 from .calibration import MIN_CALIBRATION, calibrate_threshold, tpr_at
 from .detector import Detector
 from .errors import BundleError, DataError, InputError
@@ -44,11 +54,13 @@ from .image_sets import read_image_set
 from .knn import KNNScorer
 from .validate import check_number
 
-__all__ = ["add_images", "remove_rows", "EditReport", "CALIBRATION_EMBEDDINGS_FILE"]
+__all__ = ["add_images", "remove_rows", "EditReport"]
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_EMBEDDINGS_FILE = "calibration.npy"
+# names of the calibration files when the parent bundle has none (the exporter's names)
+CALIBRATION_EMBEDDINGS_FILE, CALIBRATION_SCORES_FILE = ("calibration_embeddings.npy",
+                                                        "calibration_scores.npy")
 _SAME = 1.0 - 1e-5              # cosine at or above which a calibration image is a bank row
 
 
@@ -199,20 +211,27 @@ def _publish(b: Bundle, det: Detector, index: faiss.Index, labels: np.ndarray,
              sources: BankSources, class_names: tuple[str, ...], out: Path, entry: dict[str, Any],
              calibration: str | os.PathLike | None, tpr: float | None, overwrite: bool,
              exact: np.ndarray | None) -> EditReport:
-    """Stage index, labels, sources, calibration embeddings and the unchanged payload files,
-    decide the threshold, write the manifest through `write_bundle`, verify the result."""
+    """Stage index, labels, sources, the calibration embeddings and scores and the unchanged
+    payload files, decide the threshold, write the manifest through `write_bundle`, verify."""
     m = b.manifest
     scorer = KNNScorer(index, labels, m.k, num_classes=len(class_names))
-    threshold, cal_emb, entry["threshold"] = _threshold(b, det, scorer, calibration, tpr, exact)
+    cal = _threshold(b, det, scorer, calibration, tpr, exact)
+    entry["threshold"] = cal.record
+    bank = m.bank or BankInfo()
+    emb_file = bank.calibration_embeddings_file or CALIBRATION_EMBEDDINGS_FILE
+    scores_file = m.calibration_file or CALIBRATION_SCORES_FILE
     with staging_dir(out) as stage:
         faiss.write_index(index, str(stage / m.index.file))
         np.save(stage / m.labels_file, labels, allow_pickle=False)
-        bank = m.bank or BankInfo()
         sources.write(stage / bank.sources_file)
-        cal_file = bank.calibration_file or CALIBRATION_EMBEDDINGS_FILE
-        if cal_emb is not None:
-            np.save(stage / cal_file, cal_emb, allow_pickle=False)
-        rewritten = {m.index.file, m.labels_file, bank.sources_file, cal_file}
+        if cal.embeddings is not None:      # the calibration set and its scores on the new bank
+            np.save(stage / emb_file, cal.embeddings, allow_pickle=False)
+            np.save(stage / scores_file, cal.scores, allow_pickle=False)
+        elif m.calibration_file is not None:
+            log.warning("the bundle's calibration scores cannot be scored again on the edited "
+                        "bank (no calibration embeddings): they are left out, and with them the "
+                        "drift test; pass --calibration to store new ones")
+        rewritten = {m.index.file, m.labels_file, bank.sources_file, emb_file, scores_file}
         for name in m.files:            # the models and anything else the bundle carries
             if name not in rewritten:
                 shutil.copy2(b.path / name, stage / name)
@@ -222,10 +241,12 @@ def _publish(b: Bundle, det: Detector, index: faiss.Index, labels: np.ndarray,
         version = f"{root}+bank-{digest[:12]}"
         entry = {"parent": m.model_version, "version": version,
                  "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
+        stored = cal.embeddings is not None
         manifest = dataclasses.replace(
-            m, model_version=version, class_names=class_names, threshold=threshold,
+            m, model_version=version, class_names=class_names, threshold=cal.threshold,
             index=dataclasses.replace(m.index, ntotal=int(len(labels))),
-            bank=BankInfo(bank.sources_file, cal_file if cal_emb is not None else None,
+            calibration_file=scores_file if stored else None,
+            bank=BankInfo(bank.sources_file, emb_file if stored else None,
                           bank.lineage + (entry,)), files={}, manifest_sha256="")
         write_bundle(stage, manifest, out, overwrite=overwrite)
     load_bundle(out)
@@ -234,35 +255,48 @@ def _publish(b: Bundle, det: Detector, index: faiss.Index, labels: np.ndarray,
     return EditReport(out, m.model_version, version, m.index.ntotal, int(len(labels)), entry)
 
 
+@dataclass(frozen=True)
+class _Calibration:
+    """The threshold decision of one edit."""
+
+    threshold: ThresholdInfo
+    embeddings: np.ndarray | None       # float32 [M, D], the calibration set to store
+    scores: np.ndarray | None           # float32 [M], their scores on the edited bank
+    record: dict[str, Any]              # the lineage entry's "threshold"
+
+
 def _threshold(b: Bundle, det: Detector, scorer: KNNScorer,
                calibration: str | os.PathLike | None, tpr: float | None,
-               exact: np.ndarray | None) -> tuple[Any, np.ndarray | None, dict[str, Any]]:
-    """(ThresholdInfo, calibration embeddings to store, the lineage's threshold record)."""
+               exact: np.ndarray | None) -> _Calibration:
+    """Keep the threshold (and re-measure the stored calibration set at it), or set it again on
+    the `calibration` images; `scorer` is the edited bank's."""
     old: Manifest = b.manifest
     value = old.threshold.value
     if calibration is None:
-        cal = b.calibration_embeddings()
-        if cal is None:
-            return old.threshold, None, {"mode": "kept", "value": value}
-        before = tpr_at(det.score_embeddings(cal).scores, value)
-        after = tpr_at(scorer.score(cal)[0], value)
+        emb = b.calibration_embeddings()
+        if emb is None:
+            return _Calibration(old.threshold, None, None, {"mode": "kept", "value": value})
+        before = tpr_at(det.score_embeddings(emb).scores, value)
+        scores = scorer.score(emb)[0]
+        after = tpr_at(scores, value)
         log.info("threshold kept at %.6g: calibration TPR %.4f -> %.4f (%d images)", value,
-                 before, after, len(cal))
-        return (dataclasses.replace(old.threshold, achieved_tpr=after), cal,
-                {"mode": "kept", "value": value, "calibration_tpr_before": before,
-                 "calibration_tpr_after": after, "n": int(len(cal))})
+                 before, after, len(emb))
+        return _Calibration(dataclasses.replace(old.threshold, achieved_tpr=after), emb, scores,
+                            {"mode": "kept", "value": value, "calibration_tpr_before": before,
+                             "calibration_tpr_after": after, "n": int(len(emb))})
     images = read_image_set(calibration, det.prepare, need_labels=False)
     if len(images) < MIN_CALIBRATION:
         raise DataError(f"{len(images)} calibration images; need at least {MIN_CALIBRATION}",
                         path=calibration)
-    cal = det.embed(images.images)
-    _check_not_in_bank(cal, scorer, exact, images.paths, calibration)
-    scores = scorer.score(cal)[0]
+    emb = det.embed(images.images)
+    _check_not_in_bank(emb, scorer, exact, images.paths, calibration)
+    scores = scorer.score(emb)[0]
     target = old.threshold.target_tpr if tpr is None else tpr
     info = calibrate_threshold(scores, target, f"rwood-bank:{images.source}")
-    return info, cal, {"mode": "recalibrated", "previous": value, "value": info.value,
-                       "achieved_tpr": info.achieved_tpr, "n": info.n_samples,
-                       "source": images.source, "previous_threshold_tpr": tpr_at(scores, value)}
+    return _Calibration(info, emb, scores, {
+        "mode": "recalibrated", "previous": value, "value": info.value,
+        "achieved_tpr": info.achieved_tpr, "n": info.n_samples, "source": images.source,
+        "previous_threshold_tpr": tpr_at(scores, value)})
 
 
 def _check_not_in_bank(cal: np.ndarray, scorer: KNNScorer, exact: np.ndarray | None,

@@ -13,10 +13,14 @@ A bundle is one flat directory:
     model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
     index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
     labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
+    calibration_scores.npy  float32 [M], the KNN scores of the M calibration images that set the
+                      threshold: the reference of the drift test and of the server's score
+                      histogram (`Manifest.calibration_file`; absent from older bundles)
     sources.json      optional (`manifest.bank`): where each indexed row came from
                       (detector_server/bank_sources.py)
-    calibration.npy   optional (`manifest.bank.calibration_file`): float32 [M, D] embeddings of
-                      the calibration images, for re-measuring the TPR after a bank edit
+    calibration_embeddings.npy  optional (`manifest.bank.calibration_embeddings_file`): float32
+                      [M, D] embeddings of the calibration images, so a bank edit can score them
+                      again
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -90,6 +94,22 @@ class Bundle:
     def spec(self) -> PreprocessSpec:
         return self.manifest.spec
 
+    def calibration_scores(self) -> np.ndarray | None:
+        """The calibration images' scores, float32 [threshold.n_samples] (finite), or None for a
+        bundle exported before they were stored. BundleError naming the file when unusable."""
+        name = self.manifest.calibration_file
+        if name is None:
+            return None
+        path, n = self.path / name, self.manifest.threshold.n_samples
+        try:
+            scores = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
+        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
+                              f"{scores.dtype} {scores.shape}", path=path)
+        return scores
+
     def read_index(self) -> faiss.Index:
         """Read the FAISS index (CPU) and check its size, width and metric against the manifest."""
         path, ix = self.index_path, self.manifest.index
@@ -115,9 +135,9 @@ class Bundle:
     def calibration_embeddings(self) -> np.ndarray | None:
         """float32 [M, index.dim] embeddings of the calibration images, None when not stored."""
         m = self.manifest
-        if m.bank is None or m.bank.calibration_file is None:
+        if m.bank is None or m.bank.calibration_embeddings_file is None:
             return None
-        path = self.path / m.bank.calibration_file
+        path = self.path / m.bank.calibration_embeddings_file
         try:
             emb = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:

@@ -20,10 +20,13 @@ __all__ = ["run_cli", "setup_logging", "Command", "Group"]
 T = TypeVar("T")
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with a short format; INFO by default, DEBUG with `verbose`."""
+def setup_logging(verbose: bool = False, tag: str = "") -> None:
+    """Log to stderr with a short format; INFO by default, DEBUG with `verbose`. `tag` ("worker 1")
+    goes in every line, to tell processes apart in one log."""
+    where = f"[{tag}] " if tag else ""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
+                        stream=sys.stderr)
     if not verbose:  # faiss logs which SIMD build it loaded, six lines before anything useful
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import runtime
 from .bundle import Bundle, check_model_io, load_bundle
+from .drift import calibration_rank, expected_ood_rate
 from .errors import InputError
 from .knn import KNNScorer, index_to_device
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
@@ -116,7 +117,10 @@ class Detector:
         max_batch: images per model call inside `embed` (default from the input size: 256 at
             32x32, fewer for larger inputs); bounds memory for large arrays.
     Attributes: bundle, manifest, spec, model_version, threshold, k, class_names, providers,
-        device ("cuda" or "cpu", where the model runs), index_device, threads, max_pixels.
+        device ("cuda" or "cpu", where the model runs), index_device, threads, max_pixels,
+        calibration (the bundle's calibration scores sorted, float32 [M], or None for a bundle
+        without them), expected_ood_ratio (share of them below the threshold; else
+        1 - the manifest's achieved TPR).
     Raises BundleError for a bundle that fails verification, InputError for bad options.
     """
 
@@ -128,6 +132,10 @@ class Detector:
         m = bundle.manifest
         self.bundle, self.manifest, self.spec = bundle, m, bundle.spec
         self.model_version, self.threshold, self.k = m.model_version, float(m.threshold.value), m.k
+        calibration = bundle.calibration_scores()
+        self.calibration = None if calibration is None else np.sort(calibration)
+        self.expected_ood_ratio = (1.0 - float(m.threshold.achieved_tpr) if calibration is None
+                                   else expected_ood_rate(calibration, self.threshold))
         self.class_names: tuple[str, ...] = m.class_names
         self.max_pixels = check_int(max_pixels, "max_pixels", minimum=1)
         s = self.spec.size
@@ -140,9 +148,10 @@ class Detector:
         check_model_io(self._session, m, path)
         self._output, self._dim = m.indexed_output, m.index.dim
         runtime.set_faiss_threads(self.threads)
-        use_gpu = self.device == "cuda" and runtime.faiss_gpu_count() > 0
+        index_device = runtime.faiss_device(device, self.device)
+        use_gpu = index_device != "cpu"
         self.index_device = "cuda" if use_gpu else "cpu"
-        index = index_to_device(bundle.read_index(), "cuda" if use_gpu else "cpu")
+        index = index_to_device(bundle.read_index(), index_device)
         self._scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(self.class_names))
         self.sources = bundle.sources()
         self._gpu_lock = threading.Lock() if use_gpu else None  # GPU resources are not thread-safe
@@ -201,6 +210,11 @@ class Detector:
             out.append(Neighbor(row, c, self.class_names[c], float(sim),
                                 self.sources.describe(row), int(self.sources.index[row])))
         return tuple(out)
+
+    def calibration_rank(self, scores: np.ndarray) -> np.ndarray | None:
+        """Each score's place among the calibration scores (share of them <= it), float64 [N] in
+        [0, 1]; None when the bundle has no calibration scores (see `drift.calibration_rank`)."""
+        return None if self.calibration is None else calibration_rank(scores, self.calibration)
 
     def prepare(self, item: "bytes | Image.Image | np.ndarray") -> np.ndarray:
         """Decode (bytes) and resize one item by the bundle's rule -> uint8 [S, S, 3].

@@ -63,14 +63,15 @@ class BankInfo:
     without it has rows of unknown origin, no calibration embeddings and no lineage)."""
 
     sources_file: str = "sources.json"  # per-row origin, index, path (detector_server.bank_sources)
-    calibration_file: str | None = None  # float32 [M, D] embeddings (.npy) of the calibration
-                                        # images: rwood-bank re-measures the TPR after an edit
+    calibration_embeddings_file: str | None = None  # float32 [M, D] (.npy) embeddings of the
+                                        # calibration images (those of Manifest.calibration_file's
+                                        # scores): rwood-bank scores them again after an edit
     lineage: tuple[dict[str, Any], ...] = ()   # one entry per rwood-bank edit, oldest first
 
     def __post_init__(self) -> None:
         check_file_name(self.sources_file, "bank.sources_file")
-        if self.calibration_file is not None:
-            check_file_name(self.calibration_file, "bank.calibration_file")
+        if self.calibration_embeddings_file is not None:
+            check_file_name(self.calibration_embeddings_file, "bank.calibration_embeddings_file")
         if (isinstance(self.lineage, (str, dict))
                 or not all(isinstance(e, dict) for e in self.lineage)):
             raise BundleError(f"expected a list of objects, got {self.lineage!r}",
@@ -79,7 +80,8 @@ class BankInfo:
 
     @property
     def files(self) -> tuple[str, ...]:
-        return (self.sources_file,) + ((self.calibration_file,) if self.calibration_file else ())
+        emb = self.calibration_embeddings_file
+        return (self.sources_file,) + ((emb,) if emb else ())
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Manifest:
     input_name: str = "image"
     labels_file: str = "labels.npy"
     quantization: dict[str, Any] | None = None   # how served_file was quantised, None for float
+    calibration_file: str | None = None  # float32 [threshold.n_samples]: the calibration images'
+                                        # scores (drift reference); None in older bundles
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
     bank: BankInfo | None = None        # row sources, calibration embeddings, edit lineage
@@ -122,6 +126,8 @@ class Manifest:
                               field="format_version")
         for name in ("model_file", "served_file", "labels_file"):
             check_file_name(getattr(self, name), name)
+        if self.calibration_file is not None:
+            check_file_name(self.calibration_file, "calibration_file")
         check_file_name(self.index.file, "index.file")
         try:
             spec = PreprocessSpec.from_dict(self.preprocess)
@@ -149,8 +155,10 @@ class Manifest:
     @property
     def payload_files(self) -> tuple[str, ...]:
         """The files the bundle must hold besides manifest.json (each once)."""
-        names = (self.model_file, self.served_file, self.index.file, self.labels_file)
-        return tuple(dict.fromkeys(names + (self.bank.files if self.bank else ())))
+        names = (self.model_file, self.served_file, self.index.file, self.labels_file,
+                 self.calibration_file)
+        return tuple(dict.fromkeys(n for n in names + (self.bank.files if self.bank else ())
+                                   if n is not None))
 
     @property
     def indexed_output(self) -> str:

@@ -103,7 +103,8 @@ class ModelHost:
     """Owns the serving Detector, the decode pool and the batcher. Create and use on one event loop.
 
     `score` is the whole scoring path for encoded images; `load` builds a Detector from the bundle
-    path off the event loop and swaps it in (raising on failure, leaving the old one in place).
+    path off the event loop and swaps it in (raising on failure, leaving the old one in place);
+    `build` and `swap` are its two halves, for reloads that several processes agree on first.
     """
 
     def __init__(self, bundle: str | os.PathLike, config: ServeConfig, metrics: ServerMetrics):
@@ -116,8 +117,8 @@ class ModelHost:
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
-        # Read at scrape time, so the gauge falls back to 0 when the queue drains.
-        metrics.queue_images.set_function(lambda: self._batcher.queued_images)
+        # Read at scrape time (or every second with --workers), so it falls back to 0 when idle.
+        metrics.gauge_from(metrics.queue_images, lambda: self._batcher.queued_images)
         self._load_lock = asyncio.Lock()
 
     def _build_detector(self) -> Detector:
@@ -147,13 +148,21 @@ class ModelHost:
     async def load(self) -> Detector:
         """Load the bundle again and serve it; raises (BundleError, ...) and keeps the old model."""
         async with self._load_lock:
-            det = await asyncio.get_running_loop().run_in_executor(None, self._build_detector)
-            old, self.detector = self.detector, det
-            self._metrics.set_model(det.model_version)
-            log.info("serving model %s from %s (device %s, providers %s)%s", det.model_version,
-                     self.bundle_path, det.device, ",".join(det.providers),
-                     f", replacing {old.model_version}" if old is not None else "")
-            return det
+            return self.swap(await self.build())
+
+    async def build(self) -> Detector:
+        """A new Detector from the bundle path, loaded and warmed up off the event loop but not
+        served yet; raises (BundleError, ...) when the bundle cannot be loaded."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._build_detector)
+
+    def swap(self, det: Detector) -> Detector:
+        """Serve `det` from the next request on (requests in flight finish on the old one)."""
+        old, self.detector = self.detector, det
+        self._metrics.set_model(det.model_version, det.expected_ood_ratio)
+        log.info("serving model %s from %s (device %s, providers %s)%s", det.model_version,
+                 self.bundle_path, det.device, ",".join(det.providers),
+                 f", replacing {old.model_version}" if old is not None else "")
+        return det
 
     async def score(self, images: Sequence[tuple[str, bytes]], deadline: float | None,
                     neighbors: int = 0) -> tuple[list[ItemResult], str]:
@@ -199,6 +208,9 @@ class ModelHost:
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
+            ranks = det.calibration_rank(batch.scores)
+            if ranks is not None:
+                self._metrics.observe_ranks(det.model_version, ranks)
         for i, message in errors.items():
             self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
         return merge_results([id_ for id_, _ in images],

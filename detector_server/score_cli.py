@@ -8,10 +8,14 @@ Examples:
         --out scores.jsonl --recursive --engine ray --workers 16
 
 One row per image file (which files: detector_server/score_decode.py; the table:
-detector_server/score_table.py); bad files get an error row and never stop the run. Exit
-status 2 with a one-line message for a bad bundle, folder or option.
+detector_server/score_table.py); bad files get an error row and never stop the run. The run
+ends with a drift test of the table's scores against the bundle's calibration scores
+(detector_server/drift.py). Exit status 2 with a one-line message for a bad bundle, folder or
+option; 3 with --fail-on-drift ALPHA when the drift test's p-value is below ALPHA.
 """
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -48,6 +52,10 @@ __all__ = ["score_main"]
               help="Also write each image's N nearest bank rows (row, class, similarity, "
                    "source), at most the bundle's K: a nested list in JSONL and Parquet, one JSON "
                    "column in CSV.")
+@click.option("--fail-on-drift", "drift_alpha", type=float, default=None, metavar="ALPHA",
+              help="Exit with status 3 when the drift test (two-sample Kolmogorov-Smirnov of the "
+                   "scores against the bundle's calibration scores) has a p-value below ALPHA "
+                   "(in (0, 0.5], e.g. 0.01), for pipelines. Without it the test is reported only.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:
@@ -55,6 +63,8 @@ def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: 
     setup_logging(verbose)
     summary = run_cli(score_folder, bundle, input_dir, out, **options)
     click.echo(summary.describe())
+    if summary.drift is not None and summary.drift.drifted:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

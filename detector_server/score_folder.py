@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import score_plot
+from .drift import MIN_SCORES, DriftReport, drift_test
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_decode import DecodeAhead, list_files
 from .score_table import Journal, Row, make_rows, output_format, partial_path, prior_rows, read_rows
-from .validate import check_int
+from .validate import check_int, check_number
 
 # ONNX Runtime and FAISS are imported only where a bundle is loaded or scored, not at the top:
 # spawned decode processes re-import the main module (rwood-score's), which imports this one.
@@ -66,6 +67,8 @@ class ScoreSummary:
     startup_s: float = 0.0      # of which until the first batch was scored (model load, workers)
     first_batch: int = 0        # files in that first batch
     plot: Path | None = None
+    drift: DriftReport | None = None    # every score in `out` against the calibration scores
+    drift_note: str = ""        # why there is no drift report (old bundle, too few scores)
 
     @property
     def images_per_s(self) -> float:
@@ -93,6 +96,17 @@ class ScoreSummary:
                  f"output      {self.out}"]
         if self.plot is not None:
             lines.append(f"plot        {self.plot}")
+        d = self.drift
+        if d is None:
+            lines.append(f"drift test  skipped: {self.drift_note}")
+        else:
+            verdict = "" if d.alpha is None else (
+                f"; {'DRIFT' if d.drifted else 'no drift'} at alpha {d.alpha:g}")
+            lines.append(f"drift test  two-sample KS of {d.n} scores vs {d.n_calibration} "
+                         f"calibration scores: statistic {d.statistic:.4f}, p-value "
+                         f"{d.pvalue:.3g}{verdict}")
+            lines.append(f"OOD rate    {d.ood_rate:.1%} of the scores in the output (expected "
+                         f"{d.expected_ood_rate:.1%}, the calibration scores' rate)")
         return "\n".join(lines)
 
 
@@ -167,7 +181,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
                  batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
                  device: str = "auto", resume: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, neighbors: int = 0) -> ScoreSummary:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, neighbors: int = 0,
+                 drift_alpha: float | None = None) -> ScoreSummary:
     """Score every image file under `input_dir` with `bundle` into the table `out`.
 
     bundle: a bundle directory (or a loaded `Bundle`); out: *.csv, *.jsonl or *.parquet;
@@ -177,7 +192,11 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     histogram of all scores in `out` with the threshold line (needs matplotlib); engine: a key of
     `ENGINES`; progress: show a tqdm bar (images/s, running OOD rate); neighbors: add to each
     row its N nearest bank rows (0 <= N <= the bundle's K; `score_table` says how each format
-    holds them).
+    holds them); drift_alpha: significance level (0, 0.5] of the drift test that ends every run
+    (`ScoreSummary.drift.drifted` says if it found drift; without it the test is reported, never
+    decided). The test compares every score in
+    `out` (resumed rows too) with the bundle's calibration scores (`detector_server.drift`); it is
+    skipped, with `drift_note` saying why, for a bundle exported without them.
     Raises InputError (bad option, missing folder, missing pyarrow/matplotlib/ray, resume over
     another model's rows) or BundleError, naming the path or field; bad image files never raise.
     """
@@ -186,6 +205,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     if not out.parent.is_dir():
         raise InputError("the folder of the output file does not exist", path=out.parent)
     _check_options(batch_size, workers, plot, max_pixels)
+    if drift_alpha is not None:
+        check_number(drift_alpha, "fail_on_drift", above=0.0, maximum=0.5)
     run = _engine(engine)
     b = _load_bundle(bundle)
     check_int(neighbors, "neighbors", minimum=0, maximum=b.manifest.k)
@@ -204,12 +225,26 @@ def score_folder(bundle: "str | os.PathLike | Bundle", input_dir: str | os.PathL
     except BaseException:
         journal.abandon()
         raise
+    scores = np.array([r.score for r in read_rows(out)], dtype=np.float64)   # NaN: error rows
     plot_path = None
     if plot is not None:
-        scores = np.array([r.score for r in read_rows(out)], dtype=np.float64)
         plot_path = score_plot.plot_scores(scores, b.manifest.threshold.value, plot, title=version)
+    drift, note = _drift(b, scores, drift_alpha)
     return ScoreSummary(out, len(files), len(files) - len(todo), counts["scored"], counts["ood"],
-                        counts["errors"], counts["skipped"], *times, plot=plot_path)
+                        counts["errors"], counts["skipped"], *times, plot=plot_path, drift=drift,
+                        drift_note=note)
+
+
+def _drift(bundle: "Bundle", scores: np.ndarray, alpha: float | None
+           ) -> tuple[DriftReport | None, str]:
+    """The drift test of `scores` against the bundle's calibration scores, or why it was skipped."""
+    calibration = bundle.calibration_scores()
+    if calibration is None:
+        return None, ("the bundle has no calibration scores (exported before they were stored; "
+                      "export it again to test for drift)")
+    if np.isfinite(scores).sum() < MIN_SCORES:
+        return None, f"fewer than {MIN_SCORES} scored images"
+    return drift_test(scores, calibration, bundle.manifest.threshold.value, alpha), ""
 
 
 def _consume(batches: Iterator[tuple[int, list[Row]]], journal: Journal, total: int,

@@ -6,7 +6,9 @@ Examples:
     rwood-serve bundles/cifar10 --address 0.0.0.0:50051 --tls-cert srv.pem --tls-key srv.key \\
         --tls-client-ca clients-ca.pem --auth-token-file token.txt --watch
 
-SIGTERM/SIGINT drain and stop; SIGHUP reloads the bundle.
+    rwood-serve bundles/cifar10 --address 0.0.0.0:50051 --workers 4 --metrics-port 9100
+
+SIGTERM/SIGINT drain and stop; SIGHUP reloads the bundle (in every worker, or in none).
 """
 from __future__ import annotations
 
@@ -39,7 +41,12 @@ _D = ServeConfig()  # the defaults, from the one definition
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_D.device,
               help="Where ONNX Runtime and FAISS run.")
 @click.option("--threads", type=int, default=None,
-              help="ONNX Runtime/FAISS threads (default: the detector's choice for this machine).")
+              help="ONNX Runtime/FAISS threads in all, split evenly over the workers (default: the "
+                   "cores this process may use, capped by a container's CPU limit).")
+@click.option("--workers", type=int, default=_D.workers,
+              help="Server processes sharing the port (SO_REUSEPORT), each with its own model "
+                   "session and its share of --threads; a dead one is restarted. More than 1 when "
+                   "one process cannot keep the cores busy (small models, single-image calls).")
 @click.option("--decode-threads", type=int, default=_D.decode_threads, help="Image decoding threads.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="PEM certificate chain: serve TLS (with --tls-key).")

@@ -26,7 +26,9 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard, per image
     max_queue_images: int = 4096        # images admitted at once; beyond, UNAVAILABLE (load shedding)
     device: str = "auto"                # "auto" (CUDA when present), "cpu" or "cuda"
-    threads: int | None = None          # ONNX Runtime/FAISS threads; None = the Detector's default
+    threads: int | None = None          # ONNX Runtime/FAISS threads in all (split over the workers);
+                                        # None = the cores this process may use
+    workers: int = 1                    # server processes sharing the port (1: this process serves)
     decode_threads: int = 2             # image decode pool
     stream_window: int = 32             # requests in flight per ScoreStream
     tls_cert: str | None = None         # PEM server certificate chain (with tls_key)
@@ -43,7 +45,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
-                     "stream_window"):
+                     "stream_window", "workers"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("max_wait_ms", "grace_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:

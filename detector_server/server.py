@@ -100,12 +100,18 @@ class DetectorServer:
     `await start()` binds, reports NOT_SERVING, loads the model, then reports SERVING;
     `await reload()` hot-swaps the bundle; `await stop()` drains (NOT_SERVING, refuse new,
     finish in-flight within grace_s). Use on one event loop.
+    `worker`: this server is worker N of `rwood-serve --workers` (`detector_server.worker`): it
+    binds with SO_REUSEPORT, names itself in each response's `rwood-worker` trailing metadata,
+    leaves reload counting to its supervisor and reloads in two phases (`prepare_reload`, then
+    `commit_reload` or `abort_reload`).
     """
 
-    def __init__(self, bundle: str | os.PathLike, config: ServeConfig):
+    def __init__(self, bundle: str | os.PathLike, config: ServeConfig, worker: int | None = None):
         self.bundle_path = Path(bundle)
         self.config = config
-        self.metrics = ServerMetrics()
+        self.worker = worker
+        self.metrics = ServerMetrics(reloads=worker is None)
+        self._pending: Any = None           # a prepared Detector waiting for commit_reload
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -155,9 +161,10 @@ class DetectorServer:
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", int(self.worker is not None))])
         self._host = ModelHost(self.bundle_path, cfg, self.metrics)
-        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(self._host, cfg, self.metrics), server)
+        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(self._host, cfg, self.metrics,
+                                                                worker=self.worker), server)
         self._health = _configure_health(server)
         await _set_health(self._health, False)
         reflection.enable_server_reflection(
@@ -190,10 +197,39 @@ class DetectorServer:
             old = self._host.detector
             log.error("reload of %s refused, still serving %s: %s", self.bundle_path,
                       old.model_version if old else "nothing", e)
-            self.metrics.reloads.labels("refused").inc()
+            self._count_reload("refused")
             return False
-        self.metrics.reloads.labels("ok").inc()
+        self._count_reload("ok")
         return True
+
+    def _count_reload(self, outcome: str) -> None:
+        if self.metrics.reloads is not None:    # a worker's supervisor counts its reloads
+            self.metrics.reloads.labels(outcome).inc()
+
+    @property
+    def model_version(self) -> str | None:
+        """The version of the model being served (None before the first load)."""
+        det = self._host.detector if self._host is not None else None
+        return None if det is None else det.model_version
+
+    async def prepare_reload(self) -> str:
+        """Load and warm up the bundle again without serving it yet; returns its model version.
+        Raises (BundleError, ...) when it cannot be loaded. Follow with commit or abort."""
+        if self._host is None or self._stopping:
+            raise BundleError("the server is not running", path=str(self.bundle_path))
+        self._pending = await self._host.build()
+        return self._pending.model_version
+
+    def commit_reload(self) -> str | None:
+        """Serve the prepared model; returns the version now served."""
+        if self._pending is not None and self._host is not None:
+            self._host.swap(self._pending)
+        self._pending = None
+        return self.model_version
+
+    def abort_reload(self) -> None:
+        """Drop the prepared model; the current one keeps serving."""
+        self._pending = None
 
     async def _watch(self) -> None:
         last = manifest_stamp(self.bundle_path)
@@ -257,10 +293,16 @@ async def _serve_until_signalled(bundle: str | os.PathLike, config: ServeConfig)
 def serve(address: str, bundle: str | os.PathLike, **options: Any) -> None:
     """Serve `bundle` on `address` until SIGTERM or SIGINT; SIGHUP reloads the bundle.
 
-    `options` are `ServeConfig` fields (max_batch, max_wait_ms, tls_cert, ...). Must run on the
-    main thread (signal handlers). Raises InputError for bad options, BundleError for a bad bundle.
+    `options` are `ServeConfig` fields (max_batch, max_wait_ms, tls_cert, ...); with workers > 1,
+    that many processes serve the port (`detector_server.supervisor`). Must run on the main thread
+    (signal handlers). Raises InputError for bad options, BundleError for a bad bundle.
     """
     config = ServeConfig(address=address, **options)
+    if config.workers > 1:
+        from .supervisor import serve_workers  # not at the top: it imports this module
+
+        serve_workers(bundle, config, verbose=log.isEnabledFor(logging.DEBUG))
+        return
     asyncio.run(_serve_until_signalled(bundle, config))
 
 
@@ -268,6 +310,9 @@ class BackgroundServer:
     """A `DetectorServer` running on its own event-loop thread; see `start_background`."""
 
     def __init__(self, bundle: str | os.PathLike, config: ServeConfig):
+        if config.workers != 1:
+            raise InputError("a background server is one process; run rwood-serve --workers N "
+                             "for several", field="workers")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rwood-serve",
                                         daemon=True)

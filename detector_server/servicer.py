@@ -112,6 +112,8 @@ def _observed(method: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def handler(self: "DetectorServicer", request: Any, context: grpc.aio.ServicerContext):
+            if self._trailers:
+                context.set_trailing_metadata(self._trailers)
             with _handled(self._metrics, method, context) as outcome:
                 return await fn(self, request, context)
             await context.abort(outcome.code, outcome.details)
@@ -122,8 +124,12 @@ def _observed(method: str) -> Callable:
 class DetectorServicer(pb_grpc.DetectorServicer):
     """rwood.v1.Detector: converts protos to and from `ModelHost` calls."""
 
-    def __init__(self, host: ModelHost, config: ServeConfig, metrics: ServerMetrics):
+    def __init__(self, host: ModelHost, config: ServeConfig, metrics: ServerMetrics,
+                 worker: int | None = None):
+        """`worker`: the index of this process among `rwood-serve --workers`, sent back in the
+        `rwood-worker` trailing metadata of unary calls (which worker answered)."""
         self._host, self._cfg, self._metrics = host, config, metrics
+        self._trailers = () if worker is None else (("rwood-worker", str(worker)),)
 
     @_observed("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext

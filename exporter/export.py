@@ -8,8 +8,10 @@ behind, see detector_server.bundle.write_bundle):
 3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`, and
    sources.json: each row's training-set index (and file, for a folder dataset);
 4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
-   runtime's exact code path), then `metrics.threshold_at_tpr`; their embeddings are kept as
-   calibration.npy (so `rwood-bank` can re-measure the TPR after a bank edit);
+   runtime's exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram, and
+   their embeddings as calibration_embeddings.npy (so `rwood-bank` can score them again after a
+   bank edit);
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
 Test: tests/exporter/test_export.py.
 """
@@ -52,13 +54,14 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "SOURCES_FILE",
-           "CALIBRATION_EMBEDDINGS_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE",
+           "SOURCES_FILE", "CALIBRATION_EMBEDDINGS_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
-SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE = "sources.json", "calibration.npy"
+CALIBRATION_FILE = "calibration_scores.npy"
+SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE = "sources.json", "calibration_embeddings.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -102,17 +105,19 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             labels_file=LABELS_FILE, quantization=quant,
             training=_training_metadata(run.path, info), created=_now(),
             bank=BankInfo(sources_file=SOURCES_FILE,
-                          calibration_file=CALIBRATION_EMBEDDINGS_FILE))
+                          calibration_embeddings_file=CALIBRATION_EMBEDDINGS_FILE))
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
         calibration = detector.embed(images)
         np.save(stage / CALIBRATION_EMBEDDINGS_FILE, calibration, allow_pickle=False)
-        threshold = calibrate_threshold(detector.score_embeddings(calibration).scores, cfg.tpr,
-                                        source)
+        scores = detector.score_embeddings(calibration).scores
+        threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
+        np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
         log.info("[5/5] writing the bundle")
-        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold), out,
-                     overwrite=cfg.overwrite)
+        write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
+                                                calibration_file=CALIBRATION_FILE),
+                     out, overwrite=cfg.overwrite)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,

@@ -38,9 +38,8 @@ def sh(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def write_sets(data: Path) -> dict[str, Path]:
     """Digits 0-5 test split (ID), digits 6-9 (near-OOD), photo patches (far-OOD) as npz files."""
-    from sklearn.datasets import load_sample_images
-
     from trainer.data import load_dataset, select_classes
+    from trainer.ood_sets import photo_patches
 
     data.mkdir(parents=True, exist_ok=True)
     test = load_dataset("digits", None, "test")
@@ -51,16 +50,8 @@ def write_sets(data: Path) -> dict[str, Path]:
     np.savez(paths["id_test"], images=id_test.images, labels=id_test.labels,
              classes=np.asarray(id_test.class_names))
     np.savez(paths["digits6-9"], images=held.images, labels=np.full(len(held.labels), -1))
-    rng = np.random.default_rng(0)
-    patches = []
-    for photo in load_sample_images().images:                  # china.jpg, flower.jpg (427x640)
-        img = Image.fromarray(photo)
-        for _ in range(150):
-            side = int(rng.integers(48, 200))
-            x, y = int(rng.integers(0, img.width - side)), int(rng.integers(0, img.height - side))
-            patches.append(np.asarray(img.crop((x, y, x + side, y + side)).resize((32, 32),
-                                                                                   Image.BILINEAR)))
-    np.savez(paths["photos"], images=np.stack(patches), labels=np.full(len(patches), -1))
+    patches = photo_patches(per_photo=150, seed=0)            # china.jpg, flower.jpg (427x640)
+    np.savez(paths["photos"], images=patches, labels=np.full(len(patches), -1))
     return paths
 
 

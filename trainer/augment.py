@@ -33,10 +33,16 @@ def normalize_uint8(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def _gray(x: Tensor) -> Tensor:
-    """[B, 3, H, W] -> [B, 1, H, W] luminance."""
-    w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+# Constant matrices are made once, on the CPU, and reach the device as Augment's buffers: a tensor
+# built from Python numbers inside forward() would be a host-to-device copy, and torch.linalg.inv
+# on CUDA checks its result on the host; either one stalls the GPU queue on every call.
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
+
+
+def _gray(x: Tensor, luma: Tensor) -> Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luminance; luma: float [1, 3, 1, 1] on x's device."""
+    return (x * luma).sum(1, keepdim=True)
 
 
 class Augment(nn.Module):
@@ -51,6 +57,9 @@ class Augment(nn.Module):
         self.jitter, self.jitter_p, self.gray_p, self.flip_p = jitter, jitter_p, gray_p, flip_p
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("to_yiq", _TO_YIQ.clone(), persistent=False)
+        self.register_buffer("from_yiq", _FROM_YIQ.clone(), persistent=False)
 
     def _boxes(self, b: int, h: int, w: int, device: torch.device) -> Tensor:
         """Per-sample crop boxes [B, 5] (batch index, x1, y1, x2, y2) in pixel coordinates."""
@@ -74,23 +83,21 @@ class Augment(nn.Module):
             return 1 + (f - 1) * apply                     # factor 1 where jitter is not applied
 
         x = (x * factor(bri)).clamp_(0, 1)
-        m = _gray(x).mean(dim=(2, 3), keepdim=True)
+        m = _gray(x, self.luma).mean(dim=(2, 3), keepdim=True)
         x = ((x - m) * factor(con) + m).clamp_(0, 1)
-        g = _gray(x)
+        g = _gray(x, self.luma)
         x = ((x - g) * factor(sat) + g).clamp_(0, 1)
         theta = torch.empty(b, device=x.device).uniform_(-hue, hue) * 2 * math.pi * apply.view(b)
-        return self._rotate_hue(x, theta).clamp_(0, 1)
+        return self._rotate_hue(x, theta, self.to_yiq, self.from_yiq).clamp_(0, 1)
 
     @staticmethod
-    def _rotate_hue(x: Tensor, theta: Tensor) -> Tensor:
-        """Rotate chroma by per-sample angle theta [B] (radians) in YIQ space."""
-        to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                               [0.211, -0.523, 0.312]])
-        from_yiq = torch.linalg.inv(to_yiq)
+    def _rotate_hue(x: Tensor, theta: Tensor, to_yiq: Tensor = _TO_YIQ,
+                    from_yiq: Tensor = _FROM_YIQ) -> Tensor:
+        """Rotate chroma by per-sample angle theta [B] (radians) in YIQ space; the matrices
+        [3, 3] must be on x's device (the defaults are CPU tensors)."""
         c, s = theta.cos(), theta.sin()
-        rot = torch.zeros(len(theta), 3, 3, device=x.device, dtype=x.dtype)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+        one, zero = torch.ones_like(theta), torch.zeros_like(theta)
+        rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(-1, 3, 3)
         m = from_yiq @ rot @ to_yiq                          # [B, 3, 3]
         b, _, h, w = x.shape
         return torch.bmm(m, x.reshape(b, 3, h * w)).view(b, 3, h, w)
@@ -108,5 +115,5 @@ class Augment(nn.Module):
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
         x = self._jitter(x)
         gray = torch.rand(b, device=x.device) < self.gray_p
-        x = torch.where(gray.view(b, 1, 1, 1), _gray(x).expand_as(x), x)
+        x = torch.where(gray.view(b, 1, 1, 1), _gray(x, self.luma).expand_as(x), x)
         return (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)

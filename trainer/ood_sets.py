@@ -14,6 +14,9 @@ How `path` is read:
   test, partition 1), places365 (val, 256-px "small" images), cifar10 / cifar100 (test);
 - any other folder: every file under it (recursively, sorted) that Pillow decodes; labels are the
   class index of the first-level sub-folder when `class_names` names it, else -1.
+
+`photo_patches()` is a far-OOD set that needs no files at all: crops of the two photographs that
+ship inside scikit-learn (`make demo` and the tests use it).
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import numpy as np
 
 from detector_server.errors import DataError, InputError
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
+from detector_server.validate import check_int
 
 __all__ = ["parse_set_arg", "load_image_set", "list_torchvision_sets", "read_npz_set",
-           "read_image_folder"]
+           "read_image_folder", "photo_patches"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,32 @@ def read_image_folder(root: str | Path, spec: PreprocessSpec,
         raise DataError("no image files found (any format Pillow decodes, searched recursively)",
                         path=str(root))
     return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ offline far-OOD set
+def photo_patches(per_photo: int = 150, seed: int = 0, size: int = 32) -> np.ndarray:
+    """Square crops (48-199 px, uniform random side and position) of scikit-learn's two sample
+    photographs (china.jpg, flower.jpg, 427x640), each resized to `size` with PIL bilinear.
+
+    Real photographs, far from any digit or object-class training set, available offline.
+    Returns uint8 [2 * per_photo, size, size, 3], china's crops first; the same array for the
+    same arguments on every machine. InputError naming `per_photo` / `size` when not >= 1.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    check_int(per_photo, "per_photo", minimum=1)
+    check_int(size, "size", minimum=1)
+    rng = np.random.default_rng(seed)
+    patches = []
+    for photo in load_sample_images().images:
+        img = Image.fromarray(photo)
+        for _ in range(per_photo):
+            side = int(rng.integers(48, 200))
+            x, y = int(rng.integers(0, img.width - side)), int(rng.integers(0, img.height - side))
+            patches.append(np.asarray(img.crop((x, y, x + side, y + side)).resize(
+                (size, size), Image.BILINEAR)))
+    return np.stack(patches)
 
 
 # ------------------------------------------------------------------------ torchvision roots

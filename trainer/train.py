@@ -10,6 +10,7 @@ then the embedding bank and the run record. Only rank 0 logs and writes.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
 from .run_dir import MODEL_FILE, RunInfo, write_bank, write_calibration, write_run_info
 
-__all__ = ["train", "pick_device", "lr_lambda"]
+__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -54,6 +55,41 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def build_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                    device: torch.device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters
+    instead of a loop over them), where this torch has it."""
+    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.SGD).parameters
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True,
+                           weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def train_step(model: nn.Module, augment: nn.Module, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, y: torch.Tensor, *,
+               autocast: Any = None, channels_last: bool = True,
+               world_size: int = 1) -> torch.Tensor:
+    """One optimisation step on a batch already on the device; returns the loss as a tensor.
+
+    x_u8: uint8 [b, S, S, 3], y: int64 [b]. `criterion.n_views` augmented views of each image go
+    through `model` (under `autocast`, a context manager or None) as one batch [V*b, 3, S, S].
+    Nothing here waits for the device (no .item(), no host copy, no check of a tensor's value),
+    so the host can queue the next steps while the GPU works; read the loss only when logging.
+    """
+    x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])           # [V*b, 3, S, S]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else nullcontext():
+        out = model(x)[criterion.input]                                          # [V*b, D]
+    feats = out.float().view(criterion.n_views, len(y), -1).transpose(0, 1)      # [b, V, D]
+    if world_size > 1:
+        feats, y = gather_with_grad(feats), gather_no_grad(y)
+    loss = criterion(feats, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
+    optimizer.step()
+    return loss
 
 
 def lr_lambda(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
@@ -207,8 +243,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
 
     # -- optimiser and per-step schedule
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, device=device)
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else (10 if cfg.batch_size > 256 else 0)
     warmup = min(warmup, cfg.epochs - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
@@ -256,19 +292,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
             for step in bar:
                 rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 rows = rows[dist.rank * local_bs:(dist.rank + 1) * local_bs]
-                x_u8, y = images[rows], labels[rows]
-                x = torch.cat([augment(x_u8) for _ in range(criterion.n_views)])   # [V*b, 3, S, S]
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    out = model(x)[criterion.input]                                  # [V*b, D]
-                feats = out.float().view(criterion.n_views, len(rows), -1).transpose(0, 1)  # [b, V, D]
-                if dist.world_size > 1:
-                    feats, y = gather_with_grad(feats), gather_no_grad(y)
-                loss = criterion(feats, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # gather's backward sums over ranks, DDP averages: exact global gradient
-                optimizer.step()
+                loss = train_step(model, augment, criterion, optimizer, images[rows], labels[rows],
+                                  autocast=autocast, channels_last=cfg.channels_last,
+                                  world_size=dist.world_size)
                 scheduler.step()
                 global_step += 1
                 seen += cfg.batch_size * criterion.n_views

@@ -19,19 +19,23 @@ from detector_server.preprocess import PreprocessSpec
 from exporter.calibrate import load_calibration_images
 from exporter.export import export_bundle
 
-
-@pytest.fixture(scope="module")
-def cifar_test(shared_data: Path) -> np.ndarray:
-    return np.load(shared_data / "cifar10_test.npz")["images"]
+N_CAL = 378                 # user calibration images of the custom bundle
 
 
 @pytest.fixture(scope="module")
-def custom_bundle(tiny_run: Path, cifar_test: np.ndarray, tmp_path_factory) -> Path:
-    """Non-default options in one export: projection index, k=20, int8, 1,000 user calibration
-    images (the first half of the CIFAR-10 test split; never in the bank), and a bank whose rows
-    name their files (as a folder dataset's do)."""
+def id_pool(id_images: np.ndarray) -> np.ndarray:
+    """The 755 digits the tiny run never saw in a fixed random order: [:N_CAL] and [N_CAL:] are
+    two random halves of the same pool (378 and 377 images)."""
+    return id_images[np.random.default_rng(0).permutation(len(id_images))]
+
+
+@pytest.fixture(scope="module")
+def custom_bundle(tiny_run: Path, id_pool: np.ndarray, tmp_path_factory) -> Path:
+    """Non-default options in one export: projection index, k=20, int8, 378 user calibration
+    images (the first half of the unseen digits; never in the bank), and a bank whose rows name
+    their files (as a folder dataset's do)."""
     root = tmp_path_factory.mktemp("custom")
-    np.savez(root / "calib.npz", images=cifar_test[:1000])
+    np.savez(root / "calib.npz", images=id_pool[:N_CAL])
     run = root / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
     with np.load(run / "bank.npz") as f:
@@ -77,22 +81,25 @@ def test_default_bundle_contents(tiny_run: Path, tiny_bundle: Path) -> None:
 
 
 def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
-                                          cifar_test: np.ndarray) -> None:
+                                          id_pool: np.ndarray) -> None:
     m = load_bundle(custom_bundle).manifest
     assert m.index.feature == "projection" and m.k == 20
     assert m.served_file == "model.int8.onnx" and m.quantization["type"] == "int8"
     assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy",
-                            "sources.json", "calibration.npy"}
+                            "calibration_scores.npy", "sources.json",
+                            "calibration_embeddings.npy"}
     assert m.model_version.endswith(file_sha256(custom_bundle / "model.int8.onnx")[:12])
     t = m.threshold
-    assert t.source.startswith("npz:") and t.n_samples == 1000
+    assert t.source.startswith("npz:") and t.n_samples == N_CAL
     assert abs(t.achieved_tpr - t.target_tpr) <= 0.005           # within 0.5 points
     det = Detector(custom_bundle, device="cpu", threads=2)
-    assert np.mean(~det.score_arrays(cifar_test[:1000]).is_ood) == pytest.approx(t.achieved_tpr)
-    held_out = float(np.mean(~det.score_arrays(cifar_test[1000:]).is_ood))
-    print(f"\nTPR on the held-out half of the CIFAR-10 test split (int8, 1,000 calibration "
+    assert np.mean(~det.score_arrays(id_pool[:N_CAL]).is_ood) == pytest.approx(t.achieved_tpr)
+    held_out = float(np.mean(~det.score_arrays(id_pool[N_CAL:]).is_ood))
+    print(f"\nTPR on the held-out half of the unseen digits (int8, {N_CAL} calibration "
           f"images): {held_out:.4f} (calibration {t.achieved_tpr:.4f})")
-    assert abs(held_out - t.target_tpr) <= 0.03
+    # two samples of ~378: the sampling s.d. of their TPR difference is ~0.016; 0.05 is ~3 s.d.
+    # (measured 0.018 off)
+    assert abs(held_out - t.target_tpr) <= 0.05
     index = faiss.read_index(str(custom_bundle / "index.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal),
                                   np.load(tiny_run / "bank.npz")["projection"])
@@ -102,8 +109,8 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     assert sources.describe(5) == f"train/{c}/{i:04d}.png" and sources.path[5] == f"{c}/{i:04d}.png"
 
 
-def test_int8_model_close_to_float(custom_bundle: Path, cifar_test: np.ndarray) -> None:
-    x = cifar_test[:128]
+def test_int8_model_close_to_float(custom_bundle: Path, id_pool: np.ndarray) -> None:
+    x = id_pool[:128]
     outs = [ort.InferenceSession(str(custom_bundle / f), providers=["CPUExecutionProvider"])
             .run(["projection"], {"image": x})[0] for f in ("model.onnx", "model.int8.onnx")]
     cos = np.sum(outs[0] * outs[1], axis=1)
@@ -171,27 +178,27 @@ def test_bad_options_refused(tiny_run: Path, tmp_path: Path, kwargs: dict, field
         export_bundle(tiny_run, tmp_path / "out", **kwargs)
 
 
-def test_calibration_sources(tiny_run: Path, tmp_path: Path, cifar_test: np.ndarray) -> None:
+def test_calibration_sources(tiny_run: Path, tmp_path: Path, id_pool: np.ndarray) -> None:
     spec = PreprocessSpec(32, (0.5,) * 3, (0.25,) * 3)
     images, source = load_calibration_images(tiny_run, None, spec)
     assert source == "run:calibration.npz" and images.shape[1:] == (32, 32, 3)
     folder = tmp_path / "id"
     (folder / "sub").mkdir(parents=True)
-    for i, a in enumerate(cifar_test[:25]):
+    for i, a in enumerate(id_pool[:25]):
         Image.fromarray(a).save(folder / ("sub" if i % 2 else "") / f"{i:02d}.png")
     (folder / "README.txt").write_text("not an image: skipped by extension")
     images, source = load_calibration_images(tiny_run, folder, spec)
     assert images.shape == (25, 32, 32, 3) and source.startswith("folder:")
-    np.testing.assert_array_equal(images[0], cifar_test[0])
+    np.testing.assert_array_equal(images[0], id_pool[0])
     # 64x64 images in an npz are resized by the spec
     np.savez(tmp_path / "big.npz", images=np.zeros((30, 64, 64, 3), np.uint8))
     assert load_calibration_images(tiny_run, tmp_path / "big.npz", spec)[0].shape == (30, 32, 32, 3)
 
 
-def _bad_folder(tmp_path: Path, cifar_test: np.ndarray) -> Path:
+def _bad_folder(tmp_path: Path, id_pool: np.ndarray) -> Path:
     folder = tmp_path / "bad"
     folder.mkdir()
-    for i, a in enumerate(cifar_test[:25]):
+    for i, a in enumerate(id_pool[:25]):
         Image.fromarray(a).save(folder / f"{i:02d}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG truncated")
     return folder
@@ -205,9 +212,9 @@ def _bad_folder(tmp_path: Path, cifar_test: np.ndarray) -> Path:
     (lambda p, c: (np.savez(p / "few.npz", images=c[:5]), p / "few.npz")[1], "need at least"),
     (_bad_folder, "cannot decode"),
 ])
-def test_bad_calibration_refused(tiny_run: Path, tmp_path: Path, cifar_test: np.ndarray,
+def test_bad_calibration_refused(tiny_run: Path, tmp_path: Path, id_pool: np.ndarray,
                                  make, match: str) -> None:
-    path = make(tmp_path, cifar_test)
+    path = make(tmp_path, id_pool)
     spec = PreprocessSpec(32, (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(DataError, match=match) as e:
         load_calibration_images(tiny_run, path, spec)

@@ -15,11 +15,9 @@ from trainer.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
-def images(shared_data: Path) -> np.ndarray:
-    """256 real images: 192 CIFAR-10 test (ID) and 64 DTD textures (OOD), uint8 [256, 32, 32, 3]."""
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:192]
-    tex = np.load(shared_data / "ood_textures.npz")["images"][:64]
-    return np.concatenate([cifar, tex])
+def images(id_images: np.ndarray, ood_images: np.ndarray) -> np.ndarray:
+    """256 real images: 192 unseen digits (ID) and 64 photo patches (OOD), uint8 [256, 32, 32, 3]."""
+    return np.concatenate([id_images[:192], ood_images[:64]])
 
 
 @pytest.mark.parametrize("batch", [1, 64])

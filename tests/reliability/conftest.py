@@ -11,8 +11,8 @@ from hostile_corpus import HostileCase, build_hostile_corpus
 
 
 @pytest.fixture(scope="session")
-def hostile_corpus(shared_data: Path) -> list[HostileCase]:
-    return build_hostile_corpus(shared_data)
+def hostile_corpus() -> list[HostileCase]:
+    return build_hostile_corpus()
 
 
 @pytest.fixture(scope="session")

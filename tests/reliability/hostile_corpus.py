@@ -1,6 +1,6 @@
 """The hostile-input corpus of the reliability tests and bench/fuzz.py, built from real images.
 
-`build_hostile_corpus(shared_data)` returns the cases; `check_result` asserts one verdict. Every
+`build_hostile_corpus()` returns the cases; `check_result` asserts one verdict. Every
 case names what the runtime must do with it: "score" (a finite score, no error), "error" (a per-item
 error, no score) or "either" (formats whose last bytes a decoder may forgive, e.g. a PNG cut inside
 IEND). Whatever the expectation, an item never raises and never takes the others down with it.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import real_images
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,18 +124,18 @@ def palette_with_transparency(img: Image.Image) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # The corpus
 # ---------------------------------------------------------------------------------------------
-def seed_images(shared_data: Path, n: int = 8) -> list[Image.Image]:
-    """`n` real RGB images: CIFAR-10 test images (32x32) and raw DTD photos (300-640 px)."""
-    d = np.load(shared_data / "cifar10_test.npz")
-    out = [Image.fromarray(d["images"][i]) for i in range(n // 2)]
-    raws = sorted((shared_data / "raw_textures").rglob("*.jpg"))[: n - n // 2]
-    out += [Image.open(p).convert("RGB") for p in raws]
+def seed_images(n: int = 8) -> list[Image.Image]:
+    """`n` real RGB images: 32x32 photo patches and photographs (320-640 px, real_images.py)."""
+    patches = real_images.photo_patches()
+    out = [Image.fromarray(patches[i]) for i in range(n // 2)]
+    out += [Image.open(io.BytesIO(b)).convert("RGB") for b in raw_jpeg_files(n - n // 2)]
     return out
 
 
-def raw_jpeg_files(shared_data: Path, n: int = 4) -> list[bytes]:
-    """The bytes of `n` original DTD JPEG files (real camera/web encodings, not re-encoded)."""
-    return [p.read_bytes() for p in sorted((shared_data / "raw_textures").rglob("*.jpg"))[:n]]
+def raw_jpeg_files(n: int = 4) -> list[bytes]:
+    """The bytes of `n` (<= 100) real JPEG files: the two sample photographs as scikit-learn ships
+    them (camera encodings, not re-encoded), then re-encoded crops (real_images.photo_jpegs)."""
+    return real_images.photo_jpegs(n)
 
 
 def _truncations(name: str, data: bytes, forgiving_tail: int) -> list[HostileCase]:
@@ -147,16 +148,17 @@ def _truncations(name: str, data: bytes, forgiving_tail: int) -> list[HostileCas
             for c in cuts if 0 < c < n]
 
 
-def build_hostile_corpus(shared_data: Path, seed: int = 0) -> list[HostileCase]:
-    """The hostile corpus, built from real images of the data pack (deterministic for a seed)."""
+def build_hostile_corpus(seed: int = 0) -> list[HostileCase]:
+    """The hostile corpus, built from real images shipped with scikit-learn (deterministic for a
+    seed): 32x32 photo patches and a 427x640 camera JPEG."""
     rng = np.random.default_rng(seed)
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:4]
-    small = Image.fromarray(cifar[0])
-    photo_jpeg = raw_jpeg_files(shared_data, 1)[0]
+    patches = real_images.photo_patches()[:4]
+    small = Image.fromarray(patches[0])
+    photo_jpeg = raw_jpeg_files(1)[0]
     photo = Image.open(io.BytesIO(photo_jpeg)).convert("RGB")
     png = encode(small, "PNG")
     gray = np.asarray(photo.convert("L"))
-    gif = animated_gif([Image.fromarray(a) for a in cifar])
+    gif = animated_gif([Image.fromarray(a) for a in patches])
     cases = [
         # good references in many encodings: all must score
         HostileCase("good.png", png, "score"),

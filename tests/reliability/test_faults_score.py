@@ -13,7 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hostile_corpus import PYTHON, encode, raw_jpeg_files, subprocess_env
 from PIL import Image
@@ -25,16 +24,15 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def folder(shared_data, tmp_path_factory) -> Path:
-    """240 real images (raw DTD JPEGs, slow enough to decode to be caught mid-run, and CIFAR PNGs)
+def folder(id_images, tmp_path_factory) -> Path:
+    """240 real images (photo JPEGs, slow enough to decode to be caught mid-run, and digit PNGs)
     in two levels, plus a few bad files that must get error rows."""
     root = tmp_path_factory.mktemp("score_folder")
     (root / "sub").mkdir()
-    jpegs = raw_jpeg_files(shared_data, 100)
+    jpegs = raw_jpeg_files(100)
     for i in range(160):
         (root / ("sub" if i % 2 else ".") / f"photo{i:03d}.jpg").write_bytes(jpegs[i % len(jpegs)])
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:76]
-    for i, a in enumerate(cifar):
+    for i, a in enumerate(id_images[:76]):
         (root / f"c{i:03d}.png").write_bytes(encode(Image.fromarray(a), "PNG"))
     (root / "empty.png").write_bytes(b"")
     (root / "text.jpg").write_text("not an image")

@@ -16,7 +16,6 @@ import time
 import urllib.request
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hostile_corpus import PYTHON, encode, free_port, raw_jpeg_files, subprocess_env
@@ -33,13 +32,13 @@ GRACE_S = 30
 
 
 @pytest.fixture(scope="module")
-def payloads(shared_data) -> dict[str, list[tuple[str, bytes]]]:
-    """'small': 16 CIFAR PNGs; 'big': 128 raw DTD JPEGs (300-640 px, slower to decode)."""
+def payloads(id_images) -> dict[str, list[tuple[str, bytes]]]:
+    """'small': 16 digit PNGs; 'big': 128 photo JPEGs (320-640 px, slower to decode)."""
     from PIL import Image
 
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:16]
-    jpegs = raw_jpeg_files(shared_data, 32) * 4
-    return {"small": [(f"c{i}", encode(Image.fromarray(a), "PNG")) for i, a in enumerate(cifar)],
+    digits = id_images[:16]
+    jpegs = raw_jpeg_files(32) * 4
+    return {"small": [(f"c{i}", encode(Image.fromarray(a), "PNG")) for i, a in enumerate(digits)],
             "big": [(f"j{i}", d) for i, d in enumerate(jpegs)]}
 
 

@@ -38,9 +38,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def test_sigkill_mid_epoch_then_resume_matches(tmp_path, shared_data):
-    d = np.load(shared_data / "cifar10_train.npz")
-    data = tmp_path / "c10_300.npz"
+def test_sigkill_mid_epoch_then_resume_matches(tmp_path, digits_small):
+    d = digits_small
+    data = tmp_path / "digits_300.npz"
     np.savez(data, images=d["images"][:300], labels=d["labels"][:300], classes=d["classes"])
     env = subprocess_env()
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"

@@ -29,9 +29,9 @@ FEW = settings(FAST, max_examples=40)
 
 
 @pytest.fixture(scope="module")
-def seeds(shared_data) -> list[bytes]:
+def seeds() -> list[bytes]:
     """Real images encoded in the formats a client would send."""
-    imgs = seed_images(shared_data, 4)
+    imgs = seed_images(4)
     return [encode(imgs[0], "PNG"), encode(imgs[1], "JPEG", quality=90),
             encode(imgs[2].resize((64, 48)), "GIF"), encode(imgs[3].resize((40, 40)), "WEBP"),
             encode(imgs[0], "BMP"), encode(imgs[1], "TIFF")]

@@ -22,7 +22,8 @@ from detector_server.bundle import (
 )
 from detector_server.errors import BundleError
 
-PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "sources.json", "calibration.npy")
+PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "calibration_scores.npy", "sources.json",
+           "calibration_embeddings.npy")
 
 
 @pytest.fixture()

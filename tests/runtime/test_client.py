@@ -34,8 +34,8 @@ def detector(tiny_bundle: Path) -> Detector:
 
 
 @pytest.fixture(scope="module")
-def arrays(shared_data: Path) -> np.ndarray:
-    return np.load(shared_data / "cifar10_test.npz")["images"][:7]
+def arrays(id_images: np.ndarray) -> np.ndarray:
+    return id_images[:7]
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -49,8 +49,9 @@ def _ok_count(server) -> float:
         "rwood_requests_total", {"method": "Score", "code": "OK"}) or 0.0
 
 
-def test_every_input_kind_scores_like_the_detector(server, detector, arrays, shared_data, tmp_path):
-    jpeg = sorted((shared_data / "raw_textures").glob("*.jpg"))[0]
+def test_every_input_kind_scores_like_the_detector(server, detector, arrays, photo_jpeg_files,
+                                                    tmp_path):
+    jpeg = photo_jpeg_files[0]
     png_path = tmp_path / "img.png"
     png_path.write_bytes(_png(arrays[0]))
     items = [jpeg, str(png_path), _png(arrays[1]), Image.fromarray(arrays[2]), arrays[3],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import real_images
 
 from detector_server.errors import InputError
 from detector_server.knn import (
@@ -26,13 +27,12 @@ def _features(images: np.ndarray, dim: int = 48) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def feats(shared_data) -> dict[str, np.ndarray]:
-    """1,000 CIFAR-10 train rows as the bank; 300 CIFAR-10 test + 100 MNIST rows as queries."""
-    tr = np.load(shared_data / "cifar10_train.npz")
-    te = np.load(shared_data / "cifar10_test.npz")
-    mn = np.load(shared_data / "ood_mnist.npz")
-    query = _features(np.concatenate([te["images"][:300], prepare_arrays(mn["images"][:100], SPEC)]))
-    return {"bank": _features(tr["images"][:1000]), "labels": tr["labels"][:1000], "query": query}
+def feats(digits_small, id_images) -> dict[str, np.ndarray]:
+    """1,000 training digits as the bank; 300 unseen digits + 100 grey photo patches as queries."""
+    gray = prepare_arrays(real_images.gray_photo_patches()[:100], SPEC)
+    query = _features(np.concatenate([id_images[-300:], gray]))
+    return {"bank": _features(digits_small["images"][:1000]), "labels": digits_small["labels"][:1000],
+            "query": query}
 
 
 def _brute(bank, labels, query, k, num_classes=10):
@@ -74,7 +74,7 @@ def test_chunked_search_equals_one_call(feats):
     np.testing.assert_array_equal(knn_score_from_similarities(sims), a[0])
 
 
-def test_cifar_scores_above_mnist(feats):
+def test_digit_scores_above_photos(feats):
     scores, _ = KNNScorer(build_index(feats["bank"]), feats["labels"], k=10).score(feats["query"])
     assert scores[:300].mean() > scores[300:].mean()
 

@@ -1,11 +1,13 @@
 """detector_server.preprocess: decoding, mode conversion, the resize rule and its parity with the
-data pack's own 32x32 textures (made with PIL Resize(32) + CenterCrop(32) from the raw JPEGs)."""
+data pack's own 32x32 textures (made with PIL Resize(32) + CenterCrop(32) from the raw JPEGs; runs
+when the pack is present). Otherwise on a real colour photo patch and real grey digit scans."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pytest
+import real_images
 from PIL import Image
 
 from detector_server.errors import InputError
@@ -21,10 +23,12 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def cifar_img(shared_data) -> np.ndarray:
-    return np.load(shared_data / "cifar10_test.npz")["images"][7]
+def photo_img(ood_images) -> np.ndarray:
+    """A real 32x32 colour image (a photo patch)."""
+    return ood_images[7]
 
 
+@pytest.mark.cifar_pack
 def test_raw_textures_match_data_pack(shared_data):
     """Decoding the original DTD JPEGs + our resize rule gives the pack's 32x32 arrays (<= 1 level)."""
     pack = np.load(shared_data / "ood_textures.npz")
@@ -43,15 +47,15 @@ def test_raw_textures_match_data_pack(shared_data):
     assert exact >= 80
 
 
-def test_lossless_roundtrip_is_identity(cifar_img):
+def test_lossless_roundtrip_is_identity(photo_img):
     for fmt in ("PNG", "BMP", "TIFF", "WEBP"):
         kw = {"lossless": True} if fmt == "WEBP" else {}
-        got = to_model_array(decode_image(_encode(Image.fromarray(cifar_img), fmt, **kw)), SPEC)
-        np.testing.assert_array_equal(got, cifar_img, err_msg=fmt)
+        got = to_model_array(decode_image(_encode(Image.fromarray(photo_img), fmt, **kw)), SPEC)
+        np.testing.assert_array_equal(got, photo_img, err_msg=fmt)
 
 
-def test_modes_become_rgb(cifar_img):
-    rgb = Image.fromarray(cifar_img)
+def test_modes_become_rgb(photo_img):
+    rgb = Image.fromarray(photo_img)
     cases = {
         "L": rgb.convert("L"),
         "P": rgb.convert("P"),
@@ -68,16 +72,16 @@ def test_modes_become_rgb(cifar_img):
     np.testing.assert_array_equal(np.asarray(gray16)[..., 0], np.asarray(rgb.convert("L")))
 
 
-def test_exif_orientation_applied(cifar_img):
-    img = Image.fromarray(cifar_img).resize((64, 32))
+def test_exif_orientation_applied(photo_img):
+    img = Image.fromarray(photo_img).resize((64, 32))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     out = decode_image(_encode(img, "JPEG", exif=exif, quality=95))
     assert out.size == (32, 64)
 
 
-def test_shorter_side_center_crop_and_stretch(cifar_img):
-    wide = Image.fromarray(cifar_img).resize((96, 48), Image.BILINEAR)
+def test_shorter_side_center_crop_and_stretch(photo_img):
+    wide = Image.fromarray(photo_img).resize((96, 48), Image.BILINEAR)
     a = to_model_array(wide, SPEC)
     b = to_model_array(wide, PreprocessSpec(32, SPEC.mean, SPEC.std, resize="stretch"))
     assert a.shape == b.shape == (32, 32, 3)
@@ -86,9 +90,9 @@ def test_shorter_side_center_crop_and_stretch(cifar_img):
     np.testing.assert_array_equal(a, expected)
 
 
-def test_prepare_arrays_gray_and_passthrough(shared_data):
-    mnist = np.load(shared_data / "ood_mnist.npz")["images"][:5]
-    out = prepare_arrays(mnist, SPEC)
+def test_prepare_arrays_gray_and_passthrough():
+    gray = real_images.digits_gray()[0][:5]                  # [5, 8, 8, 1]
+    out = prepare_arrays(gray, SPEC)
     assert out.shape == (5, 32, 32, 3) and out.dtype == np.uint8
     assert (out[..., 0] == out[..., 1]).all()
     same = np.zeros((2, 32, 32, 3), np.uint8)
@@ -105,8 +109,8 @@ def test_bad_bytes(data, match):
         decode_image(data)
 
 
-def test_truncated_png(cifar_img):
-    data = _encode(Image.fromarray(cifar_img), "PNG")
+def test_truncated_png(photo_img):
+    data = _encode(Image.fromarray(photo_img), "PNG")
     with pytest.raises(InputError, match="cannot decode"):
         decode_image(data[: len(data) // 2])
 

@@ -1,8 +1,8 @@
 """rwood-score (detector_server.score_folder, its score_* modules, score_cli) on real images.
 
-The folder holds PNG/JPEG/BMP files from the data pack, a .jpg that is a PNG, an image without a
-suffix, a text file named .png, a truncated PNG, an empty file, a README (not an image) and a
-subfolder. Every image file must get exactly one row, bad ones an error, good ones the score
+The folder holds PNG/JPEG/BMP files of real images (digits, photographs), a .jpg that is a PNG,
+an image without a suffix, a text file named .png, a truncated PNG, an empty file, a README (not
+an image) and a subfolder. Every image file must get exactly one row, bad ones an error, good ones the score
 `Detector.score_images` gives the same bytes.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_images
 from click.testing import CliRunner
 from PIL import Image
 
@@ -43,32 +44,32 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_mixed_folder(root: Path, shared_data: Path) -> Path:
+def make_mixed_folder(root: Path) -> Path:
     """The mixed folder of the module docstring under root/"images" (real pixels only)."""
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"]
-    raw = sorted((shared_data / "raw_textures").glob("*.jpg"))
+    digits, photos = real_images.digits_unseen(), real_images.photo_patches()
+    jpegs = real_images.photo_jpegs(3)
     d = root / "images"
     (d / "sub" / "deeper").mkdir(parents=True)
     for i in range(5):
-        (d / f"c{i}.png").write_bytes(_png(cifar[i]))
-    Image.fromarray(cifar[10]).convert("L").save(d / "gray.png")
-    Image.fromarray(cifar[11]).save(d / "b0.bmp")
-    shutil.copy(raw[0], d / "t0.jpg")                     # 300x300 and up: resized
-    shutil.copy(raw[1], d / "t1.jpeg")
-    (d / "png_named.jpg").write_bytes(_png(cifar[12]))    # content decides, not the suffix
-    (d / "no_suffix").write_bytes(_png(cifar[13]))
+        (d / f"c{i}.png").write_bytes(_png(digits[i]))
+    Image.fromarray(photos[0]).convert("L").save(d / "gray.png")
+    Image.fromarray(photos[1]).save(d / "b0.bmp")
+    (d / "t0.jpg").write_bytes(jpegs[0])                  # 427x640 and 320x240 up: resized
+    (d / "t1.jpeg").write_bytes(jpegs[1])
+    (d / "png_named.jpg").write_bytes(_png(digits[12]))   # content decides, not the suffix
+    (d / "no_suffix").write_bytes(_png(photos[13]))
     (d / "text.png").write_text("this is not an image\n")
-    (d / "truncated.png").write_bytes(_png(cifar[14])[:300])
+    (d / "truncated.png").write_bytes(_png(photos[14])[:300])
     (d / "empty.png").write_bytes(b"")
     (d / "README.txt").write_text("notes about these images\n")
-    (d / "sub" / "c5.png").write_bytes(_png(cifar[15]))
-    shutil.copy(raw[2], d / "sub" / "deeper" / "t2.jpg")
+    (d / "sub" / "c5.png").write_bytes(_png(digits[15]))
+    (d / "sub" / "deeper" / "t2.jpg").write_bytes(jpegs[2])
     return d
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return make_mixed_folder(tmp_path_factory.mktemp("score_folder"), shared_data)
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mixed_folder(tmp_path_factory.mktemp("score_folder"))
 
 
 @pytest.fixture(scope="module")

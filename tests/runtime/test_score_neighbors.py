@@ -18,8 +18,8 @@ from detector_server.score_table import NEIGHBOR_FIELDS, OUTPUT_FORMATS, ROW_FIE
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return make_mixed_folder(tmp_path_factory.mktemp("score_neighbors"), shared_data)
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mixed_folder(tmp_path_factory.mktemp("score_neighbors"))
 
 
 @pytest.fixture(scope="module")

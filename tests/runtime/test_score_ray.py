@@ -28,9 +28,9 @@ def _require_ray() -> None:
         pytest.skip('Ray Data not installed (pip install "reweightood[ray]")')
 
 
-def test_ray_engine_rows_equal_local_engine(tiny_bundle, shared_data, tmp_path):
+def test_ray_engine_rows_equal_local_engine(tiny_bundle, tmp_path):
     _require_ray()
-    folder = make_mixed_folder(tmp_path, shared_data)
+    folder = make_mixed_folder(tmp_path)
     local_out, ray_out = tmp_path / "local.csv", tmp_path / "ray.jsonl"
     score_folder(tiny_bundle, folder, local_out, recursive=True, workers=0, progress=False)
     s = score_folder(tiny_bundle, folder, ray_out, recursive=True, batch_size=4, workers=1,
@@ -59,7 +59,7 @@ def test_ray_engine_without_ray_is_one_clear_error(tiny_bundle, tmp_path: Path, 
     assert list(tmp_path.iterdir()) == [tmp_path / "in"], "refused before writing anything"
 
 
-def test_both_engines_apply_the_same_read_guards(tiny_bundle, shared_data, tmp_path):
+def test_both_engines_apply_the_same_read_guards(tiny_bundle, id_images, tmp_path):
     """Both engines read files through score_decode.decode_files, so a file over the size limit
     gets the same error row without being read, a file without an image suffix and without an
     image header gets no row, and a file name that is not UTF-8 keeps its row.
@@ -69,10 +69,9 @@ def test_both_engines_apply_the_same_read_guards(tiny_bundle, shared_data, tmp_p
     _require_ray()
     src = tmp_path / "in"
     src.mkdir()
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"]
-    Image.fromarray(cifar[0]).save(src / "ok.png")
+    Image.fromarray(id_images[0]).save(src / "ok.png")
     odd = os.fsdecode(b"caf\xe9.png")                   # Latin-1 name: not valid UTF-8
-    Image.fromarray(cifar[1]).save(src / odd)
+    Image.fromarray(id_images[1]).save(src / odd)
     with open(src / "huge.png", "wb") as f:              # sparse: no disk used, never read
         f.truncate((1 << 30) + 1)
     (src / "notes").write_text("plain text without a suffix\n" * 100)

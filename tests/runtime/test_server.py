@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import real_images
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -39,13 +40,12 @@ def png(a: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def images(shared_data: Path) -> list[tuple[str, bytes]]:
-    """12 CIFAR-10 test PNGs, 2 MNIST PNGs (grayscale) and 2 DTD JPEGs (resized by the server)."""
-    cifar = np.load(shared_data / "cifar10_test.npz")["images"][:12]
-    mnist = np.load(shared_data / "ood_mnist.npz")["images"][:2, :, :, 0]
-    jpegs = sorted((shared_data / "raw_textures").glob("*.jpg"), key=lambda p: p.stat().st_size)[:2]
-    return ([(f"cifar{i}", png(a)) for i, a in enumerate(cifar)]
-            + [(f"mnist{i}", png(a)) for i, a in enumerate(mnist)]
+def images(id_images: np.ndarray, photo_jpeg_files: list[Path]) -> list[tuple[str, bytes]]:
+    """12 digit PNGs, 2 grayscale 8x8 scan PNGs and 2 photo JPEGs (resized by the server)."""
+    gray = real_images.digits_gray()[0][:2, :, :, 0]
+    jpegs = sorted(photo_jpeg_files[:10], key=lambda p: p.stat().st_size)[:2]
+    return ([(f"digit{i}", png(a)) for i, a in enumerate(id_images[:12])]
+            + [(f"gray{i}", png(a)) for i, a in enumerate(gray)]
             + [(p.name, p.read_bytes()) for p in jpegs])
 
 
@@ -470,7 +470,7 @@ def test_metrics_port_in_use_raises_input_error_and_leaves_nothing_listening(tin
     assert hosts["created"] == hosts["closed"]
 
 
-def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
+def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(id_images):
     """Inline decoding is judged from headers: a few small images (or unreadable bytes, which fail
     at once) stay on the event loop; many images or a large one go to the decode pool."""
     def png(a: np.ndarray) -> bytes:
@@ -478,7 +478,7 @@ def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(shared_data):
         Image.fromarray(a).save(buf, format="PNG")
         return buf.getvalue()
 
-    small = png(np.load(shared_data / "cifar10_test.npz")["images"][0])
+    small = png(id_images[0])
     big = png(np.zeros((256, 256, 3), np.uint8))
     assert model_host._decode_inline([small])
     assert model_host._decode_inline([b"not an image", b""])

@@ -45,8 +45,8 @@ def _png(a: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def images(shared_data: Path) -> list[bytes]:
-    return [_png(a) for a in np.load(shared_data / "cifar10_test.npz")["images"][:12]]
+def images(id_images: np.ndarray) -> list[bytes]:
+    return [_png(a) for a in id_images[:12]]
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +187,11 @@ def test_a_client_generated_from_the_old_proto_works_with_the_new_server(server,
 
 
 def test_bank_add_under_a_serving_server_reloads_without_a_failed_request(tiny_bundle, tmp_path,
-                                                                           images, shared_data):
+                                                                           images, ood_images):
     served = tmp_path / "served"
     shutil.copytree(tiny_bundle, served)
-    d = np.load(shared_data / "ood_textures.npz")
-    banded = d["images"][np.char.startswith(d["filenames"].astype(str), "images/banded/")]
-    np.savez(tmp_path / "banded.npz", images=banded[:60], labels=np.zeros(60, np.int64),
-             classes=np.array(["banded"]))
+    np.savez(tmp_path / "photo.npz", images=ood_images[:60], labels=np.zeros(60, np.int64),
+             classes=np.array(["photo"]))
     seen: list[str] = []
     failures: list[BaseException] = []
     stop = threading.Event()
@@ -216,7 +214,7 @@ def test_bank_add_under_a_serving_server_reloads_without_a_failed_request(tiny_b
         for t in threads:
             t.start()
         try:
-            report = add_images(served, tmp_path / "banded.npz", served, overwrite=True)
+            report = add_images(served, tmp_path / "photo.npz", served, overwrite=True)
             deadline = time.monotonic() + 60
             while client.info().model_version != report.model_version:
                 assert time.monotonic() < deadline, "the edited bundle was not picked up in 60 s"
@@ -227,11 +225,11 @@ def test_bank_add_under_a_serving_server_reloads_without_a_failed_request(tiny_b
             for t in threads:
                 t.join(30)
         after = client.info()
-        (r,) = client.score([banded[0]], neighbors=1)
+        (r,) = client.score([ood_images[0]], neighbors=1)
     assert not failures, failures[:3]
-    assert before.class_names + ("banded",) == after.class_names
+    assert before.class_names + ("photo",) == after.class_names
     assert seen[0] == before.model_version and seen[-1] == after.model_version
     assert set(seen) == {before.model_version, after.model_version}
-    assert r.model_version == after.model_version and r.neighbors[0].source == "banded#0"
+    assert r.model_version == after.model_version and r.neighbors[0].source == "photo#0"
     ok = srv.server.metrics.registry.get_sample_value("rwood_reloads_total", {"outcome": "ok"})
     assert ok >= 1

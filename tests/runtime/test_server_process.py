@@ -124,9 +124,8 @@ def test_metrics_port_in_use_exits_2_with_one_line_and_leaves_nothing_listening(
     assert port_is_free(port)
 
 
-def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundle, shared_data):
-    request = pb.ScoreRequest(images=[pb.Image(id="0", data=_png(
-        np.load(shared_data / "cifar10_test.npz")["images"][0]))])
+def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundle, id_images):
+    request = pb.ScoreRequest(images=[pb.Image(id="0", data=_png(id_images[0]))])
     srv = ServerProcess(bundle)
     try:
         with grpc.insecure_channel(srv.target) as ch:
@@ -144,12 +143,13 @@ def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundl
         srv.close()
 
 
-def test_sigterm_under_load_drains_without_losing_accepted_requests(tiny_bundle, shared_data):
+def test_sigterm_under_load_drains_without_losing_accepted_requests(tiny_bundle, id_images,
+                                                                     photo_jpeg_files):
     """One big request is in flight (seen in the server's metrics) and 4 clients keep sending when
     SIGTERM arrives: health goes NOT_SERVING, every accepted request is answered in full, the
     later ones are refused with UNAVAILABLE, and the process exits 0."""
-    jpegs = [p.read_bytes() for p in sorted((shared_data / "raw_textures").glob("*.jpg"))[:100]]
-    pngs = [_png(a) for a in np.load(shared_data / "cifar10_test.npz")["images"][:8]]
+    jpegs = [p.read_bytes() for p in photo_jpeg_files[:100]]
+    pngs = [_png(a) for a in id_images[:8]]
     srv = ServerProcess(tiny_bundle, "--metrics-port", "0", "--grace", "30", "--decode-threads", "1")
     statuses: list[int] = []
     outcomes: list[tuple[grpc.StatusCode, int]] = []

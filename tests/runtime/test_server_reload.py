@@ -47,8 +47,8 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def request_(shared_data: Path) -> pb.ScoreRequest:
-    imgs = np.load(shared_data / "cifar10_test.npz")["images"][:4]
+def request_(id_images: np.ndarray) -> pb.ScoreRequest:
+    imgs = id_images[:4]
     items = []
     for i, a in enumerate(imgs):
         buf = io.BytesIO()

@@ -74,12 +74,12 @@ def _info_code(target: str, **client_kwargs) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_tls(tiny_bundle, pki, shared_data):
+def test_tls(tiny_bundle, pki, photo_jpeg_files):
     with start_background(tiny_bundle, tls_cert=str(pki["srv.pem"]), tls_key=str(pki["srv.key"]),
                           **OPTS) as srv:
         assert _info_code(srv.target, root_certificates=pki["srv_ca.pem"]) == grpc.StatusCode.OK
         with DetectorClient(srv.target, root_certificates=pki["srv_ca.pem"]) as client:
-            jpeg = sorted((shared_data / "raw_textures").glob("*.jpg"))[0]
+            jpeg = photo_jpeg_files[0]
             assert client.score([jpeg])[0].error == ""
         # plaintext to a TLS port, and TLS trusting the wrong CA, both fail
         with grpc.insecure_channel(srv.target) as ch:

@@ -1,5 +1,6 @@
-"""trainer/augment.py: batched per-sample SimCLR views on real CIFAR images (CPU here; the same code
-runs on the GPU). Shapes, per-sample randomness, seeding, normalisation, and each op on its own."""
+"""trainer/augment.py: batched per-sample SimCLR views on real colour photo patches (CPU here; the
+same code runs on the GPU). Shapes, per-sample randomness, seeding, normalisation, and each op on
+its own."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +14,12 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def batch(cifar10_small):
-    """256 real CIFAR-10 images, uint8 [256, 32, 32, 3], and their per-channel mean/std."""
-    imgs = cifar10_small["images"][:256]
+def batch(ood_images):
+    """256 real colour photo patches, uint8 [256, 32, 32, 3], and their per-channel mean/std: the
+    256 of the 300 with the most pixel variation (a zoomed view of a patch of clear sky would look
+    like the patch)."""
+    detail = ood_images.reshape(len(ood_images), -1).std(axis=1)
+    imgs = ood_images[np.sort(np.argsort(-detail, kind="stable")[:256])]
     mean, std = dataset_stats(imgs)
     return torch.from_numpy(imgs), mean, std
 

@@ -113,7 +113,7 @@ def _run_dir(tmp_path: Path, with_classifier: bool = False) -> tuple[Path, torch
     return tmp_path, net
 
 
-def test_load_model_rebuilds_the_deploy_model(tmp_path, cifar10_small):
+def test_load_model_rebuilds_the_deploy_model(tmp_path, ood_images):
     run, net = _run_dir(tmp_path, with_classifier=True)
     model, info = load_model(run)
     assert isinstance(model, DeployModel) and not model.training
@@ -121,7 +121,7 @@ def test_load_model_rebuilds_the_deploy_model(tmp_path, cifar10_small):
     assert info.model_args == {"arch": "small_cnn", "num_classes": 4, "head_dim": 16,
                                "with_classifier": True}
     assert info.preprocess.mean == (0.4, 0.5, 0.6) and info.config == {"arch": "small_cnn"}
-    x = torch.from_numpy(cifar10_small["images"][:6])
+    x = torch.from_numpy(ood_images[:6])
     ref = DeployModel(net, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)).eval()
     with torch.no_grad():
         f, p = model(x)

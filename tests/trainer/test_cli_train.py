@@ -25,9 +25,9 @@ pytestmark = pytest.mark.timeout(180)   # none of these may start a real trainin
 
 
 @pytest.fixture(scope="module")
-def images(cifar10_small) -> dict:
-    return {"images": cifar10_small["images"][:100], "labels": cifar10_small["labels"][:100],
-            "classes": cifar10_small["classes"]}
+def images(digits_small) -> dict:
+    return {"images": digits_small["images"][:100], "labels": digits_small["labels"][:100],
+            "classes": digits_small["classes"]}
 
 
 def _run(args: list[str]):

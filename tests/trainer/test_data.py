@@ -1,11 +1,13 @@
 """trainer/data.py: the npz / folder / digits / CIFAR loaders and their errors, the calibration
-split, class selection, statistics and fingerprints. Real pixels from ../shared/data."""
+split, class selection, statistics and fingerprints. Real pixels: the digits scans and the
+photographs that ship with scikit-learn (tests/real_images.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+import real_images
 from PIL import Image
 
 from detector_server.errors import DataError, InputError
@@ -22,11 +24,15 @@ from trainer.data import (
     select_classes,
 )
 
+WORDS = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+
 
 @pytest.fixture(scope="module")
-def c10(cifar10_small) -> dict[str, np.ndarray]:
-    """300 real CIFAR-10 images (30 per class) with labels and class names."""
-    return {k: (v[:300] if k != "classes" else v) for k, v in cifar10_small.items()}
+def d300(digits_small) -> dict[str, np.ndarray]:
+    """300 real digits (30 per class, round-robin rows) with labels and class names that are not
+    the label numbers ("zero" ... "nine"), so names read from a file differ from inferred ones."""
+    return {"images": digits_small["images"][:300], "labels": digits_small["labels"][:300],
+            "classes": WORDS}
 
 
 def _npz(path: Path, **arrays) -> Path:
@@ -35,46 +41,48 @@ def _npz(path: Path, **arrays) -> Path:
 
 
 # ------------------------------------------------------------------------------ npz
-def test_npz_round_trip_keeps_pixels_labels_and_class_names(tmp_path, c10):
-    f = _npz(tmp_path / "c.npz", images=c10["images"], labels=c10["labels"], classes=c10["classes"])
+def test_npz_round_trip_keeps_pixels_labels_and_class_names(tmp_path, d300):
+    f = _npz(tmp_path / "c.npz", images=d300["images"], labels=d300["labels"], classes=d300["classes"])
     d = load_dataset("npz", str(f))
     assert d.images.dtype == np.uint8 and d.images.shape == (300, 32, 32, 3)
-    np.testing.assert_array_equal(d.images, c10["images"])
+    np.testing.assert_array_equal(d.images, d300["images"])
     assert d.labels.dtype == np.int64
-    np.testing.assert_array_equal(d.labels, c10["labels"])
-    assert d.class_names == [str(c) for c in c10["classes"]] and d.class_names[0] == "airplane"
+    np.testing.assert_array_equal(d.labels, d300["labels"])
+    assert d.class_names == [str(c) for c in d300["classes"]] and d.class_names[0] == "zero"
     assert d.source == str(f)
 
 
-def test_npz_without_classes_infers_them_from_labels(tmp_path, c10):
-    f = _npz(tmp_path / "c.npz", images=c10["images"][:20], labels=c10["labels"][:20] % 3)
+def test_npz_without_classes_infers_them_from_labels(tmp_path, d300):
+    f = _npz(tmp_path / "c.npz", images=d300["images"][:20], labels=d300["labels"][:20] % 3)
     d = read_npz(f, 32)
     assert d.class_names == ["0", "1", "2"]
 
 
-def test_npz_resizes_to_the_requested_size(tmp_path, c10):
-    f = _npz(tmp_path / "c.npz", images=c10["images"][:4], labels=c10["labels"][:4])
+def test_npz_resizes_to_the_requested_size(tmp_path, d300):
+    f = _npz(tmp_path / "c.npz", images=d300["images"][:4], labels=d300["labels"][:4])
     d = load_dataset("npz", str(f), size=48)
     assert d.images.shape == (4, 48, 48, 3)
     spec = PreprocessSpec(size=48, mean=(0, 0, 0), std=(1, 1, 1))
-    np.testing.assert_array_equal(d.images, prepare_arrays(c10["images"][:4], spec))
+    np.testing.assert_array_equal(d.images, prepare_arrays(d300["images"][:4], spec))
 
 
-def test_mnist_gray_28_becomes_rgb_32_through_the_shared_preprocessing(shared_data):
-    raw = np.load(shared_data / "ood_mnist.npz")["images"][:50]          # (50, 28, 28, 1)
-    assert raw.shape[1:] == (28, 28, 1)
-    d = read_npz(shared_data / "ood_mnist.npz", 32)
-    assert d.images.shape == (1000, 32, 32, 3) and d.images.dtype == np.uint8
+def test_gray_8x8_becomes_rgb_32_through_the_shared_preprocessing(tmp_path):
+    gray, labels = real_images.digits_gray()
+    f = _npz(tmp_path / "gray.npz", images=gray, labels=labels)           # no `classes`
+    raw = gray[:50]                                                      # (50, 8, 8, 1)
+    assert raw.shape[1:] == (8, 8, 1)
+    d = read_npz(f, 32)
+    assert d.images.shape == (1797, 32, 32, 3) and d.images.dtype == np.uint8
     assert (d.images[..., 0] == d.images[..., 1]).all() and (d.images[..., 1] == d.images[..., 2]).all()
     spec = PreprocessSpec(size=32, mean=(0, 0, 0), std=(1, 1, 1))
     np.testing.assert_array_equal(d.images[:50], prepare_arrays(raw, spec))
     one = to_model_array(Image.fromarray(raw[7, ..., 0], mode="L"), spec)   # the runtime's path
     np.testing.assert_array_equal(d.images[7], one)
-    assert d.class_names == [str(c) for c in range(10)]  # empty `classes`: inferred from labels
+    assert d.class_names == [str(c) for c in range(10)]  # no `classes`: inferred from labels
 
 
-def _bad(tmp_path: Path, c10: dict, what: str) -> Path:
-    imgs, labels = c10["images"][:10], c10["labels"][:10]
+def _bad(tmp_path: Path, d300: dict, what: str) -> Path:
+    imgs, labels = d300["images"][:10], d300["labels"][:10]
     p = tmp_path / f"{what}.npz"
     if what == "no_images":
         return _npz(p, pixels=imgs, labels=labels)
@@ -111,8 +119,8 @@ def _bad(tmp_path: Path, c10: dict, what: str) -> Path:
     ("label_count", "labels", "(10,)"),
     ("object_classes", "classes", "cannot read"),
 ])
-def test_npz_errors_name_file_and_field(tmp_path, c10, what, field, words):
-    f = _bad(tmp_path, c10, what)
+def test_npz_errors_name_file_and_field(tmp_path, d300, what, field, words):
+    f = _bad(tmp_path, d300, what)
     with pytest.raises(DataError) as e:
         load_dataset("npz", str(f))
     assert e.value.path == str(f) and e.value.field == field
@@ -125,8 +133,10 @@ def test_npz_missing_file(tmp_path):
     assert "not found" in str(e.value) and e.value.path == str(tmp_path / "nope.npz")
 
 
-def test_npz_truncated_file_and_plain_npy(tmp_path, shared_data):
-    blob = (shared_data / "ood_mnist.npz").read_bytes()
+def test_npz_truncated_file_and_plain_npy(tmp_path):
+    gray, labels = real_images.digits_gray()
+    np.savez_compressed(tmp_path / "whole.npz", images=gray, labels=labels)
+    blob = (tmp_path / "whole.npz").read_bytes()
     cut = tmp_path / "cut.npz"
     cut.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError) as e:
@@ -157,41 +167,41 @@ def test_unknown_dataset_and_split_are_input_errors():
 
 
 # ------------------------------------------------------------------------------ folder
-def _image_folder(root: Path, c10: dict, per_class: int = 4, classes=(3, 0, 7)) -> dict:
-    """ROOT/<class name>/<n>.png written from real CIFAR pixels (PNG is lossless)."""
+def _image_folder(root: Path, d300: dict, per_class: int = 4, classes=(3, 0, 7)) -> dict:
+    """ROOT/<class name>/<n>.png written from real digit pixels (PNG is lossless)."""
     expected = {}
     for c in classes:
-        name = str(c10["classes"][c])
+        name = str(d300["classes"][c])
         (root / name).mkdir(parents=True)
-        rows = np.flatnonzero(c10["labels"] == c)[:per_class]
+        rows = np.flatnonzero(d300["labels"] == c)[:per_class]
         for i, r in enumerate(rows):
-            Image.fromarray(c10["images"][r]).save(root / name / f"{i:03d}.png")
-        expected[name] = c10["images"][rows]
+            Image.fromarray(d300["images"][r]).save(root / name / f"{i:03d}.png")
+        expected[name] = d300["images"][rows]
     return expected
 
 
-def test_folder_loader_reads_real_pngs_sorted_by_class_name(tmp_path, c10):
-    expected = _image_folder(tmp_path / "root", c10)
-    (tmp_path / "root" / "cat" / "notes.txt").write_text("not an image")      # ignored
+def test_folder_loader_reads_real_pngs_sorted_by_class_name(tmp_path, d300):
+    expected = _image_folder(tmp_path / "root", d300)
+    (tmp_path / "root" / "three" / "notes.txt").write_text("not an image")    # ignored
     (tmp_path / "root" / ".cache").mkdir()                                     # hidden: ignored
     d = load_dataset("folder", str(tmp_path / "root"))
-    assert d.class_names == sorted(expected) == ["airplane", "cat", "horse"]
+    assert d.class_names == sorted(expected) == ["seven", "three", "zero"]
     assert d.images.shape == (12, 32, 32, 3) and d.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     for label, name in enumerate(d.class_names):
         np.testing.assert_array_equal(d.images[d.labels == label], expected[name])
-    assert d.files[:2] == ("airplane/000.png", "airplane/001.png") and len(d.files) == 12
+    assert d.files[:2] == ("seven/000.png", "seven/001.png") and len(d.files) == 12
     kept = select_classes(d, [2, 0])                  # each image keeps its file
     assert kept.files == d.files[:4] + d.files[8:]     # dataset order, classes 0 and 2
     for image, f in zip(kept.images, kept.files):
         np.testing.assert_array_equal(image, d.images[d.files.index(f)])
 
 
-def test_folder_loader_resizes_other_sizes_and_modes(tmp_path, c10):
+def test_folder_loader_resizes_other_sizes_and_modes(tmp_path, ood_images):
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
-    big = Image.fromarray(c10["images"][0]).resize((64, 48))
+    big = Image.fromarray(ood_images[0]).resize((64, 48))                # colour photo patches
     big.save(root / "a" / "big.jpg", quality=95)
-    Image.fromarray(c10["images"][1]).convert("L").save(root / "a" / "gray.png")
+    Image.fromarray(ood_images[1]).convert("L").save(root / "a" / "gray.png")
     d = read_folder(root, 32)
     assert d.images.shape == (2, 32, 32, 3)
     spec = PreprocessSpec(size=32, mean=(0, 0, 0), std=(1, 1, 1))
@@ -200,11 +210,11 @@ def test_folder_loader_resizes_other_sizes_and_modes(tmp_path, c10):
     assert (d.images[1, ..., 0] == d.images[1, ..., 2]).all()
 
 
-def test_folder_errors(tmp_path, c10):
+def test_folder_errors(tmp_path, d300):
     with pytest.raises(DataError, match="folder not found"):
         read_folder(tmp_path / "missing", 32)
     (tmp_path / "flat").mkdir()
-    Image.fromarray(c10["images"][0]).save(tmp_path / "flat" / "x.png")
+    Image.fromarray(d300["images"][0]).save(tmp_path / "flat" / "x.png")
     with pytest.raises(DataError, match="sub-folder per class"):
         read_folder(tmp_path / "flat", 32)
     (tmp_path / "empty" / "a").mkdir(parents=True)
@@ -252,8 +262,8 @@ def test_cifar_with_missing_root_names_the_folder_and_never_downloads(tmp_path, 
 
 
 # ------------------------------------------------------------------------------ calibration split
-def test_calibration_split_is_stratified_seeded_disjoint_and_complete(c10):
-    labels = c10["labels"]                       # 30 per class
+def test_calibration_split_is_stratified_seeded_disjoint_and_complete(d300):
+    labels = d300["labels"]                       # 30 per class
     train, cal = calibration_split(labels, 0.1, seed=5)
     assert train.dtype == np.int64 and cal.dtype == np.int64
     assert (np.diff(train) > 0).all() and (np.diff(cal) > 0).all()
@@ -292,8 +302,8 @@ def test_parse_classes_errors(text):
     assert e.value.field == "classes"
 
 
-def test_select_classes_relabels_in_the_given_order(tmp_path, c10):
-    f = _npz(tmp_path / "c.npz", images=c10["images"], labels=c10["labels"], classes=c10["classes"])
+def test_select_classes_relabels_in_the_given_order(tmp_path, d300):
+    f = _npz(tmp_path / "c.npz", images=d300["images"], labels=d300["labels"], classes=d300["classes"])
     d = load_dataset("npz", str(f))
     s = select_classes(d, [7, 2])
     assert s.class_names == [d.class_names[7], d.class_names[2]]
@@ -303,18 +313,18 @@ def test_select_classes_relabels_in_the_given_order(tmp_path, c10):
 
 
 # ------------------------------------------------------------------------------ stats, fingerprint
-def test_dataset_stats_match_numpy(c10):
-    mean, std = dataset_stats(c10["images"])
-    x = c10["images"].reshape(-1, 3) / 255.0
+def test_dataset_stats_match_numpy(d300):
+    mean, std = dataset_stats(d300["images"])
+    x = d300["images"].reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, x.mean(0), atol=1e-9)
     np.testing.assert_allclose(std, x.std(0), atol=1e-7)
 
 
-def test_fingerprint_changes_with_one_pixel(tmp_path, c10):
-    f = _npz(tmp_path / "c.npz", images=c10["images"][:20], labels=c10["labels"][:20])
+def test_fingerprint_changes_with_one_pixel(tmp_path, d300):
+    f = _npz(tmp_path / "c.npz", images=d300["images"][:20], labels=d300["labels"][:20])
     a, b = read_npz(f, 32), read_npz(f, 32)
     assert fingerprint(a) == fingerprint(b) and len(fingerprint(a)) == 64
-    imgs = c10["images"][:20].copy()
+    imgs = d300["images"][:20].copy()
     imgs[3, 4, 5, 1] ^= 1
-    g = _npz(tmp_path / "d.npz", images=imgs, labels=c10["labels"][:20])
+    g = _npz(tmp_path / "d.npz", images=imgs, labels=d300["labels"][:20])
     assert fingerprint(read_npz(g, 32)) != fingerprint(a)

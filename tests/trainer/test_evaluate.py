@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import real_images
 from click.testing import CliRunner
 
 from detector_server.errors import CheckpointError, DataError, InputError
@@ -17,20 +18,23 @@ from detector_server.preprocess import PreprocessSpec, decode_image, to_model_ar
 from trainer.embedding_quality import embedding_quality
 from trainer.evaluate import evaluate
 from trainer.mahalanobis import MahalanobisScorer
-from trainer.ood_sets import load_image_set, parse_set_arg
+from trainer.ood_sets import load_image_set, parse_set_arg, photo_patches
 
 SPEC = PreprocessSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
 @pytest.fixture(scope="module")
-def small_sets(shared_data: Path, tmp_path_factory) -> dict[str, str]:
-    """Real subsets as npz files: 400 CIFAR-10 test (ID), 200 MNIST, 200 textures."""
+def small_sets(digits_small, ood_images, tmp_path_factory) -> dict[str, str]:
+    """Real sets as npz files: 400 digits the tiny run never saw (ID, with labels), 200 grey photo
+    patches (one channel, like MNIST), 200 colour photo patches (OOD, labels -1)."""
     root = tmp_path_factory.mktemp("sets")
+    rows = slice(real_images.TINY_RUN_ROWS, real_images.TINY_RUN_ROWS + 400)
+    sets = {"id": (digits_small["images"][rows], digits_small["labels"][rows]),
+            "gray_photos": (real_images.gray_photo_patches()[:200], np.full(200, -1)),
+            "photos": (ood_images[:200], np.full(200, -1))}
     out = {}
-    for name, file, n in [("id", "cifar10_test", 400), ("mnist", "ood_mnist", 200),
-                          ("textures", "ood_textures", 200)]:
-        d = np.load(shared_data / f"{file}.npz")
-        np.savez(root / f"{name}.npz", images=d["images"][:n], labels=d["labels"][:n])
+    for name, (images, labels) in sets.items():
+        np.savez(root / f"{name}.npz", images=images, labels=labels)
         out[name] = str(root / f"{name}.npz")
     return out
 
@@ -50,8 +54,8 @@ def test_rwood_eval_end_to_end_equals_direct_knn(tiny_run, small_sets, tmp_path)
 
     out = tmp_path / "report"
     res = CliRunner().invoke(eval_main, [str(tiny_run), "--id-test", small_sets["id"],
-                                         "--ood", f"mnist={small_sets['mnist']}",
-                                         "--ood", f"textures={small_sets['textures']}",
+                                         "--ood", f"gray_photos={small_sets['gray_photos']}",
+                                         "--ood", f"photos={small_sets['photos']}",
                                          "--device", "cpu", "--out", str(out)])
     assert res.exit_code == 0, res.output
     for f in ("report.json", "report.md", "score_histograms.png", "roc.png", "embedding_2d.png"):
@@ -59,12 +63,12 @@ def test_rwood_eval_end_to_end_equals_direct_knn(tiny_run, small_sets, tmp_path)
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["k"] == 10 and report["settings"]["id_test"]["n"] == 400
-    for name in ("mnist", "textures"):
+    for name in ("gray_photos", "photos"):
         for m in ("fpr@95", "auroc", "aupr_in", "aupr_out"):
             assert 0.0 <= report["ood"][name][m] <= 1.0
     assert 0.0 <= report["accuracy"]["knn"] <= 1.0 and report["accuracy"]["linear_head"] is None
     md = (out / "report.md").read_text()
-    assert "| mnist | 200 |" in md and "**average**" in md and "dispersion" in md
+    assert "| gray_photos | 200 |" in md and "**average**" in md and "dispersion" in md
 
     # the same numbers straight from the runtime's scorer on the run's bank
     torch.set_num_threads(2)
@@ -72,29 +76,29 @@ def test_rwood_eval_end_to_end_equals_direct_knn(tiny_run, small_sets, tmp_path)
     with np.load(tiny_run / "bank.npz") as f:
         scorer = KNNScorer(build_index(f["penultimate"]), f["labels"], k=10)
     scores = {}
-    for name in ("id", "mnist", "textures"):
+    for name in ("id", "gray_photos", "photos"):
         images, labels = load_image_set(name, small_sets[name], info.preprocess)
         emb = embed_arrays(model, images, batch_size=256)["feature"]
         scores[name], pred = scorer.score(emb)
         if name == "id":
             assert report["accuracy"]["knn"] == pytest.approx(np.mean(pred == labels))
-    for name in ("mnist", "textures"):
+    for name in ("gray_photos", "photos"):
         want = ood_metrics(scores["id"], scores[name])
         for m, v in want.items():
             assert report["ood"][name][m] == pytest.approx(v, abs=1e-6), (name, m)
     assert report["average"]["auroc"] == pytest.approx(
-        np.mean([report["ood"][n]["auroc"] for n in ("mnist", "textures")]))
+        np.mean([report["ood"][n]["auroc"] for n in ("gray_photos", "photos")]))
 
 
 def test_mahalanobis_and_projection_feature(tiny_run, small_sets):
-    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"mnist": small_sets["mnist"]},
+    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"photos": small_sets["photos"]},
                   postprocessor="mahalanobis", feature="projection", device="cpu")
     r = ev.report
     assert r["settings"]["postprocessor"] == "mahalanobis" and r["settings"]["feature"] == "projection"
     assert set(r["accuracy"]) == {"knn", "mahalanobis", "linear_head"}
-    assert ev.embeddings["id"].shape == (400, 128) and ev.scores["mnist"].shape == (200,)
+    assert ev.embeddings["id"].shape == (400, 128) and ev.scores["photos"].shape == (200,)
     assert (ev.scores["id"] <= 0).all()
-    assert 0.0 <= r["ood"]["mnist"]["auroc"] <= 1.0
+    assert 0.0 <= r["ood"]["photos"]["auroc"] <= 1.0
 
 
 def test_default_id_test_is_the_calibration_split(tiny_run):
@@ -122,13 +126,13 @@ def test_evidence_is_the_scorers_neighbours_with_the_training_images(tiny_run, s
     as KNNScorer finds them, and the bank images read back from the run's training npz."""
     from trainer.report import write_report
 
-    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"mnist": small_sets["mnist"]},
+    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"photos": small_sets["photos"]},
                   device="cpu")
     rows = ev.evidence.rows
-    assert [r.group for r in rows] == ["ID, best-scored"] * 3 + ["mnist, worst-scored"] * 3 + [
-        "mnist, best-scored"] * 3
+    assert [r.group for r in rows] == ["ID, best-scored"] * 3 + ["photos, worst-scored"] * 3 + [
+        "photos, best-scored"] * 3
     assert [r.score for r in rows[:3]] == pytest.approx(np.sort(ev.scores["id"])[::-1][:3])
-    assert [r.score for r in rows[3:6]] == pytest.approx(np.sort(ev.scores["mnist"])[:3])
+    assert [r.score for r in rows[3:6]] == pytest.approx(np.sort(ev.scores["photos"])[:3])
     with np.load(tiny_run / "bank.npz") as f:
         scorer = KNNScorer(build_index(f["penultimate"]), f["labels"], k=10)
         indices = f["indices"]
@@ -222,6 +226,28 @@ def test_linear_head_logits_are_captured():
     np.testing.assert_allclose(out["logits"], want, rtol=1e-5, atol=1e-5)
 
 
+def test_image_folder_is_read_file_by_file_with_class_labels(photo_jpeg_files, tmp_path):
+    """Every file under the folder, sorted by path, through the runtime's decode + resize; labels
+    from the first-level sub-folder when it names a class, else -1."""
+    for i, f in enumerate(photo_jpeg_files[:6]):
+        cls = ("banded", "crystalline", "loose")[i % 3]
+        (tmp_path / cls).mkdir(exist_ok=True)
+        (tmp_path / cls / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "banded" / "notes.txt").write_text("not an image")
+    (tmp_path / "top.jpg").write_bytes(photo_jpeg_files[6].read_bytes())
+    images, labels = load_image_set("id", tmp_path, SPEC, class_names=["banded", "crystalline"])
+    files = sorted(p for p in tmp_path.rglob("*.jpg"))
+    assert images.shape == (7, 32, 32, 3) and images.dtype == np.uint8
+    for i, f in enumerate(files):
+        np.testing.assert_array_equal(images[i], to_model_array(decode_image(f.read_bytes()), SPEC))
+    want = {"banded": 0, "crystalline": 1}
+    assert labels.tolist() == [want.get(f.parent.name, -1) for f in files]
+    assert sorted(labels.tolist()) == [-1, -1, -1, 0, 0, 1, 1]
+    _, unlabelled = load_image_set("photos", tmp_path, SPEC)
+    assert (unlabelled == -1).all()
+
+
+@pytest.mark.cifar_pack
 def test_image_folder_equals_npz_and_reads_class_labels(shared_data, tmp_path):
     images, labels = load_image_set("textures", shared_data / "raw_textures", SPEC)
     ref = np.load(shared_data / "ood_textures.npz")
@@ -245,10 +271,13 @@ def test_image_folder_equals_npz_and_reads_class_labels(shared_data, tmp_path):
     assert sorted(lab.tolist()) == [0, 0, 0, 1, 1]
 
 
-def test_npz_set_is_brought_to_model_input(shared_data):
-    images, labels = load_image_set("mnist", shared_data / "ood_mnist.npz", SPEC)
-    assert images.shape == (1000, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+def test_npz_set_is_brought_to_model_input(tmp_path):
+    gray, digits = real_images.digits_gray()                            # [1797, 8, 8, 1]
+    np.savez(tmp_path / "gray.npz", images=gray, labels=digits)
+    images, labels = load_image_set("mnist", tmp_path / "gray.npz", SPEC)
+    assert images.shape == (1797, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
     assert (images[..., 0] == images[..., 2]).all()  # grayscale replicated to RGB
+    np.testing.assert_array_equal(labels, digits)
 
 
 def test_image_set_errors(tmp_path):
@@ -275,10 +304,24 @@ def test_image_set_errors(tmp_path):
         load_image_set("other", tmp_path / "float.npz", SPEC)
 
 
+def test_photo_patches_are_a_fixed_set_of_real_colour_crops():
+    p = photo_patches(per_photo=20, seed=3)
+    assert p.dtype == np.uint8 and p.shape == (40, 32, 32, 3)
+    np.testing.assert_array_equal(p, photo_patches(per_photo=20, seed=3))    # same on every call
+    assert not np.array_equal(p, photo_patches(per_photo=20, seed=4))
+    assert len({a.tobytes() for a in p}) == 40                                # distinct crops
+    assert np.abs(p[..., 0].astype(int) - p[..., 2]).mean() > 5               # colour, not grey
+    assert photo_patches(per_photo=2, size=48).shape == (4, 48, 48, 3)
+    for kw, field in [({"per_photo": 0}, "per_photo"), ({"per_photo": 2.0}, "per_photo"),
+                      ({"size": 0}, "size")]:
+        with pytest.raises(InputError, match=field):
+            photo_patches(**kw)
+
+
 def test_evaluate_errors(tiny_run, small_sets, tmp_path):
     for kw, field in [({"postprocessor": "odin"}, "postprocessor"), ({"feature": "logits"}, "feature"),
                       ({"k": 0}, "k"), ({"batch_size": 0}, "batch_size"), ({"device": "tpu"}, "device"),
-                      ({"ood": {"id": small_sets["mnist"]}}, "ood"), ({"k": 10**6, "device": "cpu"}, "k")]:
+                      ({"ood": {"id": small_sets["photos"]}}, "ood"), ({"k": 10**6, "device": "cpu"}, "k")]:
         with pytest.raises(InputError, match=field):
             evaluate(tiny_run, **kw)
     broken = tmp_path / "run"

@@ -255,6 +255,7 @@ def _cifar_features(cifar10_small, n=12):
     return views.reshape(n, 2, -1), torch.from_numpy(cifar10_small["labels"][:n])
 
 
+@pytest.mark.cifar_pack
 def test_losses_match_references_on_real_cifar(cifar10_small):
     feats, labels = _cifar_features(cifar10_small)
     assert len(set(labels.tolist())) > 1

@@ -84,9 +84,9 @@ def test_channels_last_matches_contiguous(name, nets):
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_deploy_model_unit_norm_and_equals_manual(name, nets, cifar10_small):
+def test_deploy_model_unit_norm_and_equals_manual(name, nets, ood_images):
     net = nets[name]
-    images = torch.from_numpy(cifar10_small["images"][:8])  # uint8 [8, 32, 32, 3]
+    images = torch.from_numpy(ood_images[:8])  # uint8 [8, 32, 32, 3], colour photo patches
     dm = DeployModel(net, MEAN, STD).eval()
     with torch.no_grad():
         feature, projection = dm(images)

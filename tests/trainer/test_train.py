@@ -1,4 +1,4 @@
-"""trainer/train.py end to end on real CIFAR-10 pixels (small_cnn, CPU, deterministic mode):
+"""trainer/train.py end to end on real digit scans (small_cnn, CPU, deterministic mode):
 
 - the run directory holds every file of docs/CONTRACTS.md with the right keys, dtypes and shapes;
 - resuming gives the same weights as an uninterrupted run, after a stop at an epoch boundary
@@ -44,13 +44,13 @@ STEPS_PER_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, cifar10_small) -> dict:
-    """256 real CIFAR-10 images as an npz file, plus the arrays themselves."""
+def data(tmp_path_factory, digits_small) -> dict:
+    """256 real training digits (round-robin by class) as an npz file, plus the arrays themselves."""
     root = tmp_path_factory.mktemp("train_data")
-    arrays = {"images": cifar10_small["images"][:N_IMAGES],
-              "labels": cifar10_small["labels"][:N_IMAGES], "classes": cifar10_small["classes"]}
-    np.savez(root / "c10_256.npz", **arrays)
-    return {"path": root / "c10_256.npz", **arrays}
+    arrays = {"images": digits_small["images"][:N_IMAGES],
+              "labels": digits_small["labels"][:N_IMAGES], "classes": digits_small["classes"]}
+    np.savez(root / "digits_256.npz", **arrays)
+    return {"path": root / "digits_256.npz", **arrays}
 
 
 def _overrides(data: dict, out: Path, **kw) -> dict:
@@ -346,6 +346,7 @@ def test_two_process_gloo_ddp_writes_one_run(tmp_path, data):
 
 # ------------------------------------------------------------------------------ the issue's criterion
 @pytest.mark.slow
+@pytest.mark.cifar_pack
 def test_one_epoch_of_2000_cifar_images_on_cpu_under_a_minute(tmp_path, cifar10_small):
     """Done-when of the trainer issue: small_cnn, 1 epoch, 2,000 CIFAR-10 images, CPU, < 60 s
     (defaults otherwise: batch 256, bank and calibration split included). Load-sensitive."""
