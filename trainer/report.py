@@ -31,7 +31,7 @@ from .evidence import SHEET, contact_sheet
 __all__ = ["evaluate_run", "write_report", "render_markdown", "detection_table", "quality_table",
            "PLOTS", "pca_2d"]
 
-PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png", SHEET)
+PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")   # the plots of every report
 _MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
 
 
@@ -62,7 +62,7 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> list[Path]:
         figures.update({"score_histograms.png": _histogram_figure, "roc.png": _roc_figure})
     if ev.evidence is not None and ev.evidence.bank_images is not None:
         figures[SHEET] = lambda e: contact_sheet(e.evidence)
-    plots = [name for name in PLOTS if name in figures]
+    plots = [name for name in (*PLOTS, SHEET) if name in figures]
     for name in plots:
         buf = io.BytesIO()
         figures[name](ev).savefig(buf, format="png", dpi=110, bbox_inches="tight")
