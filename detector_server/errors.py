@@ -15,6 +15,7 @@ class ReweightOODError(Exception):
     def __init__(self, message: str, *, path: str | None = None, field: str | None = None):
         self.path = None if path is None else str(path)
         self.field = field
+        self.message = message              # without the path and field: for a row or a log
         where = ", ".join(x for x in (self.path, f"field '{field}'" if field else None) if x)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -9,7 +9,8 @@ the preprocessing. Layouts:
 - an `.npz` with `images` uint8 [N, H, W(, C)], `labels` int [N] and `classes` str [C]
   (`labels` and `classes` are optional when `label` is given or no labels are needed).
 Each image keeps where it came from: its relative path ("/"-separated) in a folder, its row in
-an npz. Errors are `DataError`s naming the file (and the key). Numpy and Pillow only.
+an npz. Folders are listed and read as every command does (`listing`: symlinks followed, hidden
+entries left out). Errors are `DataError`s naming the file (and the key). Numpy and Pillow only.
 Test: tests/runtime/test_bank_edit.py.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import DataError, InputError
-from .score_decode import IMAGE_EXTENSIONS, list_files
+from .listing import IMAGE_EXTENSIONS, list_files, read_file
 
 __all__ = ["ImageSet", "read_image_set"]
 
@@ -69,8 +70,11 @@ def read_image_set(path: str | os.PathLike, prepare: Prepare, *, label: str | No
 
 
 def _from_folder(root: Path, prepare: Prepare, label: str | None, need_labels: bool) -> ImageSet:
-    files = [f for f in list_files(root, recursive=True)
-             if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    listing = list_files(root, suffixes=IMAGE_EXTENSIONS, hidden=False)
+    if listing.broken:                  # a bank edit takes every image it was given, or none
+        rel, why = listing.broken[0]
+        raise DataError(f"cannot read: {why}", path=root / rel)
+    files = listing.files
     labels: list[str] = []
     for f in files:
         if label is not None or not need_labels:
@@ -83,9 +87,11 @@ def _from_folder(root: Path, prepare: Prepare, label: str | None, need_labels: b
     images = []
     for f in files:
         try:
-            images.append(prepare((root / f).read_bytes()))
-        except (InputError, OSError) as e:
-            raise DataError(f"cannot use this image: {e}", path=root / f) from None
+            images.append(prepare(read_file(root / f)))
+        except InputError as e:
+            raise DataError(f"cannot use this image: {e.message}", path=root / f) from None
+        except OSError as e:
+            raise DataError(f"cannot read: {e.strerror}", path=root / f) from None
     return ImageSet(_stack(images), tuple(labels), np.arange(len(files), dtype=np.int64),
                     tuple(files), f"folder:{root.resolve()}")
 

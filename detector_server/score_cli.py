@@ -1,17 +1,21 @@
-"""`rwood-score BUNDLE INPUT --out TABLE`: score a folder of images (parses flags, calls `score_folder`).
+"""`rwood-score BUNDLE INPUT... --out TABLE`: score image folders and files (parses flags, calls
+`score_folder`).
 
 Examples:
 
     rwood-score bundles/cifar10 photos/ --out scores.csv --recursive --plot scores.png
     rwood-score bundles/cifar10 photos/ --out scores.parquet --resume       # after a crash
+    rwood-score bundles/cifar10 cat.jpg dog.png --out two.csv
+    find /data -name '*.jpg' -mtime -1 | rwood-score bundles/cifar10 --files-from - --out new.csv
     RAY_ADDRESS=ray://head:10001 rwood-score bundles/cifar10 /shared/photos \\
         --out scores.jsonl --recursive --engine ray --workers 16
 
 One row per image file (which files: detector_server/score_decode.py; the table:
 detector_server/score_table.py); bad files get an error row and never stop the run. The run
 ends with a drift test of the table's scores against the bundle's calibration scores
-(detector_server/drift.py). Exit status 2 with a one-line message for a bad bundle, folder or
-option; 3 with --fail-on-drift ALPHA when the drift test's p-value is below ALPHA.
+(detector_server/drift.py). Exit status 2 with a one-line message for a bad bundle, input or
+option, an existing --out without --resume or --force, or inputs without a single image; 3 with
+--fail-on-drift ALPHA when the drift test's p-value is below ALPHA.
 """
 from __future__ import annotations
 
@@ -28,9 +32,13 @@ __all__ = ["score_main"]
 
 @click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False, dir_okay=True))
-@click.argument("input_dir", metavar="INPUT", type=click.Path(file_okay=False, dir_okay=True))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, type=click.Path())
+@click.option("--files-from", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also score the files (or folders) listed in this file, one path a line, "
+                   "relative to the current folder; '-' reads the list from stdin.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="The table to write: .csv, .jsonl or .parquet (Parquet needs pyarrow).")
+              help="The table to write: .csv, .jsonl or .parquet (Parquet needs pyarrow). Row "
+                   "paths are relative to INPUT when it is one folder, else as named.")
 @click.option("--recursive", is_flag=True, help="Also score the images in subfolders.")
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per model call.")
 @click.option("--workers", type=int, default=None,
@@ -41,6 +49,7 @@ __all__ = ["score_main"]
 @click.option("--resume", is_flag=True,
               help="Keep the rows already in --out (or its .partial.jsonl after a crash) and "
                    "score only the other files.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (else it is refused).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Also save a histogram of the scores with the threshold (needs matplotlib).")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default="local",
@@ -58,10 +67,17 @@ __all__ = ["score_main"]
                    "(in (0, 0.5], e.g. 0.01), for pipelines. Without it the test is reported only.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def score_main(bundle: str, input_dir: str, out: str, verbose: bool, **options: object) -> None:
-    """Score every image file under INPUT with the detector in BUNDLE into one table."""
+def score_main(bundle: str, inputs: tuple[str, ...], out: str, verbose: bool,
+               **options: object) -> None:
+    """Score every image file of INPUT (folders and files) with the detector in BUNDLE into one
+    table.
+
+    The summary gives the counts of this call and of the whole table (after --resume, the rows
+    kept are in it), and the time as listing + start-up (model, workers) + scoring + writing,
+    with the scoring rate in files per second.
+    """
     setup_logging(verbose)
-    summary = run_cli(score_folder, bundle, input_dir, out, **options)
+    summary = run_cli(score_folder, bundle, list(inputs), out, **options)
     click.echo(summary.describe())
     if summary.drift is not None and summary.drift.drifted:
         sys.exit(3)

@@ -96,7 +96,7 @@ class RayScorer:
         scored = det.score_arrays(images, self.neighbors) if len(images) else None
         rows = iter(make_rows(paths, status, scored, det.class_names, det.model_version,
                               det.describe_neighbors if self.neighbors else None))
-        placeholder = Row("", float("nan"), False, "", -1, "", det.model_version)
+        placeholder = Row("", float("nan"), None, "", -1, "", det.model_version)
         full = [next(rows) if st is not None else placeholder._replace(path=p)
                 for p, st in zip(paths, status)]
         cols: dict[str, np.ndarray] = {name: np.array([getattr(r, name) for r in full],
@@ -104,7 +104,7 @@ class RayScorer:
                                        for name in ROW_FIELDS}
         cols["path"] = np.array([os.fsencode(r.path) for r in full], dtype=object)
         cols["score"] = np.array([r.score for r in full], dtype=np.float64)
-        cols["is_ood"] = np.array([r.is_ood for r in full], dtype=bool)
+        cols["is_ood"] = np.array([bool(r.is_ood) for r in full], dtype=bool)  # error: see _row
         cols["predicted_class"] = np.array([r.predicted_class for r in full], dtype=np.int64)
         cols["is_image"] = np.array([st is not None for st in status], dtype=bool)
         if self.neighbors:
@@ -116,14 +116,16 @@ class RayScorer:
 def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: int,
              workers: int | None, device: str, max_pixels: int,
              neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
-    """The ray engine, with `score_folder.iter_local`'s contract: yields (files consumed, their
-    rows) per batch, in no particular order. See the module docstring for the cluster set-up."""
+    """The ray engine, with `score_folder.iter_local`'s contract: yields (0, []) once Ray is up,
+    then (files consumed, their rows) per batch, in no particular order. See the module
+    docstring for the cluster set-up."""
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         if paths:
+            yield 0, []                 # start-up over: the cluster is up (actors load lazily)
             yield from _run(ray, bundle, root, paths, batch_size, workers, device, max_pixels,
                             neighbors)
     finally:
@@ -151,14 +153,14 @@ def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size:
         yield len(cols["path"]), rows
     missing = [p for p in paths if p not in seen]      # read by no task: report, never drop
     if missing:
-        yield len(missing), [Row(p, float("nan"), False, "", -1, "not read by the ray engine",
+        yield len(missing), [Row(p, float("nan"), None, "", -1, "not read by the ray engine",
                                  bundle.manifest.model_version, [] if neighbors else None)
                              for p in missing]
 
 
 def _row(cols: dict[str, np.ndarray], i: int) -> Row:
+    error = str(cols["error"][i])
     near = json.loads(cols["neighbors"][i]) if "neighbors" in cols else None
     return Row(os.fsdecode(bytes(cols["path"][i])), float(cols["score"][i]),
-               bool(cols["is_ood"][i]), str(cols["predicted_label"][i]),
-               int(cols["predicted_class"][i]), str(cols["error"][i]), str(cols["model_version"][i]),
-               near)
+               None if error else bool(cols["is_ood"][i]), str(cols["predicted_label"][i]),
+               int(cols["predicted_class"][i]), error, str(cols["model_version"][i]), near)

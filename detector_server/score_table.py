@@ -4,12 +4,19 @@ Use `read_rows(path)` to read a table written by `score_folder` (or its partial 
 `make_rows` to turn one scored batch into rows (both engines do). The driver writes through
 `Journal` and `prior_rows`; nothing here reads images or runs a model.
 
-Rows (`Row`, columns `ROW_FIELDS`): path relative to INPUT ("/"-separated), score (float; empty /
-null on error), is_ood, predicted_label, predicted_class (-1 on error), error ("" when scored),
-model_version. CSV writes booleans as true/false; Parquet needs pyarrow (`OUTPUT_FORMATS`).
-With `rwood-score --neighbors N` a last column `neighbors` holds each image's N nearest bank rows
-(`NEIGHBOR_FIELDS`; [] on error): a list of objects in JSONL, a list of structs in Parquet, one
-JSON array in a CSV cell. Without it the table has no such column.
+Rows (`Row`, columns `ROW_FIELDS`): path (relative to INPUT when it is one folder, else as
+named; "/"-separated), score (float; empty / null on error), is_ood (empty / null on error: an
+image that was not scored is neither ID nor OOD), predicted_label, predicted_class (-1 on
+error), error ("" when scored), model_version. CSV writes booleans as true/false; Parquet needs
+pyarrow (`OUTPUT_FORMATS`). With `rwood-score --neighbors N` a last column `neighbors` holds each
+image's N nearest bank rows (`NEIGHBOR_FIELDS`; [] on error): a list of objects in JSONL, a list
+of structs in Parquet, one JSON array in a CSV cell; without it the table has no such column.
+Test: tests/runtime/test_score_folder.py, tests/runtime/test_score_inputs.py,
+tests/runtime/test_score_neighbors.py.
+
+File names that are not valid UTF-8 survive every format, so --resume finds their rows: CSV
+writes their bytes as they are, JSONL as \\udcXX escapes, and Parquet (whose strings must be
+UTF-8) shows them with \\xNN escapes and keeps the bytes in the file's key-value metadata.
 
 Crash safety and resume: rows go to `partial_path(OUT)` (OUT.partial.jsonl) as they are scored
 (flushed per batch, fsynced every few seconds); the finished table is published with
@@ -18,7 +25,7 @@ then the partial file is removed. So OUT is always absent, the previous complete
 new complete one. With resume, `prior_rows` keeps the rows of OUT and of the partial file, so
 only files without a row are scored (another model's rows: refused).
 
-Test: tests/runtime/test_score_folder.py; a real SIGKILL: tests/reliability/test_faults_score.py.
+A real SIGKILL: tests/reliability/test_faults_score.py.
 """
 from __future__ import annotations
 
@@ -51,15 +58,16 @@ ROW_FIELDS = ("path", "score", "is_ood", "predicted_label", "predicted_class", "
               "model_version")
 NEIGHBOR_FIELDS = ("row", "class_index", "label", "similarity", "source", "source_index")
 _PARQUET_ROWS = 65536           # rows per Parquet row group when finishing
+_PARQUET_RAW_NAMES = "reweightood.raw_paths"    # key-value metadata: {row: hex of the name}
 _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial file
 
 
 class Row(NamedTuple):
     """One output row (one image file)."""
 
-    path: str                   # relative to INPUT, "/"-separated
+    path: str                   # relative to the INPUT folder, or as named; "/"-separated
     score: float                # KNN score (higher = more in-distribution); nan on error
-    is_ood: bool                # score < the bundle's threshold; False on error
+    is_ood: bool | None         # score < the bundle's threshold; None on error
     predicted_label: str        # class name of predicted_class; "" on error
     predicted_class: int        # majority vote of the K neighbours; -1 on error
     error: str                  # "" when scored
@@ -81,8 +89,8 @@ def make_rows(paths: Sequence[str], status: Sequence[str | None], batch: "ScoreB
     kept = [(p, st) for p, st in zip(paths, status) if st is not None]
     results = merge_results([p for p, _ in kept], [st or None for _, st in kept], batch,
                             class_names, describe)
-    return [Row(r.id, r.score, r.is_ood, r.predicted_label, r.predicted_class, r.error,
-                model_version,
+    return [Row(r.id, r.score, None if r.error else r.is_ood, r.predicted_label,
+                r.predicted_class, r.error, model_version,
                 None if describe is None else [dataclasses.asdict(n) for n in r.neighbors])
             for r in results]
 
@@ -106,9 +114,16 @@ def _row_from_dict(d: dict[str, Any]) -> Row:
     neighbors = d.get("neighbors")
     if isinstance(neighbors, str):                          # a CSV cell
         neighbors = json.loads(neighbors) if neighbors else []
-    return Row(str(d["path"]), math.nan if score in (None, "") else float(score), bool(is_ood),
-               str(d["predicted_label"] or ""), int(d["predicted_class"]), str(d["error"] or ""),
-               str(d["model_version"]), None if neighbors is None else list(neighbors))
+    return _checked(Row(str(d["path"]), math.nan if score in (None, "") else float(score),
+                        is_ood, str(d["predicted_label"] or ""), int(d["predicted_class"]),
+                        str(d["error"] or ""), str(d["model_version"]),
+                        None if neighbors is None else list(neighbors)))
+
+
+def _checked(row: Row) -> Row:
+    """`row` with is_ood None on error and a bool otherwise (tables written before is_ood was
+    left empty on error said false)."""
+    return row._replace(is_ood=None if row.error else bool(row.is_ood))
 
 
 def _peek(rows: Iterable[Row]) -> tuple[bool, Iterator[Row]]:
@@ -143,7 +158,7 @@ def _read_journal(path: Path) -> Iterator[Row]:
         for line in f:
             if not line.endswith(b"\n"):
                 break
-            yield Row(*json.loads(line))
+            yield _checked(Row(*json.loads(line)))
 
 
 def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
@@ -153,8 +168,8 @@ def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
     w.writerow(ROW_FIELDS + (("neighbors",) if with_neighbors else ()))
     for r in rows:
         w.writerow((r.path, "" if math.isnan(r.score) else repr(r.score),
-                    "true" if r.is_ood else "false", r.predicted_label, r.predicted_class,
-                    r.error, r.model_version)
+                    "" if r.is_ood is None else "true" if r.is_ood else "false",
+                    r.predicted_label, r.predicted_class, r.error, r.model_version)
                    + ((json.dumps(list(r.neighbors or ())),) if with_neighbors else ()))
     text.flush()
     text.detach()
@@ -186,20 +201,34 @@ def _write_parquet(rows: Iterable[Row], f: io.BufferedWriter) -> None:
                         ("predicted_label", pa.string()), ("predicted_class", pa.int64()),
                         ("error", pa.string()), ("model_version", pa.string())]
                        + ([("neighbors", pa.list_(neighbor))] if with_neighbors else []))
+    raw_names: dict[int, str] = {}          # row number -> hex bytes of a non-UTF-8 path
     with pa.parquet.ParquetWriter(f, schema) as w:
         chunk: list[Row] = []
-        for row in rows:
+        for i, row in enumerate(rows):
+            if _has_surrogates(row.path):
+                raw_names[i] = os.fsencode(row.path).hex()
             chunk.append(row)
             if len(chunk) == _PARQUET_ROWS:
                 w.write_table(_arrow_table(pa, schema, chunk))
                 chunk = []
         w.write_table(_arrow_table(pa, schema, chunk))
+        w.add_key_value_metadata({_PARQUET_RAW_NAMES: json.dumps(raw_names)})
+
+
+def _has_surrogates(name: str) -> bool:
+    """True for a file name that is not valid UTF-8 (os.fsdecode made its bytes \\udcXX)."""
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _arrow_table(pa: Any, schema: Any, rows: list[Row]) -> Any:
     cols = list(zip(*rows)) if rows else [[] for _ in Row._fields]
     scores = [None if math.isnan(s) else s for s in cols[1]]
-    # Parquet strings are UTF-8: the bytes of a non-UTF-8 file name are written as \xNN.
+    # Parquet strings are UTF-8: the bytes of a non-UTF-8 file name are shown as \xNN here and
+    # kept exactly in the metadata (_PARQUET_RAW_NAMES).
     paths = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
              for p in cols[0]]
     rest = list(cols[2:len(ROW_FIELDS)])
@@ -211,9 +240,16 @@ def _arrow_table(pa: Any, schema: Any, rows: list[Row]) -> Any:
 def _read_parquet(path: Path) -> Iterator[Row]:
     pa = _pyarrow()
     pf = pa.parquet.ParquetFile(path)
+    meta = (pf.metadata.metadata or {}).get(_PARQUET_RAW_NAMES.encode())
+    raw_names = {int(i): os.fsdecode(bytes.fromhex(h))
+                 for i, h in json.loads(meta or b"{}").items()}
+    i = 0
     for batch in pf.iter_batches():
         for d in batch.to_pylist():
+            if i in raw_names:
+                d["path"] = raw_names[i]
             yield _row_from_dict(d)
+            i += 1
 
 
 @dataclass(frozen=True)

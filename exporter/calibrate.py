@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from detector_server.calibration import MIN_CALIBRATION, calibrate_threshold
 from detector_server.errors import DataError, InputError
+from detector_server.listing import IMAGE_EXTENSIONS, list_files, read_file
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 from trainer.run_dir import CALIBRATION_FILE, RunDir
 
@@ -32,7 +32,8 @@ def load_calibration_images(run_dir: str | Path, calibration: str | Path | None,
 
     calibration: None = the run's held-out split (`RunDir.calibration`, already at the run's
     input size); a .npz file with key `images` (uint8 [M, H, W(, C)], resized by `spec`); or a
-    folder searched recursively for files Pillow reads.
+    folder: its image files (by suffix, as `detector_server.listing.list_files` walks it:
+    symlinks followed, hidden entries left out).
     Raises DataError naming the path when it is missing, malformed or holds < MIN_CALIBRATION.
     """
     if calibration is None:
@@ -71,13 +72,16 @@ def _from_npz(path: Path, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _from_folder(path: Path, spec: PreprocessSpec) -> np.ndarray:
-    exts = {e.lower() for e in Image.registered_extensions()}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    files = list_files(path, suffixes=IMAGE_EXTENSIONS, hidden=False).files
+    if not files:
+        raise DataError("no image files in this folder (searched recursively)", path=path)
     out = []
-    for f in files:
+    for rel in files:
+        f = path / rel
         try:
-            out.append(to_model_array(decode_image(f.read_bytes()), spec))
+            out.append(to_model_array(decode_image(read_file(f)), spec))
+        except OSError as e:
+            raise DataError(f"cannot read: {e.strerror}", path=f) from None
         except InputError as e:
-            raise DataError(str(e), path=f) from None
-    s = spec.size
-    return np.stack(out) if out else np.empty((0, s, s, 3), np.uint8)
+            raise DataError(e.message, path=f) from None
+    return np.stack(out)

@@ -62,10 +62,14 @@ def _loss_names() -> list[str]:
               help="Held-out share of the training set for the threshold (0.05).")
 @click.option("--k", type=int, default=None, help="KNN neighbours for evaluation (100 / 300).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default runs/default).")
+              help="Run directory (default runs/default). One that already holds a run is "
+                   "refused unless --resume or --force.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="auto uses CUDA when present, else CPU.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Replace the run in --out: delete its checkpoints, model, bank, metrics and "
+                   "eval report, then train from scratch.")
 @click.option("--seed", type=int, default=None)
 @click.option("--deterministic", is_flag=True, default=None,
               help="Deterministic kernels: exact resume on CPU, slower on GPU.")
@@ -77,7 +81,7 @@ def _loss_names() -> list[str]:
               help="OOD set to evaluate on at the end (repeatable): .npz, image folder, or a "
                    "torchvision root for svhn/mnist/dtd/places365.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> None:
+def train_main(config_file, resume, force, ood, verbose, no_amp, compile_, **flags) -> None:
     """Train a network with the ReweightOOD loss (or a baseline), then build the embedding bank.
 
     The run directory receives checkpoints/last.pt (resumable), model.pt, bank.npz,
@@ -95,7 +99,7 @@ def train_main(config_file, resume, ood, verbose, no_amp, compile_, **flags) -> 
         from .train import train
         ood_sets = dict(parse_set_arg(v) for v in ood)
         cfg = resolve_config(preset, config_file, flags)
-        return train(cfg, resume=resume, ood=ood_sets or None)
+        return train(cfg, resume=resume, force=force, ood=ood_sets or None)
 
     run_dir = run_cli(go)
     click.echo(f"run directory: {run_dir}")

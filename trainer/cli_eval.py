@@ -25,6 +25,13 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write over an earlier report (another run's, or other OOD sets') unless `force`."""
+    if (out / "report.json").exists() and not force:
+        raise InputError("already holds a report: pass --force to replace it, or another --out",
+                         path=out)
+
+
 @click.command(cls=Command)
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--id-test", default=None, metavar="PATH|NAME=PATH",
@@ -41,12 +48,14 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--feature", type=click.Choice(list(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Which bank embedding is scored.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Report folder (default RUN_DIR/eval).")
+              help="Report folder (default RUN_DIR/eval). One that already holds a report is "
+                   "refused unless --force.")
+@click.option("--force", is_flag=True, help="Replace the report already in --out.")
 @click.option("--batch-size", type=int, default=512, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, batch_size, device,
+def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, force, batch_size, device,
               verbose) -> None:
     """Evaluate OOD detection of a trained run and write report.json, report.md and PNG plots.
 
@@ -58,6 +67,7 @@ def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, batch_size,
     out = out or str(Path(run_dir) / "eval")
 
     def go():
+        _check_out(Path(out), force)
         return evaluate_run(run_dir, id_test=id_test, ood=_parse_sets(ood),
                             postprocessor=postprocessor, k=k, feature=feature,
                             batch_size=batch_size, device=device, out=out, progress=True)

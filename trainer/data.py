@@ -10,7 +10,8 @@ Registered datasets (`list_datasets()`):
 - ``cifar10`` / ``cifar100``: torchvision datasets under a local root folder; downloaded only with
   `download=True`, otherwise a missing folder is a DataError naming it.
 - ``npz``: a numpy file with `images` uint8 (N,H,W[,C]), `labels` int (N,), optional `classes`.
-- ``folder``: an ImageFolder layout (`root/<class>/<image>`), any format Pillow decodes.
+- ``folder``: an ImageFolder layout (`root/<class>/<image>`), any format Pillow decodes; listed by
+  `detector_server.listing` (symlinks followed, loops cut, hidden entries left out).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from detector_server.errors import DataError, InputError
+from detector_server.listing import IMAGE_EXTENSIONS, list_files, read_file
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 
 __all__ = ["ImageArrays", "register_dataset", "list_datasets", "has_test_split", "load_dataset",
@@ -212,29 +214,35 @@ def read_npz(path: str | Path, size: int) -> ImageArrays:
     return ImageArrays(prepare_arrays(images, _spec(size)), labels, classes, str(p))
 
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-
-
 def read_folder(root: str | Path, size: int) -> ImageArrays:
-    """Read ImageFolder layout `root/<class>/**/<image>`; classes sorted by name (torchvision's rule)."""
+    """Read ImageFolder layout `root/<class>/**/<image>`; classes sorted by name (torchvision's
+    rule). `root` is walked once by `detector_server.listing.list_files` (symlinked folders
+    followed, each real folder once, so a link back up cannot feed one class another's images;
+    an entry that cannot be read is skipped with a warning); its image files (by
+    `IMAGE_EXTENSIONS`) below a class folder are read. An image that does not decode is a
+    DataError naming it."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("folder not found", path=str(root))
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError("expected one sub-folder per class (ROOT/<class>/<images>)", path=str(root))
+    index = {name: i for i, name in enumerate(classes)}
     images, labels, files = [], [], []
     spec = _spec(size)
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES or not f.is_file():
-                continue
-            try:
-                images.append(to_model_array(decode_image(f.read_bytes()), spec))
-            except InputError as e:
-                raise DataError(str(e).split(": ", 1)[-1], path=str(f)) from None
-            labels.append(label)
-            files.append(f.relative_to(root).as_posix())
+    for rel in list_files(root, suffixes=IMAGE_EXTENSIONS, hidden=False).files:
+        name, sep, _ = rel.partition("/")
+        if not sep or name not in index:
+            continue                                    # a file beside the class folders
+        f = root / rel
+        try:
+            images.append(to_model_array(decode_image(read_file(f)), spec))
+        except OSError as e:
+            raise DataError(f"cannot read: {e.strerror}", path=str(f)) from None
+        except InputError as e:
+            raise DataError(e.message, path=str(f)) from None
+        labels.append(index[name])
+        files.append(rel)
     if not images:
         raise DataError("no image files found under the class folders", path=str(root))
     return ImageArrays(np.stack(images), np.asarray(labels, dtype=np.int64), classes, str(root),

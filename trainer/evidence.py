@@ -23,6 +23,7 @@ import numpy as np
 
 from detector_server.errors import DataError, ReweightOODError
 from detector_server.knn import KNNScorer
+from detector_server.listing import read_file
 from detector_server.preprocess import decode_image, to_model_array
 
 from .run_dir import RunDir, RunInfo
@@ -115,7 +116,7 @@ def _training_images(info: RunInfo, rows: np.ndarray, files: list[str] | None) -
         out = []
         for f in files:
             try:
-                out.append(to_model_array(decode_image((root / f).read_bytes()), spec))
+                out.append(to_model_array(decode_image(read_file(root / f)), spec))
             except OSError as e:
                 raise _moved(root / f, e) from None
         return out

@@ -12,8 +12,10 @@ How `path` is read:
 - a folder, when `name` is a torchvision set below and the folder holds that set's files: the
   torchvision dataset (never downloaded): svhn (split test), mnist (test), dtd / textures (split
   test, partition 1), places365 (val, 256-px "small" images), cifar10 / cifar100 (test);
-- any other folder: every file under it (recursively, sorted) that Pillow decodes; labels are the
-  class index of the first-level sub-folder when `class_names` names it, else -1.
+- any other folder: every file under it that Pillow decodes, listed by
+  `detector_server.listing.list_files` (recursively, sorted; symlinks followed, loops cut, hidden
+  entries left out); labels are the class index of the first-level sub-folder when `class_names`
+  names it, else -1.
 
 `photo_patches()` is a far-OOD set that needs no files at all: crops of the two photographs that
 ship inside scikit-learn (`make demo` and the tests use it).
@@ -27,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from detector_server.errors import DataError, InputError
+from detector_server.listing import list_files, read_file
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 from detector_server.validate import check_int
 
@@ -107,27 +110,26 @@ def read_npz_set(path: str | Path, spec: PreprocessSpec) -> ImageSet:
 
 
 def _has_images(root: Path) -> bool:
-    return any(f.is_file() and not f.name.startswith(".") for f in root.rglob("*"))
+    return bool(list_files(root, hidden=False).files)
 
 
 def read_image_folder(root: str | Path, spec: PreprocessSpec,
                       class_names: list[str] | None = None) -> ImageSet:
-    """Every decodable file under `root` (recursive, sorted by path; hidden files and files Pillow
-    cannot read are skipped with a count in the log). Labels: index in `class_names` of the
-    first-level sub-folder's name, -1 when absent or not a class name."""
+    """Every decodable file under `root` (as `list_files` walks it; hidden entries left out,
+    files Pillow cannot read or that cannot be read skipped with a count in the log). Labels:
+    index in `class_names` of the first-level sub-folder's name, -1 when absent or not a class
+    name."""
     root = Path(root)
     index = {c: i for i, c in enumerate(class_names or [])}
     images, labels, skipped = [], [], 0
-    for f in sorted(root.rglob("*")):
-        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
-            continue
+    for rel in list_files(root, hidden=False).files:
         try:
-            images.append(to_model_array(decode_image(f.read_bytes()), spec))
-        except InputError:
+            images.append(to_model_array(decode_image(read_file(root / rel)), spec))
+        except (InputError, OSError):
             skipped += 1
             continue
-        rel = f.relative_to(root).parts
-        labels.append(index.get(rel[0], -1) if len(rel) > 1 else -1)
+        parts = rel.split("/")
+        labels.append(index.get(parts[0], -1) if len(parts) > 1 else -1)
     if skipped:
         log.warning("%s: skipped %d files Pillow cannot decode", root, skipped)
     if not images:

@@ -14,7 +14,9 @@ import inspect
 import json
 import logging
 import math
+import os
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -42,7 +44,7 @@ from .networks import DeployModel, create_model
 from .networks import model_args as get_model_args
 from .run_dir import MODEL_FILE, RunInfo, write_bank, write_calibration, write_run_info
 
-__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda"]
+__all__ = ["train", "train_step", "build_optimizer", "pick_device", "lr_lambda", "RUN_ENTRIES"]
 
 log = logging.getLogger("reweightood.train")
 
@@ -158,17 +160,23 @@ def _run_info(cfg: TrainConfig, spec: PreprocessSpec, class_names: list[str], da
                    finished=finished)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None = None) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False,
+          ood: dict[str, str] | None = None) -> Path:
     """Train, then write model.pt, bank.npz, calibration.npz and config.json into cfg.out.
 
     With `resume`, continue from RUN_DIR/checkpoints/last.pt using the configuration saved there.
-    With `ood` ({name: path}), evaluate OOD detection at the end (report in RUN_DIR/eval).
-    Returns the run directory.
+    Without it, a run already in cfg.out is refused (InputError) unless `force`, which deletes
+    its files (`RUN_ENTRIES`) before training. With `ood` ({name: path}), evaluate OOD detection
+    at the end (report in RUN_DIR/eval). Returns the run directory.
     """
-    # -- set-up: distributed, device, seeds
+    # -- set-up: the run directory, distributed, device, seeds
     run_dir = Path(cfg.out)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = None
+    existing = [] if resume else _run_entries(run_dir)
+    if existing and not force:
+        raise InputError(f"already holds a run ({', '.join(existing)}): pass --resume to continue "
+                         "it, --force to replace it, or another --out", path=run_dir)
     if resume:
         if not ckpt_path.is_file():
             raise CheckpointError("--resume given but there is no checkpoint to resume from",
@@ -265,6 +273,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, ood: dict[str, str] | None 
                  "fingerprint": fingerprint(full), "n_train": int(len(train_idx)),
                  "n_calibration": int(len(cal_idx)), "classes": cfg.classes}
     if dist.is_main:
+        _remove_run(run_dir, existing)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, _run_info(cfg, spec, full.class_names, data_info, model_args,
                                           False))
@@ -351,6 +360,27 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     files = None if full.files is None else [full.files[i] for i in train_idx]
     write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names, files)
     write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)
+
+
+# What a run writes into its directory; --force deletes these (and nothing else) first.
+RUN_ENTRIES = ("config.json", "checkpoints", "model.pt", "bank.npz", "calibration.npz",
+               "metrics.jsonl", "eval", "tb")
+
+
+def _run_entries(run_dir: Path) -> list[str]:
+    """The entries of RUN_ENTRIES present in `run_dir` (none when it does not exist)."""
+    return [name for name in RUN_ENTRIES if os.path.lexists(run_dir / name)]
+
+
+def _remove_run(run_dir: Path, names: list[str]) -> None:
+    for name in names:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if names:
+        log.warning("--force: removed the previous run's %s from %s", ", ".join(names), run_dir)
 
 
 def _tensorboard(run_dir: Path):

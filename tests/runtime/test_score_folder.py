@@ -21,6 +21,7 @@ import real_images
 from click.testing import CliRunner
 from PIL import Image
 
+from detector_server import listing
 from detector_server import score_decode as sd
 from detector_server import score_folder as sf
 from detector_server.errors import BundleError, InputError
@@ -97,7 +98,7 @@ def assert_rows_match(rows: list[Row], expected: dict[str, Row], paths: set[str]
         assert r.model_version == e.model_version
         if e.error:
             assert r.error and math.isnan(r.score), r
-            assert (r.is_ood, r.predicted_class, r.predicted_label) == (False, -1, "")
+            assert (r.is_ood, r.predicted_class, r.predicted_label) == (None, -1, "")
         else:
             assert r.error == "", r
             assert abs(r.score - e.score) <= 1e-6, (r, e)
@@ -111,12 +112,13 @@ def test_mixed_folder_rows_equal_detector(tiny_bundle, folder, expected, tmp_pat
                      progress=False)
     rows = read_rows(out)
     assert_rows_match(rows, expected, TOP_GOOD | SUB_GOOD | BAD)
-    assert [r.path for r in rows] == [p for p in sd.list_files(folder, True) if p in expected], \
+    assert [r.path for r in rows] == [p for p in listing.list_files(folder).files
+                                      if p in expected], \
         "rows come in file order through the worker pool"
     assert (s.files, s.resumed, s.errors, s.skipped) == (len(rows) + 1, 0, len(BAD), 1)
     assert s.scored == len(TOP_GOOD | SUB_GOOD)
-    assert s.ood == sum(r.is_ood for r in rows)
-    assert s.images_per_s > 0 and "images/s" in s.describe()
+    assert s.ood == sum(bool(r.is_ood) for r in rows)
+    assert s.files_per_s > 0 and "files/s" in s.describe()
     assert not partial_path(out).exists()
 
 
@@ -136,7 +138,7 @@ def test_output_formats_round_trip(tiny_bundle, folder, expected, tmp_path, suff
     if suffix == ".csv":   # plain CSV any tool reads: header, true/false, empty score on error
         text = out.read_text().splitlines()
         assert text[0] == ",".join(ROW_FIELDS)
-        assert any(line.startswith("empty.png,,false,,-1,") for line in text)
+        assert any(line.startswith("empty.png,,,,-1,") for line in text)
 
 
 def _crash_after(n_batches: int):
@@ -207,9 +209,10 @@ def test_crash_keeps_previous_table_and_rerun_discards_partial(tiny_bundle, fold
     monkeypatch.setitem(sf.ENGINES, "crashy", f"{__name__}:CRASHY")
     with pytest.raises(RuntimeError):
         score_folder(tiny_bundle, folder, out, recursive=True, batch_size=4, workers=0,
-                     engine="crashy", progress=False)
+                     engine="crashy", force=True, progress=False)
     assert out.read_bytes() == before, "a crash never touches the finished table"
-    s = score_folder(tiny_bundle, folder, out, recursive=True, workers=0, progress=False)
+    s = score_folder(tiny_bundle, folder, out, recursive=True, workers=0, force=True,
+                     progress=False)
     assert s.resumed == 0 and len(read_rows(out)) == len(TOP_GOOD | SUB_GOOD | BAD)
     assert not partial_path(out).exists()
 
@@ -254,7 +257,7 @@ def test_odd_files_oversized_and_non_utf8_names(tiny_bundle, folder, tmp_path, m
     odd = os.fsdecode(b"caf\xe9.png")                   # Latin-1 name: not valid UTF-8
     shutil.copy(folder / "c1.png", src / odd)
     (src / "video.bin").write_bytes(bytes(range(256)) * 4096)
-    monkeypatch.setattr(sd, "_MAX_FILE_BYTES", 10_000)   # the JPEG is larger, the PNGs smaller
+    monkeypatch.setattr(listing, "MAX_FILE_BYTES", 10_000)   # the JPEG is larger, the PNGs not
     for suffix in (".csv", ".jsonl"):
         out = tmp_path / f"s{suffix}"
         s = score_folder(tiny_bundle, src, out, workers=0, progress=False)
@@ -289,14 +292,14 @@ def test_plot_histogram(tiny_bundle, folder, tmp_path):
     (dict(batch_size=0), "batch_size"),
     (dict(workers=-1), "workers"),
     (dict(engine="spark"), "engine"),
-    (dict(input_dir="missing_folder"), "expected a directory"),
+    (dict(inputs="missing_folder"), "no such file or folder"),
     (dict(out="no_such_dir/scores.csv"), "does not exist"),
 ])
 def test_bad_options_raise_input_error(tiny_bundle, folder, tmp_path, kwargs, match):
-    args = dict(input_dir=folder, out="scores.csv") | kwargs
+    args = dict(inputs=folder, out="scores.csv") | kwargs
     args["out"] = tmp_path / args["out"]
-    if args["input_dir"] == "missing_folder":
-        args["input_dir"] = tmp_path / "missing_folder"
+    if args["inputs"] == "missing_folder":
+        args["inputs"] = tmp_path / "missing_folder"
     with pytest.raises(InputError, match=match):
         score_folder(tiny_bundle, progress=False, **args)
 
@@ -333,7 +336,7 @@ def test_cli_scores_and_prints_summary(tiny_bundle, folder, tmp_path):
     res = CliRunner().invoke(score_main, [str(tiny_bundle), str(folder), "--out", str(out),
                                           "--recursive", "--workers", "0", "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert "errors      3" in res.stdout and "images/s" in res.stdout
+    assert ", 3 errors" in res.stdout and "files/s" in res.stdout
     assert len(read_rows(out)) == len(TOP_GOOD | SUB_GOOD | BAD)
 
 
