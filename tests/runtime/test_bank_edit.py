@@ -316,7 +316,7 @@ def _stored(index) -> list:
     return [c.tobytes() for c in faiss.vector_to_array(inner.codes).reshape(index.ntotal, -1)]
 
 
-@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ16", "PQ16", "HNSW16"])
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ16x4", "PQ16x4", "HNSW16"])
 def test_remove_keeps_rows_and_order_in_every_index_type(bundle, tmp_path, factory):
     path = _with_index(bundle, tmp_path / "b", factory)
     index = load_bundle(path).read_index()
