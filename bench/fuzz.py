@@ -134,7 +134,7 @@ def error_kind(message: str) -> str:
         return "empty"
     if "pixels" in message or "too large" in message:
         return "too_large"
-    if "not a recognised image format" in message:
+    if "not one of the accepted formats" in message:
         return "undecodable:unrecognised_format"
     m = re.search(r"cannot (?:decode|convert) image: (\w+)", message)
     return f"undecodable:{m.group(1)}" if m else "other"

@@ -12,7 +12,8 @@ What a new bundle records (`manifest.bank`): every row's source (`bank_sources`)
 (one entry per edit: parent version, rows added or removed, from where, when, the threshold
 decision) and the calibration embeddings, with their scores on the edited bank as the new
 `calibration_file` (the drift test's reference). Its `model_version` is the exported version plus
-`+bank-<digest of the bank>`. The threshold is kept (and the calibration set's TPR at it is
+`+bank-<decision digest>` (`write_bundle`: the digest covers the new index, labels and sources;
+the lineage is descriptive). The threshold is kept (and the calibration set's TPR at it is
 re-measured on the stored calibration embeddings: adding rows can only raise KNN scores, removing
 them only lower them) unless `calibration` (held-out ID images of every class, none of them in
 the bank) is given: then it is set again at the target TPR on those images.
@@ -21,7 +22,6 @@ Test: tests/runtime/test_bank_edit.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -42,7 +42,6 @@ from .bundle import (
     Bundle,
     Manifest,
     ThresholdInfo,
-    file_sha256,
     load_bundle,
     staging_dir,
     write_bundle,
@@ -235,21 +234,17 @@ def _publish(b: Bundle, det: Detector, index: faiss.Index, labels: np.ndarray,
         for name in m.files:            # the models and anything else the bundle carries
             if name not in rewritten:
                 shutil.copy2(b.path / name, stage / name)
-        digest = hashlib.sha256("".join(file_sha256(stage / f) for f in (
-            m.index.file, m.labels_file, bank.sources_file)).encode()).hexdigest()
         root = bank.lineage[0]["parent"] if bank.lineage else m.model_version
-        version = f"{root}+bank-{digest[:12]}"
-        entry = {"parent": m.model_version, "version": version,
-                 "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
+        entry = {"parent": m.model_version, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
         stored = cal.embeddings is not None
         manifest = dataclasses.replace(
-            m, model_version=version, class_names=class_names, threshold=cal.threshold,
+            m, class_names=class_names, threshold=cal.threshold,
             index=dataclasses.replace(m.index, ntotal=int(len(labels))),
             calibration_file=scores_file if stored else None,
             bank=BankInfo(bank.sources_file, emb_file if stored else None,
                           bank.lineage + (entry,)), files={}, manifest_sha256="")
-        write_bundle(stage, manifest, out, overwrite=overwrite)
-    load_bundle(out)
+        write_bundle(stage, manifest, out, overwrite=overwrite, name=f"{root}+bank")
+    version = load_bundle(out).manifest.model_version
     log.info("bundle %s: %s -> %s, %d -> %d rows", out, m.model_version, version, m.index.ntotal,
              len(labels))
     return EditReport(out, m.model_version, version, m.index.ntotal, int(len(labels)), entry)

@@ -23,12 +23,16 @@ __all__ = ["bank_info", "describe_info"]
 def bank_info(bundle: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able summary of the bank of `bundle` (verified as `load_bundle` does, without the
     model check): model_version, rows, index factory, k, threshold, classes (name -> rows),
-    sources (origin -> rows, "" = unknown), lineage (the manifest's entries), warnings."""
+    sources (origin -> rows, "" = unknown), lineage (the manifest's entries, each with the
+    `version` it produced), warnings."""
     b = load_bundle(bundle, verify_model=False)
     m = b.manifest
     counts = np.bincount(b.labels, minlength=len(m.class_names))
     sources = b.sources()
     lineage = list(m.bank.lineage) if m.bank else []
+    # each edit's resulting version: the next edit's parent, the bundle's own for the last
+    lineage = [{**e, "version": after} for e, after in
+               zip(lineage, [e["parent"] for e in lineage[1:]] + [m.model_version])]
     warnings = [f"class {name!r} has no rows: it is never predicted"
                 for name, n in zip(m.class_names, counts) if n == 0]
     if "" in sources.counts():

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import write_text_atomic
+from .bundle_files import read_json
 from .errors import BundleError
 
 __all__ = ["BankSources", "SOURCES_FORMAT", "TRAIN_ORIGIN"]
@@ -42,6 +43,8 @@ __all__ = ["BankSources", "SOURCES_FORMAT", "TRAIN_ORIGIN"]
 SOURCES_FORMAT = "reweightood-bank-sources"
 _VERSION = 1
 TRAIN_ORIGIN = "train"                  # the origin of the rows a bundle was exported with
+
+MAX_PATH_BYTES = 4096      # the bound on sources.json per row (PATH_MAX and its JSON quoting)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +84,12 @@ class BankSources:
             return f"{name}/{path}"
         i = int(self.index[row])
         return f"{name}#{i}" if i >= 0 else name
+
+    def max_describe_bytes(self) -> int:
+        """An upper bound on the UTF-8 length of any `describe(row)` (one pass over the paths)."""
+        name = max((len(o.encode()) for o in self.origins), default=0)
+        path = max((len(p.encode()) for p in self.path), default=0)
+        return name + 1 + max(path, 20)          # "name/path" or "name#index" (int64: 20 chars)
 
     def matches(self, pattern: str) -> np.ndarray:
         """bool [N]: rows whose source string matches the shell glob `pattern` (fnmatch, where
@@ -127,13 +136,13 @@ class BankSources:
         return write_text_atomic(path, json.dumps(self.to_json(), separators=(",", ":")))
 
     @classmethod
-    def read(cls, path: str | os.PathLike, n: int) -> "BankSources":
-        """Read and check a sources file for an index of `n` rows; BundleError naming the file
-        and the key at fault."""
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"cannot read bank sources: {e}", path=path) from None
+    def read(cls, root: str | os.PathLike, name: str, n: int) -> "BankSources":
+        """Read and check the sources file `name` of the bundle directory `root` for an index of
+        `n` rows, through `bundle_files` (a regular file, at most MAX_PATH_BYTES per row and
+        1 MiB); BundleError naming the file and the key at fault."""
+        path = Path(root) / name
+        d = read_json(root, name, missing="bank sources file is missing",
+                      max_bytes=(1 << 20) + MAX_PATH_BYTES * n, what="bank sources")
         if not isinstance(d, dict) or d.get("format") != SOURCES_FORMAT:
             raise BundleError(f"expected format {SOURCES_FORMAT!r}", path=path, field="format")
         if d.get("format_version") != _VERSION:

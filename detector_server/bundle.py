@@ -3,8 +3,9 @@
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
 session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `ThresholdInfo`,
-`manifest_digest`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in `detector_server.manifest` and
-re-exported here, so `from detector_server.bundle import ...` gives every name of the format.
+`manifest_digest`, `derive_model_version`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in
+`detector_server.manifest` and re-exported here, so `from detector_server.bundle import ...`
+gives every name of the format.
 A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
@@ -24,13 +25,14 @@ A bundle is one flat directory:
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
-a model whose input/outputs do not match the manifest. Test: tests/runtime/test_bundle.py.
+a model whose input/outputs do not match the manifest. Every file is read through
+`detector_server.bundle_files`: regular files only, no symbolic links followed, bounded sizes.
+Test: tests/runtime/test_bundle.py; attacks: tests/reliability/test_hostile_bundle.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -46,8 +48,11 @@ import onnxruntime as ort
 from ._faiss import faiss
 from .atomic import exchange_paths, fsync_dir, fsync_file, write_json_atomic
 from .bank_sources import BankSources
+from .bundle_files import member_sha256, read_json, read_npy
+from .bundle_watch import bundle_stamp
 from .errors import BundleError
 from .manifest import (
+    DESCRIPTIVE_FIELDS,
     FEATURE_OUTPUTS,
     FORMAT,
     FORMAT_VERSION,
@@ -57,13 +62,17 @@ from .manifest import (
     Manifest,
     ThresholdInfo,
     check_file_name,
+    decision_digest,
+    derive_model_version,
     manifest_digest,
+    version_name,
 )
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
            "ThresholdInfo", "BankInfo", "Manifest", "Bundle", "load_bundle", "write_bundle",
-           "staging_dir", "check_model_io", "file_sha256", "manifest_digest", "manifest_stamp"]
+           "staging_dir", "check_model_io", "file_sha256", "manifest_digest", "require_bundle_dir",
+           "DESCRIPTIVE_FIELDS", "decision_digest", "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +111,16 @@ class Bundle:
             return None
         path, n = self.path / name, self.manifest.threshold.n_samples
         try:
-            scores = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read calibration scores: {e}", path=path) from None
-        if scores.dtype != np.float32 or scores.shape != (n,) or not np.isfinite(scores).all():
+            scores = read_npy(self.path, name, np.float32, (n,))
+        except BundleError as e:
+            raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples): "
+                              f"{str(e).removeprefix(f'{path}: ')}", path=path) from None
+        except OSError as e:
+            raise BundleError(f"cannot read calibration scores: {e.strerror or e}",
+                              path=path) from None
+        if not np.isfinite(scores).all():
             raise BundleError(f"expected finite float32 [{n}] (threshold.n_samples), got "
-                              f"{scores.dtype} {scores.shape}", path=path)
+                              "NaN or infinity", path=path)
         return scores
 
     def read_index(self) -> faiss.Index:
@@ -130,22 +143,19 @@ class Bundle:
         m = self.manifest
         if m.bank is None:
             return BankSources.unknown(m.index.ntotal)
-        return BankSources.read(self.path / m.bank.sources_file, m.index.ntotal)
+        return BankSources.read(self.path, m.bank.sources_file, m.index.ntotal)
 
     def calibration_embeddings(self) -> np.ndarray | None:
         """float32 [M, index.dim] embeddings of the calibration images, None when not stored."""
         m = self.manifest
         if m.bank is None or m.bank.calibration_embeddings_file is None:
             return None
-        path = self.path / m.bank.calibration_embeddings_file
+        name = m.bank.calibration_embeddings_file
         try:
-            emb = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read calibration embeddings: {e}", path=path) from None
-        if emb.dtype != np.float32 or emb.ndim != 2 or emb.shape[1] != m.index.dim:
-            raise BundleError(f"expected float32 [M, {m.index.dim}], got {emb.dtype} {emb.shape}",
-                              path=path)
-        return emb
+            return read_npy(self.path, name, np.float32, (None, m.index.dim))
+        except OSError as e:
+            raise BundleError(f"cannot read calibration embeddings: {e.strerror or e}",
+                              path=self.path / name) from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -158,14 +168,20 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 
-def manifest_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
-    """What tells one published bundle at `path` from the next: manifest.json's inode, size and
-    mtime (None while there is none). `write_bundle` always publishes a new manifest file."""
-    try:
-        st = (Path(path) / MANIFEST_FILE).stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+def require_bundle_dir(root: Path) -> None:
+    """BundleError unless `root` is a directory with a manifest; a training run directory (what
+    rwood-train writes) is named as such, with the command that makes a bundle of it."""
+    if not root.is_dir():
+        raise BundleError("bundle directory not found", path=root)
+    if os.path.lexists(root / MANIFEST_FILE):   # a link, a FIFO: load_bundle's reader refuses it
+        return
+    if (root / "config.json").is_file() and any(
+            (root / n).exists() for n in ("bank.npz", "model.pt", "checkpoints")):
+        raise BundleError("this is a training run directory (rwood-train's), not a bundle; "
+                          "rwood-serve and rwood-score take a bundle: make one with "
+                          "rwood-export RUN_DIR --out BUNDLE", path=root)
+    raise BundleError("manifest missing (not a bundle, or an unfinished export)",
+                      path=root / MANIFEST_FILE)
 
 
 _LOAD_ATTEMPTS = 3      # a bundle replaced while it is read is read again (rwood-bank --force)
@@ -178,21 +194,24 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     payload file is listed and present, every SHA-256, the labels array, and (with
     `verify_model`) that every ONNX file has the manifest's input and output names, dtypes and
     widths (a CPU session without graph optimisation).
+    Every file is a regular file inside `path`, read within the bounds of
+    `detector_server.bundle_files` (no symbolic link followed, no FIFO read, manifest size and
+    nesting, .npy header); `path` itself may be a link.
     `Detector` passes `verify_model=False` and checks its own session instead.
-    A bundle replaced while it is read (`manifest_stamp` changed) is read again, so the result
-    is one published bundle, never a mix of two.
+    A bundle replaced while it is read (`bundle_watch.bundle_stamp` changed) is read again, so
+    the result is one published bundle, never a mix of two.
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
     for attempt in range(_LOAD_ATTEMPTS):
-        stamp = manifest_stamp(root)
+        stamp = bundle_stamp(root)
         try:
             bundle = _load(root, verify_model)
         except BundleError:
-            if attempt + 1 < _LOAD_ATTEMPTS and manifest_stamp(root) != stamp:
+            if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(root) != stamp:
                 continue
             raise
-        if manifest_stamp(root) == stamp:
+        if bundle_stamp(root) == stamp:
             log.debug("loaded bundle %s (model %s)", root, bundle.manifest.model_version)
             return bundle
     raise BundleError(f"replaced {_LOAD_ATTEMPTS} times while it was being read; try again",
@@ -200,22 +219,21 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
 
 
 def _load(root: Path, verify_model: bool) -> Bundle:
-    if not root.is_dir():
-        raise BundleError("bundle directory not found", path=root)
+    require_bundle_dir(root)
     mpath = root / MANIFEST_FILE
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError("manifest missing (not a bundle, or an unfinished export)",
-                          path=mpath) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"unreadable manifest: {e}", path=mpath) from None
+    raw = read_json(root, MANIFEST_FILE,
+                    missing="manifest missing (not a bundle, or an unfinished export)")
     manifest = Manifest.from_dict(raw, mpath)
-    if raw.get("manifest_sha256") != manifest_digest(raw):
+    try:
+        digest = manifest_digest(raw)
+    except ValueError as e:             # NaN or infinity in a key the manifest does not know
+        raise BundleError(f"expected plain JSON values (no NaN or infinity): {e}",
+                          path=mpath) from None
+    if raw.get("manifest_sha256") != digest:
         raise BundleError("manifest was edited after export (manifest_sha256 does not match its "
                           "content); export again to change settings", path=mpath)
     _verify_files(root, manifest)
-    labels = _load_labels(root / manifest.labels_file, manifest)
+    labels = _load_labels(root, manifest)
     bundle = Bundle(path=root, manifest=manifest, labels=labels)
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
@@ -233,22 +251,21 @@ def _verify_files(root: Path, m: Manifest) -> None:
                               field="files")
     for name, digest in m.files.items():
         check_file_name(name, "files")
-        f = root / name
-        if not f.is_file():
-            raise BundleError("file listed in the manifest is missing", path=f)
-        if file_sha256(f) != digest:
+        try:
+            actual = member_sha256(root, name)
+        except OSError as e:
+            raise BundleError(f"cannot read: {e.strerror or e}", path=root / name) from None
+        if actual != digest:
             raise BundleError("SHA-256 differs from the manifest: the file was altered or "
-                              "truncated after export", path=f)
+                              "truncated after export", path=root / name)
 
 
-def _load_labels(path: Path, m: Manifest) -> np.ndarray:
+def _load_labels(root: Path, m: Manifest) -> np.ndarray:
+    path = root / m.labels_file
     try:
-        labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot read labels: {e}", path=path) from None
-    if labels.dtype != np.int64 or labels.shape != (m.index.ntotal,):
-        raise BundleError(f"expected int64 [{m.index.ntotal}], got {labels.dtype} {labels.shape}",
-                          path=path)
+        labels = read_npy(root, m.labels_file, np.int64, (m.index.ntotal,))
+    except OSError as e:
+        raise BundleError(f"cannot read labels: {e.strerror or e}", path=path) from None
     if labels.size and (labels.min() < 0 or labels.max() >= len(m.class_names)):
         raise BundleError(f"labels outside [0, {len(m.class_names)})", path=path)
     return labels
@@ -319,8 +336,14 @@ def staging_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: str | os.PathLike,
-                 *, overwrite: bool = False) -> Path:
+                 *, overwrite: bool = False, name: str | None = None) -> Path:
     """Publish a staged bundle: checksum its files, write manifest.json, rename to `out_dir`.
+
+    The manifest's `files`, `model_version` and `manifest_sha256` are filled in here:
+    `model_version` is `derive_model_version(name, ...)`, so it changes with every
+    decision-relevant byte whoever writes the bundle. `name` is its human-readable part (the
+    exporter passes the run name); without it, `version_name(manifest.model_version)` (the
+    name of the bundle a copy or an edit was made from).
 
     `staging_dir` must hold the manifest's payload files (flat, no manifest.json yet) and be on
     the same filesystem as `out_dir` (use `staging_dir(out_dir)`). The rename is atomic: readers
@@ -334,6 +357,8 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     _check_target(out, overwrite)
     files = _stage_checksums(stage, manifest)
     d = dataclasses.replace(manifest, files=files).to_dict()
+    d["model_version"] = derive_model_version(
+        version_name(manifest.model_version) if name is None else name, d)
     d["manifest_sha256"] = manifest_digest(d)
     write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
     if out.exists() and exchange_paths(stage, out):
@@ -356,7 +381,7 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    log.info("wrote bundle %s (%d files)", out, len(files) + 1)
+    log.info("wrote bundle %s (model %s, %d files)", out, d["model_version"], len(files) + 1)
     return out
 
 

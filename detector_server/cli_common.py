@@ -2,8 +2,10 @@
 
 Use `run_cli(fn, *args, **kwargs)` inside a click command: it calls the library function and turns
 a `ReweightOODError` (bad input the user can fix) into one line on stderr and exit status 2, and
-Ctrl-C into exit status 130, instead of a traceback. Declare commands with `cls=Command` so that
-click's own usage errors (unknown option, bad choice) are one `error:` line with status 2 too.
+Ctrl-C into exit status 130, instead of a traceback. An error about a field that is also an option
+of the running command (field 'batch_size' -> --batch-size) names the option, so the user reads the
+flag they typed, not a library argument. Declare commands with `cls=Command` so that click's own
+usage errors (unknown option, bad choice) are one `error:` line with status 2 too.
 """
 from __future__ import annotations
 
@@ -15,20 +17,30 @@ import click
 
 from .errors import ReweightOODError
 
-__all__ = ["run_cli", "setup_logging", "Command", "Group"]
+__all__ = ["run_cli", "setup_logging", "Command", "Group", "PROJECT_LOGGERS", "error_message"]
 
 T = TypeVar("T")
 
+# The loggers of this project's packages: `-v` turns on their DEBUG lines, and only theirs.
+PROJECT_LOGGERS = ("detector_server", "trainer", "exporter", "reweightood", "bench", "__main__")
+
 
 def setup_logging(verbose: bool = False, tag: str = "") -> None:
-    """Log to stderr with a short format; INFO by default, DEBUG with `verbose`. `tag` ("worker 1")
-    goes in every line, to tell processes apart in one log."""
+    """Log to stderr with a short format at INFO; `verbose` adds this project's DEBUG lines.
+    `tag` ("worker 1") goes in every line, to tell processes apart in one log.
+
+    Other libraries stay at INFO either way: their DEBUG output (Pillow lists every image plugin
+    it imports, hundreds of lines) says nothing about a run.
+    """
     where = f"[{tag}] " if tag else ""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
                         stream=sys.stderr)
-    if not verbose:  # faiss logs which SIMD build it loaded, six lines before anything useful
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.INFO)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    # faiss logs which SIMD build it loaded, six lines before anything useful
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 class Command(click.Command):
@@ -67,12 +79,32 @@ class Group(Command, click.Group):
     command_class = Command
 
 
+def _option_for(field: str | None) -> str | None:
+    """The long flag of the running click command's option named `field` (None if none)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not field:
+        return None
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.name == field.replace("-", "_"):
+            return max(p.opts, key=len)
+    return None
+
+
+def error_message(e: ReweightOODError) -> str:
+    """`e` as one line, its field named by the command's flag where it has one (and no path says
+    the value came from elsewhere, such as a config file)."""
+    flag = _option_for(e.field) if e.path is None else None
+    if flag is None:
+        return str(e)
+    return f"{flag}: {e.message}"
+
+
 def run_cli(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call `fn`; exit 2 with a one-line message on ReweightOODError, 130 on KeyboardInterrupt."""
     try:
         return fn(*args, **kwargs)
     except ReweightOODError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {error_message(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -167,12 +167,17 @@ def describe_os_error(path: str | os.PathLike, err: OSError) -> str:
     return why
 
 
-def open_regular(path: str | os.PathLike) -> BinaryIO:
+def open_regular(path: str | os.PathLike, *, follow_symlinks: bool = True) -> BinaryIO:
     """Open `path` for reading without blocking; OSError unless it is a regular file.
 
     A FIFO opens at once in non-blocking mode (instead of waiting for a writer) and is then
-    refused, as are devices, sockets and folders. Reads from the returned file block as usual."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    refused, as are devices, sockets and folders. Reads from the returned file block as usual.
+    With `follow_symlinks=False` a symbolic link as the last component is refused (OSError
+    ELOOP; the bundle loader's choice), never followed."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

@@ -1,10 +1,12 @@
 """The bundle manifest: the one definition of `manifest.json`, what a bundle holds and promises.
 
 Use `Manifest` (with `IndexInfo`, `ThresholdInfo`) to build the manifest the exporter writes or
-to validate one a loader read (`Manifest.from_dict` raises a BundleError naming the field), and
-`manifest_digest` for the checksum that protects it. Reading and writing bundle directories
-(checksums of the files, the ONNX model check, the atomic publish) is `detector_server.bundle`,
-which re-exports every name here: import them from there. No ONNX Runtime or FAISS.
+to validate one a loader read (`Manifest.from_dict` raises a BundleError naming the field),
+`manifest_digest` for the checksum that protects it, and `derive_model_version` for the bundle's
+version (`write_bundle` sets it: it changes with anything that changes a score or a decision).
+Reading and writing bundle directories (checksums of the files, the ONNX model check, the atomic
+publish) is `detector_server.bundle`, which re-exports every name here: import them from there.
+No ONNX Runtime or FAISS.
 Test: tests/runtime/test_bundle.py.
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,9 @@ from .preprocess import PreprocessSpec
 from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "BankInfo", "Manifest", "manifest_digest", "check_file_name"]
+           "ThresholdInfo", "BankInfo", "Manifest", "manifest_digest", "check_file_name",
+           "DESCRIPTIVE_FIELDS", "DESCRIPTIVE_BANK_FIELDS", "decision_digest",
+           "derive_model_version", "version_name"]
 
 FORMAT = "reweightood-bundle"
 FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
@@ -32,6 +38,13 @@ MANIFEST_FILE = "manifest.json"
 # -> the model output holding it (ONNX output, DeployModel output, embed_arrays key).
 FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
+# The manifest fields that describe a bundle but never change a score or a decision. The model
+# version leaves out these and nothing else: every other field counts, new ones included, so a
+# field added later (a scorer setting, a search parameter) changes the version by construction.
+DESCRIPTIVE_FIELDS = ("model_version", "manifest_sha256", "created", "training")
+DESCRIPTIVE_BANK_FIELDS = ("lineage",)  # inside `bank`: the edit history (when, from where)
+_VERSION_HEX = 12                       # hex digits of the decision digest in model_version
+_VERSION_SUFFIX = re.compile(rf"-[0-9a-f]{{{_VERSION_HEX}}}\Z")
 
 
 @dataclass(frozen=True)
@@ -90,11 +103,11 @@ class Manifest:
 
     `files` maps every file of the bundle except manifest.json to its SHA-256 (hex), and
     `manifest_sha256` protects the manifest itself (an edited threshold or K is refused: change
-    them by exporting again); `write_bundle` fills in both. File names are plain names inside
-    the bundle directory.
+    them by exporting again); `model_version` is `derive_model_version` of the rest; all three
+    are filled in by `write_bundle`. File names are plain names inside the bundle directory.
     """
 
-    model_version: str                  # "<run name>-<sha256(model.onnx)[:12]>"
+    model_version: str                  # "<run name>-<decision digest[:12]>" (derive_model_version)
     input_size: int                     # S: input is uint8 [N, S, S, 3]
     outputs: dict[str, int]             # ONNX output -> width: {"feature": Dp, "projection": 128}
     preprocess: dict[str, Any]          # PreprocessSpec.to_dict()
@@ -274,8 +287,48 @@ def _check_json(m: Manifest) -> None:
                               field=name) from None
 
 
-def manifest_digest(d: dict[str, Any]) -> str:
-    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
-    body = {k: v for k, v in d.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+def _json_sha256(value: Any) -> str:
+    """SHA-256 (hex) of canonical JSON: sorted keys, compact, no NaN or infinity (ValueError)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest dict's canonical JSON (sorted keys, compact), less manifest_sha256."""
+    return _json_sha256({k: v for k, v in d.items() if k != "manifest_sha256"})
+
+
+def decision_digest(d: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of everything in a manifest dict that can change a score or a decision.
+
+    `d` is `Manifest.to_dict()` with `files` filled in (ValueError without: the payload is what
+    the digest is mostly about). It is the canonical JSON of `d` less DESCRIPTIVE_FIELDS (the
+    version itself, the manifest checksum, the export time, the training metadata) and the
+    bank's edit history (DESCRIPTIVE_BANK_FIELDS: its times and origins), so it
+    covers every payload byte through `files` (models, index, labels, any file a scorer adds)
+    and every setting: K, the threshold, the indexed feature, the index factory, preprocessing,
+    class names, the served model and its quantisation, and any field added later."""
+    if not d.get("files"):
+        raise ValueError("decision_digest needs the payload checksums ('files')")
+    body = {k: v for k, v in d.items() if k not in DESCRIPTIVE_FIELDS}
+    if isinstance(body.get("bank"), Mapping):
+        body["bank"] = {k: v for k, v in body["bank"].items() if k not in DESCRIPTIVE_BANK_FIELDS}
+    return _json_sha256(body)
+
+
+def derive_model_version(name: str, d: Mapping[str, Any]) -> str:
+    """The model_version of the bundle whose manifest dict is `d`: `"<name>-<12 hex digits of
+    decision_digest(d)>"`, e.g. "run7-3f9a0c1d2e4b".
+
+    `name` is the human-readable part (the run name). Two bundles get the same version only if
+    every decision-relevant byte is equal, so score tables (`rwood-score --resume`), metrics and
+    GetInfo tell them apart. `write_bundle` calls it: every writer of bundles goes through it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"expected a non-empty version name, got {name!r}")
+    return f"{name}-{decision_digest(d)[:_VERSION_HEX]}"
+
+
+def version_name(version: str) -> str:
+    """The human-readable part of a model_version: `version` less the "-<12 hex digits>" that
+    `derive_model_version` appends (unchanged when there is none)."""
+    return _VERSION_SUFFIX.sub("", version) or version

@@ -9,6 +9,9 @@ Conventions (DESIGN.md section 2):
 - `threshold_at_tpr(id, tpr)`: the largest t with mean(id >= t) >= tpr (an ID score at or above t
   is accepted as in-distribution).
 - FPR@95 = fraction of OOD scores >= threshold_at_tpr(id, 0.95).
+- `fpr_at_tpr_ood_positive`: OpenOOD's evaluator's FPR@95 (the authors' released code reports it),
+  with OOD as the positive class: the fraction of ID scores at or below the threshold that flags
+  95% of the OOD scores. A different number from FPR@95 above; reports name it apart.
 - AUROC = P(id > ood) + 0.5 * P(id == ood) (ties count half, as sklearn's roc_auc_score).
 - AUPR-In = average precision with ID positive and the score as is; AUPR-Out = average precision
   with OOD positive and the negated score. Average precision is sklearn's
@@ -23,8 +26,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["threshold_at_tpr", "fpr_at_tpr", "auroc", "aupr_in", "aupr_out", "average_precision",
-           "ood_metrics"]
+__all__ = ["threshold_at_tpr", "fpr_at_tpr", "fpr_at_tpr_ood_positive", "auroc", "aupr_in",
+           "aupr_out", "average_precision", "ood_metrics"]
 
 
 def _scores(x: np.ndarray, field: str) -> np.ndarray:
@@ -71,6 +74,17 @@ def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95)
     t = threshold_at_tpr(id_scores, tpr)
     o = _scores(ood_scores, "ood_scores")
     return float(np.mean(o >= t))
+
+
+def fpr_at_tpr_ood_positive(id_scores: np.ndarray, ood_scores: np.ndarray,
+                            tpr: float = 0.95) -> float:
+    """FPR at `tpr` TPR with OOD as the positive class (OpenOOD's convention). Range [0, 1].
+
+    An image is flagged OOD when its score is at or below t, with t the smallest threshold that
+    flags at least `tpr` of the OOD scores; the result is the fraction of ID scores flagged.
+    Equals `fpr_at_tpr` with the roles of the sets swapped and the scores negated.
+    """
+    return fpr_at_tpr(-_scores(ood_scores, "ood_scores"), -_scores(id_scores, "id_scores"), tpr)
 
 
 def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:

@@ -2,101 +2,113 @@
 dynamic batcher, behind one call, `ModelHost.score(images, deadline)`.
 
 Use it from the gRPC servicer (or any asyncio front end) on one event loop. A request flows:
-1. `ModelHost.score` snapshots the current Detector, admits the request (image count, queue limit,
-   draining) and decodes the images (`Detector.prepare`), recording per-image errors. Small images
-   (a few thousand pixels per request, read from the headers) are decoded on the event loop,
-   cheaper than a thread hop; bigger ones on a thread pool (PIL releases the GIL for most of the
-   decode), so the loop never stalls on a large image.
+1. `ModelHost.score` snapshots the current Detector, admits the request (image count, queued
+   images, bytes held, draining) and decodes the images (`Detector.prepare`) on a thread pool,
+   recording per-image errors. Nothing that depends on the bytes of a request runs on the event
+   loop, not even a header peek: a crafted header can cost seconds (see `image_guard`), and the
+   loop must keep answering health checks. The thread hop costs small requests ~0.1-0.3 ms.
 2. The decoded images go to the `DynamicBatcher`, which merges them with other requests' images
    into one `Detector.score_arrays` call on its worker thread (ONNX Runtime and FAISS release the
    GIL).
 3. Scored rows and per-image errors are merged back into request order (`merge_results`).
 
-`ModelHost.load` builds the new Detector on a worker thread, warms it up, then swaps it in; a
-bundle that fails to load raises and the old one keeps serving. Each request is scored entirely by
-the Detector it started with and its results name that model.
+Admission bounds what requests hold: at most `max_images` per request, `max_queue_images` images
+and `max_inflight_bytes` bytes of requests (image data and ids) at once; beyond, ModelUnavailable
+(UNAVAILABLE: load shedding). `full` and `wait_for_room()` let the front end stop reading new
+requests instead (flow control for streams, whose requests are then never shed).
+
+`ModelHost.load` builds the new Detector on a daemon thread, warms it up, then swaps it in; a
+bundle that fails to load raises and the old one keeps serving. A load that takes longer than
+`reload_timeout_s` (a bundle on a hung network file system) raises TimeoutError and is abandoned:
+its thread never blocks a later load or the process exit. Each request is scored entirely by the
+Detector it started with and its results name that model.
 """
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .batcher import DynamicBatcher
-from .bundle import manifest_stamp
+from .bundle_watch import bundle_stamp
 from .detector import Detector, ItemResult, merge_results
 from .errors import BundleError, InputError
+from .preprocess import safe_message
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
 from .validate import check_int
 
-__all__ = ["ModelHost", "ModelUnavailable", "INLINE_DECODE_IMAGES", "INLINE_DECODE_PIXELS"]
+__all__ = ["ModelHost", "ModelUnavailable", "MAX_HUNG_LOADS", "in_daemon_thread"]
 
 log = logging.getLogger(__name__)
 
 _LOAD_ATTEMPTS = 3      # loads of a bundle that keeps being replaced meanwhile
 
 
+MAX_HUNG_LOADS = 2      # loads abandoned after reload_timeout_s that may still be blocked; then refuse
+
+
 class ModelUnavailable(Exception):
     """No model to score with (still loading, or the server is draining) -> UNAVAILABLE."""
 
 
-def _error_kind(data: bytes, message: str) -> str:
+def _error_kind(message: str) -> str:
     """Metric label of a per-image error: empty, too_large or undecodable."""
-    if not data:
+    if "empty image" in message:
         return "empty"
-    if "pixels" in message or "too large" in message:
+    if "pixels" in message or "too large" in message or "work limit" in message:
         return "too_large"
     return "undecodable"
 
 
-# Requests of at most this many images declaring at most this many pixels in all are decoded on
-# the event loop: four 32x32 PNGs take ~0.15 ms, less than handing them to a pool thread and back
-# (two thread wake-ups, ~0.5 ms of latency on 2 busy cores). Anything bigger goes to the pool.
-INLINE_DECODE_IMAGES = 4
-INLINE_DECODE_PIXELS = 4 * 32 * 32
-
-
-def _decode_inline(datas: Sequence[bytes]) -> bool:
-    """Whether `datas` are small enough to decode on the event loop, judged from the images'
-    headers (Pillow reads the header only, ~10 us each). An image whose header cannot be read
-    counts as 0 pixels: decoding it fails at once, wherever that happens."""
-    if len(datas) > INLINE_DECODE_IMAGES:
-        return False
-    total = 0
-    for data in datas:
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                total += img.width * img.height
-        except Exception:  # noqa: BLE001 - empty, unknown format, bomb warning: the decoder reports it
-            continue
-        if total > INLINE_DECODE_PIXELS:
-            return False
-    return True
-
-
-def _prepare_all(detector: Detector, datas: Sequence[bytes]) -> tuple[np.ndarray | None, list[int],
-                                                                        dict[int, str]]:
-    """Decode + resize on a pool thread. Returns (uint8 [m, S, S, 3] or None, the m indices, errors)."""
+def _prepare_all(detector: Detector, datas: Sequence[bytes], deadline: float | None
+                 ) -> tuple[np.ndarray | None, list[int], dict[int, str]]:
+    """Decode + resize on a pool thread. Returns (uint8 [m, S, S, 3] or None, the m indices,
+    errors); raises TimeoutError when `deadline` passes between two images."""
     arrays, ok, errors = [], [], {}
     for i, data in enumerate(datas):
+        if deadline is not None and i and time.monotonic() >= deadline:
+            raise TimeoutError("deadline passed while decoding")
         try:
             arrays.append(detector.prepare(data))
             ok.append(i)
         except InputError as e:
-            errors[i] = str(e)
+            errors[i] = safe_message(str(e))
         except Exception as e:  # noqa: BLE001 - a decoder bug must not fail the other images
             log.warning("unexpected error preparing image %d: %r", i, e)
-            errors[i] = f"cannot decode image: {type(e).__name__}: {e}"
+            errors[i] = safe_message(f"cannot decode image: {type(e).__name__}: {e}")
     return (np.stack(arrays) if arrays else None), ok, errors
+
+
+def in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future:
+    """Run `fn` on a new daemon thread; the returned future gets its result or exception. Unlike
+    an executor, the thread is never joined: one blocked for good does not hold the exit."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:        # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="rwood-load", daemon=True).start()
+    return future
 
 
 class ModelHost:
@@ -114,12 +126,17 @@ class ModelHost:
         self.detector: Detector | None = None
         self.draining = False               # set by the server's stop(): new work is refused
         self._admitted = 0                  # images of requests being decoded, queued or scored
+        self._held_bytes = 0                # image data and id bytes of those requests
+        self._room = asyncio.Event()        # set while both are under their limits
+        self._room.set()
         self._decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rwood-decode")
         self._batcher = DynamicBatcher(config.max_batch, config.max_wait_ms,
                                        on_batch=metrics.observe_batch)
-        # Read at scrape time (or every second with --workers), so it falls back to 0 when idle.
+        # Read at scrape time (or every second with --workers), so they fall back to 0 when idle.
         metrics.gauge_from(metrics.queue_images, lambda: self._batcher.queued_images)
+        metrics.gauge_from(metrics.inflight_bytes, lambda: self._held_bytes)
         self._load_lock = asyncio.Lock()
+        self._abandoned: list[asyncio.Future] = []  # loads that timed out and may still run
 
     def _build_detector(self) -> Detector:
         """Runs on a worker thread: load, then warm up so the first request pays no set-up cost.
@@ -128,15 +145,15 @@ class ModelHost:
         bundle replaced meanwhile (rwood-bank --out BUNDLE --force) is loaded again, so the
         served Detector is always one published bundle."""
         for attempt in range(_LOAD_ATTEMPTS):
-            stamp = manifest_stamp(self.bundle_path)
+            stamp = bundle_stamp(self.bundle_path)
             try:
                 det = Detector(self.bundle_path, device=self._cfg.device,
                                threads=self._cfg.threads, max_pixels=self._cfg.max_pixels)
             except BundleError:
-                if attempt + 1 < _LOAD_ATTEMPTS and manifest_stamp(self.bundle_path) != stamp:
+                if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(self.bundle_path) != stamp:
                     continue
                 raise
-            if manifest_stamp(self.bundle_path) == stamp:
+            if bundle_stamp(self.bundle_path) == stamp:
                 break
         else:
             raise BundleError("replaced again while it was being loaded", path=self.bundle_path)
@@ -146,14 +163,31 @@ class ModelHost:
         return det
 
     async def load(self) -> Detector:
-        """Load the bundle again and serve it; raises (BundleError, ...) and keeps the old model."""
+        """Load the bundle again and serve it; raises (BundleError, TimeoutError, ...) and keeps
+        the old model."""
         async with self._load_lock:
             return self.swap(await self.build())
 
     async def build(self) -> Detector:
-        """A new Detector from the bundle path, loaded and warmed up off the event loop but not
-        served yet; raises (BundleError, ...) when the bundle cannot be loaded."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._build_detector)
+        """A new Detector from the bundle path, loaded and warmed up on a daemon thread but not
+        served yet; raises (BundleError, ...) when the bundle cannot be loaded.
+
+        Raises TimeoutError when loading takes more than `reload_timeout_s`; the load is then
+        abandoned (its thread may stay blocked, e.g. on a hung file system) and a later call
+        starts afresh. RuntimeError while MAX_HUNG_LOADS abandoned loads are still blocked.
+        """
+        self._abandoned = [f for f in self._abandoned if not f.done()]
+        if len(self._abandoned) >= MAX_HUNG_LOADS:
+            raise RuntimeError(f"{len(self._abandoned)} earlier loads of the bundle are still "
+                               "blocked reading it; not starting another")
+        loading = in_daemon_thread(self._build_detector)
+        try:
+            return await asyncio.wait_for(asyncio.shield(loading), self._cfg.reload_timeout_s)
+        except asyncio.TimeoutError:
+            self._abandoned.append(loading)
+            loading.add_done_callback(_forget)
+            raise TimeoutError(f"loading took more than {self._cfg.reload_timeout_s:g} s "
+                               "(is the bundle on a hung file system?)") from None
 
     def swap(self, det: Detector) -> Detector:
         """Serve `det` from the next request on (requests in flight finish on the old one)."""
@@ -164,45 +198,87 @@ class ModelHost:
                  f", replacing {old.model_version}" if old is not None else "")
         return det
 
-    async def score(self, images: Sequence[tuple[str, bytes]], deadline: float | None,
-                    neighbors: int = 0) -> tuple[list[ItemResult], str]:
-        """Score `(id, encoded bytes)` pairs; returns results in order and the model version used.
+    @property
+    def full(self) -> bool:
+        """True while the requests being handled hold `max_inflight_bytes` or more, or
+        `max_queue_images` images or more."""
+        return not self._room.is_set()
+
+    async def wait_for_room(self) -> None:
+        """Return once the server is not `full`."""
+        await self._room.wait()
+
+    def hold_bytes(self, nbytes: int) -> None:
+        """Count `nbytes` of a request already read (a stream's, read only when there was room);
+        `score(..., bytes_held=True)` it, then `release_bytes`."""
+        self._hold(0, nbytes)
+
+    def release_bytes(self, nbytes: int) -> None:
+        self._hold(0, -nbytes)
+
+    async def score(self, ids: Sequence[str], datas: Sequence[bytes], deadline: float | None,
+                    nbytes: int | None = None, *, bytes_held: bool = False, neighbors: int = 0
+                    ) -> tuple[list[ItemResult], str]:
+        """Score images (`ids[i]`, encoded bytes `datas[i]`); returns results in order and the
+        model version used. `datas` is read on the decode threads only, so it may copy each item
+        out when indexed (and slicing must give such a sequence too); `nbytes` is what the request
+        holds (default: the lengths of ids and datas), counted here unless `bytes_held` (a
+        stream's request, counted by `hold_bytes`, is never shed: its stream waited for room).
         Each result carries its `neighbors` nearest bank rows (0 = none).
 
         Raises InputError for no images, more than max_images or `neighbors` outside [0, K],
-        ModelUnavailable when there is no model (loading, draining) or too much work is queued,
-        TimeoutError when `deadline` (time.monotonic()) passes first.
+        ModelUnavailable when there is no
+        model (loading, draining) or too much work is held, TimeoutError when `deadline`
+        (time.monotonic()) passes first.
         """
-        det = self._admit(images, neighbors)
-        self._admitted += len(images)
+        if bytes_held:
+            nbytes = 0
+        elif nbytes is None:
+            nbytes = sum(map(len, ids)) + sum(map(len, datas))
+        det = self._admit(len(ids), nbytes, shed=not bytes_held, neighbors=neighbors)
+        self._hold(len(ids), nbytes)
         try:
-            arrays, ok, errors = await self._prepare(det, [data for _, data in images], deadline)
+            arrays, ok, errors = await self._prepare(det, datas, deadline)
             batch = None
             if arrays is not None:
                 batch = await self._batcher.score(det, arrays, deadline, neighbors)
         finally:
-            self._admitted -= len(images)
-        return self._results(det, images, ok, batch, errors), det.model_version
+            self._hold(-len(ids), -nbytes)
+        return self._results(det, ids, ok, batch, errors), det.model_version
 
-    def _admit(self, images: Sequence[tuple[str, bytes]], neighbors: int) -> Detector:
-        """The Detector to use for this request, or the reason it is refused."""
-        if not images:
+    def _hold(self, n_images: int, nbytes: int) -> None:
+        self._admitted += n_images
+        self._held_bytes += nbytes
+        if (self._held_bytes < self._cfg.max_inflight_bytes
+                and self._admitted < self._cfg.max_queue_images):
+            self._room.set()
+        else:
+            self._room.clear()
+
+    def _admit(self, n_images: int, nbytes: int, shed: bool, neighbors: int = 0) -> Detector:
+        """The Detector to use for this request, or the reason it is refused; `shed`: refuse it
+        when the images or bytes held are at their limits (a stream's request waited for room
+        before it was read instead)."""
+        if not n_images:
             raise InputError("the request has no images", field="images")
-        if len(images) > self._cfg.max_images:
-            raise InputError(f"{len(images)} images, more than the server's limit of "
+        if n_images > self._cfg.max_images:
+            raise InputError(f"{n_images} images, more than the server's limit of "
                              f"{self._cfg.max_images}; split the request", field="images")
         det = self.detector
         if det is None or self.draining:
             raise ModelUnavailable("the server is shutting down" if self.draining
                                    else "the model is still loading")
-        if self._admitted and self._admitted + len(images) > self._cfg.max_queue_images:
+        if shed and self._admitted and self._admitted + n_images > self._cfg.max_queue_images:
             raise ModelUnavailable(f"overloaded: {self._admitted} images waiting; retry later")
+        if shed and self._held_bytes and self._held_bytes + nbytes > self._cfg.max_inflight_bytes:
+            raise ModelUnavailable(f"overloaded: {self._held_bytes / 2**20:.1f} MiB of requests "
+                                   "in progress; retry later")
         check_int(neighbors, "neighbors", minimum=0, maximum=det.k)
-        self._metrics.images.inc(len(images))
+        self._metrics.images.inc(n_images)
         return det
 
-    def _results(self, det: Detector, images: Sequence[tuple[str, bytes]], ok: list[int],
-                 batch: Any, errors: dict[int, str]) -> list[ItemResult]:
+    def _results(self, det: Detector, ids: Sequence[str], ok: list[int], batch: Any,
+                 errors: dict[int, str]) -> list[ItemResult]:
         """ItemResults in request order from the scored rows (`ok`) and the per-image errors."""
         if batch is not None:
             n_ood = int(np.count_nonzero(batch.is_ood))
@@ -211,23 +287,19 @@ class ModelHost:
             ranks = det.calibration_rank(batch.scores)
             if ranks is not None:
                 self._metrics.observe_ranks(det.model_version, ranks)
-        for i, message in errors.items():
-            self._metrics.image_errors.labels(_error_kind(images[i][1], message)).inc()
-        return merge_results([id_ for id_, _ in images],
-                             [errors.get(i) for i in range(len(images))], batch, det.class_names,
+        for message in errors.values():
+            self._metrics.image_errors.labels(_error_kind(message)).inc()
+        return merge_results(ids, [errors.get(i) for i in range(len(ids))], batch, det.class_names,
                              det.describe_neighbors)
 
-    async def _prepare(self, det: Detector, datas: list[bytes], deadline: float | None):
-        """Decode inline when the images are small (cheaper than a thread hop), else on the pool
-        in chunks (one per pool thread for big requests)."""
+    async def _prepare(self, det: Detector, datas: Sequence[bytes], deadline: float | None):
+        """Decode on the pool, in chunks (one per pool thread for big requests)."""
         if deadline is not None and deadline <= time.monotonic():
             raise TimeoutError("deadline passed before decoding")
-        if _decode_inline(datas):
-            return _prepare_all(det, datas)
         loop = asyncio.get_running_loop()
         step = max(8, -(-len(datas) // self._cfg.decode_threads))
         parts = await asyncio.gather(*[
-            loop.run_in_executor(self._decode_pool, _prepare_all, det, datas[i:i + step])
+            loop.run_in_executor(self._decode_pool, _prepare_all, det, datas[i:i + step], deadline)
             for i in range(0, len(datas), step)])
         if len(parts) == 1:
             return parts[0]
@@ -249,3 +321,8 @@ class ModelHost:
         await self._batcher.close()
         self._decode_pool.shutdown(wait=True)
 
+
+def _forget(future: asyncio.Future) -> None:
+    """Done callback of an abandoned load: retrieve its outcome so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()

@@ -15,21 +15,28 @@ Images already `size x size` pass through untouched under both rules.
 from __future__ import annotations
 
 import io
+import re
+import unicodedata
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
+from .image_guard import check_image_work
 from .validate import check_int
 
 __all__ = ["PreprocessSpec", "RESIZE_RULES", "decode_image", "to_model_array", "prepare_arrays",
-           "DEFAULT_MAX_PIXELS"]
+           "DEFAULT_MAX_PIXELS", "ACCEPTED_FORMATS", "MAX_ERROR_CHARS", "safe_message"]
 
 RESIZE_RULES = ("shorter_center_crop", "stretch")
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard: larger images are refused
+# The only formats decoded (Pillow names). Each is parsed by Pillow itself or a C library it links;
+# none is handed to an external program (Pillow runs Ghostscript for EPS when `gs` is installed).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+MAX_ERROR_CHARS = 200            # longest per-image error message (it is echoed to clients)
 
 
 @dataclass(frozen=True)
@@ -73,34 +80,73 @@ class PreprocessSpec:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an encoded image file (any format Pillow reads) to an RGB PIL image.
+    """Decode an encoded image file to an RGB PIL image.
 
-    EXIF orientation is applied; grayscale, palette (with transparency), RGBA/LA, 16-bit and CMYK
-    become RGB (transparent pixels over black, as PIL's convert does). Animated images use frame 0.
-    The declared size is checked against `max_pixels` before any pixel is decoded.
-    Raises InputError for empty, undecodable, truncated or oversized input.
+    Only `ACCEPTED_FORMATS` are decoded (never a format Pillow hands to an external program,
+    such as EPS to Ghostscript). Before Pillow parses anything, `image_guard.check_image_work`
+    refuses files whose headers would cost more than their size justifies, and the declared size
+    is checked against `max_pixels` before any pixel is decoded.
+    The EXIF (or XMP) orientation is applied; grayscale, palette (with transparency), RGBA/LA,
+    16-bit and CMYK become RGB (transparent pixels over black, as PIL's convert does). Animated
+    images use frame 0. Raises InputError for empty, undecodable, truncated or oversized input;
+    its message is at most MAX_ERROR_CHARS long and names no path of this machine.
     """
     if not data:
         raise InputError("empty image data", field="data")
+    check_image_work(data)
     try:
         with warnings.catch_warnings():
+            # Pillow warns once per odd tag or chunk: thousands of lines for a crafted file.
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
                                  field="data")
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(_apply_orientation(img))
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"image too large: {e}", field="data") from None
+        raise InputError(safe_message(f"image too large: {e}"), field="data") from None
     except UnidentifiedImageError:  # PIL's message names a memory address: keep ours stable
-        raise InputError("cannot decode image: not a recognised image format", field="data") from None
+        raise InputError(f"cannot decode image: not one of the accepted formats "
+                         f"({', '.join(ACCEPTED_FORMATS)})", field="data") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise InputError(f"cannot decode image: {type(e).__name__}: {e}", field="data") from None
+        raise InputError(safe_message(f"cannot decode image: {type(e).__name__}: {e}"),
+                         field="data") from None
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """The pixels of `img` turned upright by its EXIF (or XMP) orientation tag.
+
+    Not ImageOps.exif_transpose: that one also rewrites the EXIF block, decoding every tag, which
+    for a 10 MB EXIF chunk of one long tag costs seconds and hundreds of MB. Only the orientation
+    tag is decoded here; the metadata of the returned image is not needed.
+    """
+    method = _ORIENTATION.get(img.getexif().get(0x0112))
+    return img if method is None else img.transpose(method)
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()\[\]]+){2,}[\\/]?")
+
+
+def safe_message(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` fit to show a client: anything shaped like a file path (two or more components)
+    replaced by "<path>", control characters by spaces, other non-ASCII characters escaped, cut
+    to `limit` characters (so at most `limit` bytes in UTF-8)."""
+    text = _PATH.sub("<path>", text)
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

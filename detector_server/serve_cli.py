@@ -67,6 +67,21 @@ _D = ServeConfig()  # the defaults, from the one definition
 @click.option("--drain-delay", "drain_delay_s", type=float, default=_D.drain_delay_s,
               help="On SIGTERM, seconds of NOT_SERVING health and UNAVAILABLE answers before the "
                    "port closes, so load balancers and clients move away (counts toward --grace).")
+@click.option("--max-inflight-mb", type=float, default=_D.max_inflight_mb,
+              help="MiB of requests (image data and ids) held at once; beyond, Score answers "
+                   "UNAVAILABLE and open streams are not read until work completes.")
+@click.option("--max-calls", type=int, default=_D.max_calls,
+              help="Calls at once over all connections (health checks aside); beyond, "
+                   "RESOURCE_EXHAUSTED before the request is read.")
+@click.option("--max-streams-per-connection", type=int, default=_D.max_streams_per_connection,
+              help="Calls at once on one client connection (HTTP/2 max concurrent streams); "
+                   "clients queue the rest.")
+@click.option("--max-health-watches", type=int, default=_D.max_health_watches,
+              help="Health Watch streams at once without a valid token; beyond, "
+                   "RESOURCE_EXHAUSTED.")
+@click.option("--reload-timeout", "reload_timeout_s", type=float, default=_D.reload_timeout_s,
+              help="Seconds a bundle (re)load may take; a slower one (a hung file system) is "
+                   "abandoned and the old model keeps serving.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def serve_main(bundle: str, address: str, verbose: bool, **options: object) -> None:
     """Serve the ReweightOOD detector in BUNDLE over gRPC (rwood.v1.Detector, health, reflection)."""

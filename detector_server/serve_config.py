@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
-from .validate import check_int
+from .validate import check_int, check_number
 
 __all__ = ["ServeConfig"]
 
@@ -42,14 +42,25 @@ class ServeConfig:
     grace_s: float = 10.0               # on SIGTERM, how long in-flight requests may take to finish
     drain_delay_s: float = 0.5          # on SIGTERM, NOT_SERVING + UNAVAILABLE answers this long
                                         # before the listener closes (part of grace_s)
+    # What clients can make the server hold (SECURITY.md lists these limits and their figures).
+    max_inflight_mb: float = 128.0      # request bytes (image data, ids) held at once; beyond,
+                                        # Score is UNAVAILABLE and streams are not read meanwhile
+    max_calls: int = 256                # RPCs at once, all connections (health aside); beyond,
+                                        # RESOURCE_EXHAUSTED before the request is read
+    max_streams_per_connection: int = 64  # HTTP/2 streams (calls) at once on one connection
+    max_health_watches: int = 64        # Health.Watch streams at once without a valid token
+    reload_timeout_s: float = 120.0     # a bundle (re)load taking longer is abandoned
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
-                     "stream_window", "workers"):
+                     "stream_window", "workers", "max_calls", "max_streams_per_connection",
+                     "max_health_watches"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("max_wait_ms", "grace_s", "drain_delay_s"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"expected a number >= 0, got {getattr(self, name)!r}", field=name)
+        for name in ("max_inflight_mb", "reload_timeout_s"):
+            check_number(getattr(self, name), name, above=0)
         for name in ("max_message_mb", "watch_interval_s"):
             if not getattr(self, name) > 0:
                 raise InputError(f"expected a number > 0, got {getattr(self, name)!r}", field=name)
@@ -65,4 +76,8 @@ class ServeConfig:
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * 2**20)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 2**20)
 

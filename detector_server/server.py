@@ -10,6 +10,9 @@ This module is the wiring and the lifecycle (start, reload, drain, stop). The pa
   Score request is decoded, batched and scored is described there);
 - `servicer.DetectorServicer`: protos to and from `ModelHost` calls, errors to status codes, metrics;
 - `server_security`: TLS credentials and the bearer-token interceptor;
+- `server_guard.CallGuard`: calls capped before their request is read, malformed messages;
+- `server_health`: grpc.health.v1 (Watch streams end on drain, capped without credentials);
+- `bundle_watch`: when --watch reloads, and retries a refused bundle;
 - `server_metrics.ServerMetrics`: the Prometheus metrics and their HTTP endpoint.
 
 Why grpc.aio rather than the sync server with a thread pool: on 2 cores the work that needs the GIL
@@ -23,6 +26,12 @@ stream and graceful `stop(grace)` natively.
 Hot reload (SIGHUP, `--watch`) builds the new Detector on a worker thread, warms it up, then swaps
 it in; a bundle that fails to load is refused with a log line and the old one keeps serving. Each
 request is scored entirely by the Detector it started with and its response names that model.
+`--watch` retries a refused reload with backoff until the bundle loads (a plain `cp` writes
+manifest.json before model.onnx); a load taking over `reload_timeout_s` is abandoned. The last
+reload's outcome is in `rwood_last_reload_ok`. SIGTERM stops the server whatever a load is doing.
+
+Limits on what clients can make the server hold (`ServeConfig`, SECURITY.md): HTTP/2 streams per
+connection, calls in all, request bytes held, health Watch streams without a token.
 """
 from __future__ import annotations
 
@@ -35,63 +44,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
-from .bundle import manifest_stamp
+from .bundle import require_bundle_dir
+from .bundle_watch import BundleWatch, bundle_stamp
 from .errors import BundleError, InputError
-from .model_host import ModelHost
+from .model_host import ModelHost, in_daemon_thread
 from .serve_config import ServeConfig
+from .server_guard import CallGuard
+from .server_health import SERVICE_NAME, HealthServicer, configure_health, set_health
 from .server_metrics import ServerMetrics
 from .server_security import BearerTokenInterceptor, read_token, server_credentials
 from .servicer import DetectorServicer
 
 __all__ = ["ServeConfig", "serve", "start_background", "BackgroundServer", "DetectorServer",
-           "SERVICE_NAME"]
+           "SERVICE_NAME", "bundle_stamp"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # "rwood.v1.Detector"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
-class _HealthServicer(health.aio.HealthServicer):
-    """grpc.health.v1 whose Watch streams end when the server drains (once they have had time to
-    report NOT_SERVING), so open watches do not hold the shutdown for the whole grace period."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._closing = asyncio.Event()
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        watch = asyncio.ensure_future(super().Watch(request, context))
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-            watch.cancel()
-        if watch.done() and not watch.cancelled():
-            watch.result()  # re-raise what the watch raised, if anything
-
-    def close_watches(self) -> None:
-        self._closing.set()
-
-
-def _configure_health(server: grpc.aio.Server) -> _HealthServicer:
-    """Add grpc.health.v1 to `server` (set it NOT_SERVING with `_set_health` before starting)."""
-    servicer = _HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer
-
-
-async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE_NAME):
-        await servicer.set(name, status)
 
 
 class DetectorServer:
@@ -116,7 +89,7 @@ class DetectorServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._host: ModelHost | None = None
-        self._health: _HealthServicer | None = None
+        self._health: HealthServicer | None = None
         self._watch_task: asyncio.Task | None = None
         self._stopping = False
         self.stopped = asyncio.Event()
@@ -125,23 +98,29 @@ class DetectorServer:
         """Listen and load; raises InputError (options, address, metrics port) or BundleError
         (bundle), and then leaves nothing listening or running."""
         cfg = self.config
-        if not (self.bundle_path / "manifest.json").is_file():
-            raise BundleError("not a bundle directory (no manifest.json)", path=str(self.bundle_path))
+        require_bundle_dir(self.bundle_path)
         creds = server_credentials(cfg)
-        interceptors = ([BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)]
-                        if cfg.auth_token_file else [])
+        auth = (BearerTokenInterceptor(read_token(cfg.auth_token_file), self.metrics)
+                if cfg.auth_token_file else None)
         if cfg.metrics_port is not None:    # before gRPC: a busy metrics port leaves nothing bound
             self.metrics_port = self._start_metrics()
+        loaded = bundle_stamp(self.bundle_path)  # before loading: a change during it is seen
         try:
-            await self._start_grpc(creds, interceptors)
-            await self._host.load()
+            await self._start_grpc(creds, auth)
+            await self._load_first()
         except BaseException:
             await self.stop(grace=0)        # closes what was started: gRPC port, host, /metrics
             raise
-        await _set_health(self._health, True)
+        await set_health(self._health, True)
         self.metrics.serving.set(1)
         if cfg.watch:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(loaded))
+
+    async def _load_first(self) -> None:
+        try:
+            await self._host.load()
+        except TimeoutError as e:       # a reload's timeout is logged; a start's is the error
+            raise BundleError(str(e), path=str(self.bundle_path)) from None
 
     def _start_metrics(self) -> int:
         """Serve /metrics on the configured host and port; InputError when it cannot listen there."""
@@ -153,20 +132,31 @@ class DetectorServer:
             raise InputError(f"cannot listen on {host}:{port}: {reason}",
                              field="metrics_port") from None
 
-    async def _start_grpc(self, creds: grpc.ServerCredentials | None, interceptors: list) -> None:
+    async def _start_grpc(self, creds: grpc.ServerCredentials | None,
+                          auth: BearerTokenInterceptor | None) -> None:
         """Build the gRPC server (Detector, health NOT_SERVING, reflection) and the model host,
         bind the address and start answering (UNAVAILABLE until the model is loaded)."""
         cfg = self.config
+        host = self._host = ModelHost(self.bundle_path, cfg, self.metrics)
+        guard = CallGuard(cfg.max_calls, lambda: host.full, self.metrics)
         server = self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[auth, guard] if auth is not None else [guard],
             options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
+                     ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+                     # Count streams open on the wire: a client's next call right after an answer
+                     # waits its turn instead of being refused (handlers: --max-calls).
+                     ("grpc.http.overload_protection", 0),
+                     # Fixed 64 KiB HTTP/2 windows: with BDP probing gRPC grows each stream's
+                     # window to MBs of client data buffered unread (1.1 GB for 64 streams).
+                     ("grpc.http2.bdp_probe", 0),
                      ("grpc.so_reuseport", int(self.worker is not None))])
-        self._host = ModelHost(self.bundle_path, cfg, self.metrics)
-        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(self._host, cfg, self.metrics,
+        pb_grpc.add_DetectorServicer_to_server(DetectorServicer(host, cfg, self.metrics,
                                                                 worker=self.worker), server)
-        self._health = _configure_health(server)
-        await _set_health(self._health, False)
+        self._health = configure_health(server, cfg.max_health_watches,
+                                        auth.authorized if auth is not None else lambda md: False,
+                                        self.metrics)
+        await set_health(self._health, False)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = self._bind(server, creds)
@@ -188,23 +178,22 @@ class DetectorServer:
         return port
 
     async def reload(self) -> bool:
-        """Load the bundle again; True when the new model serves, False when it was refused."""
+        """Load the bundle again; True when the new model serves, False when it was refused or
+        took longer than reload_timeout_s (the old model keeps serving either way)."""
         if self._host is None or self._stopping:
             return False
         try:
             await self._host.load()
         except Exception as e:  # noqa: BLE001 - any failure: keep serving the old model
             old = self._host.detector
-            log.error("reload of %s refused, still serving %s: %s", self.bundle_path,
+            outcome = "timeout" if isinstance(e, TimeoutError) else "refused"
+            log.error("reload of %s %s, still serving %s: %s", self.bundle_path,
+                      "timed out" if outcome == "timeout" else "refused",
                       old.model_version if old else "nothing", e)
-            self._count_reload("refused")
+            self.metrics.record_reload(outcome)     # a worker's: none (its supervisor counts)
             return False
-        self._count_reload("ok")
+        self.metrics.record_reload("ok")
         return True
-
-    def _count_reload(self, outcome: str) -> None:
-        if self.metrics.reloads is not None:    # a worker's supervisor counts its reloads
-            self.metrics.reloads.labels(outcome).inc()
 
     @property
     def model_version(self) -> str | None:
@@ -231,15 +220,28 @@ class DetectorServer:
         """Drop the prepared model; the current one keeps serving."""
         self._pending = None
 
-    async def _watch(self) -> None:
-        last = manifest_stamp(self.bundle_path)
+    async def _watch(self, loaded: tuple[int, ...] | None) -> None:
+        """Reload when manifest.json differs from `loaded` (the stamp of the bundle served);
+        retry a refused bundle with backoff (`BundleWatch`)."""
+        watch = BundleWatch(self.config.watch_interval_s, loaded)
         while True:
-            await asyncio.sleep(self.config.watch_interval_s)
-            stamp = manifest_stamp(self.bundle_path)
-            if stamp is not None and stamp != last:
-                last = stamp
+            await asyncio.sleep(watch.interval_s)
+            stamp = await self._stamp()
+            if watch.due(stamp):
                 log.info("bundle %s changed, reloading", self.bundle_path)
-                await self.reload()
+                retry_in = watch.done(stamp, await self.reload())
+                if retry_in is not None:
+                    log.info("--watch retries %s in %.1f s", self.bundle_path, retry_in)
+
+    async def _stamp(self) -> tuple[int, ...] | None:
+        """`bundle_stamp` on a thread, so that a hung file system cannot stall the event loop;
+        None (no change seen) when it does not answer within watch_interval_s (at least 1 s)."""
+        try:
+            return await asyncio.wait_for(in_daemon_thread(lambda: bundle_stamp(self.bundle_path)),
+                                          max(self.config.watch_interval_s, 1.0))
+        except asyncio.TimeoutError:
+            log.warning("--watch: stat of %s does not answer", self.bundle_path)
+            return None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace` seconds."""
@@ -275,13 +277,24 @@ class DetectorServer:
 
 
 async def _serve_until_signalled(bundle: str | os.PathLike, config: ServeConfig) -> None:
+    """Start, serve until SIGTERM/SIGINT, drain. A signal during start-up (a slow or hung bundle
+    load) stops at once; nothing a load does holds the exit (it runs on a daemon thread)."""
     server = DetectorServer(bundle, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("rwood-serve: stopping while loading")
+        starting.cancel()                       # start() closes what it opened, then re-raises
+        await asyncio.gather(starting, return_exceptions=True)
+        return
+    signalled.cancel()
+    starting.result()                           # start-up errors propagate
     log.info("rwood-serve: serving on %s:%d%s", config.address.rpartition(":")[0], server.port,
              f", metrics on {config.metrics_host}:{server.metrics_port}" if server.metrics_port else "")
     await stop.wait()

@@ -19,8 +19,13 @@ metrics added. Metric names (all prefixed `rwood_`):
 | `rwood_batch_requests` | histogram | | requests (parts) sharing one model batch |
 | `rwood_queue_images` | gauge | | images waiting for a batch |
 | `rwood_inflight_requests` | gauge | | Score/GetInfo calls and ScoreStream requests being handled |
+| `rwood_inflight_bytes` | gauge | | bytes (image data, ids) of the requests being handled |
+| `rwood_calls_active` | gauge | | calls in progress, health checks aside (limit: `--max-calls`) |
+| `rwood_malformed_messages_total` | counter | method | request messages that do not parse |
 | `rwood_model_info` | gauge | model_version | 1 for the model being served (0 for one served before) |
-| `rwood_reloads_total` | counter | outcome | hot reloads: ok / refused (one per reload of all workers) |
+| `rwood_reloads_total` | counter | outcome | hot reloads: ok / refused / timeout (one per reload of all) |
+| `rwood_last_reload_ok` | gauge | | 1: the last reload served the bundle (or none yet); 0: it failed |
+| `rwood_last_reload_timestamp_seconds` | gauge | | when the last reload ended (Unix time; 0: none yet) |
 | `rwood_serving` | gauge | | workers serving (1 per process; 0 while loading or draining) |
 | `rwood_workers` | gauge | | worker processes configured (`--workers`; supervisor only) |
 | `rwood_worker_restarts_total` | counter | | workers that died and were restarted (supervisor only) |
@@ -50,9 +55,10 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 __all__ = ["ServerMetrics", "SupervisorMetrics", "IMAGE_ERROR_KINDS", "RANK_BUCKETS",
-           "multiprocess_mode"]
+           "RELOAD_OUTCOMES", "multiprocess_mode"]
 
 IMAGE_ERROR_KINDS = ("empty", "undecodable", "too_large")
+RELOAD_OUTCOMES = ("ok", "refused", "timeout")
 _LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Calibration percentiles the score histogram splits at (le="0.01": below the 1st percentile).
@@ -88,7 +94,35 @@ class _Endpoint:
             self._http = None
 
 
-class ServerMetrics(_Endpoint):
+class _Reloads:
+    """`rwood_reloads_total{outcome}` and the last reload's outcome and time, kept by whoever
+    reloads (a single server, or the supervisor of --workers)."""
+
+    reloads: Counter | None = None
+
+    def _init_reloads(self, registry: CollectorRegistry | None) -> None:
+        self.reloads = Counter("rwood_reloads", "Hot reloads by outcome", ["outcome"],
+                               registry=registry)
+        self.last_reload_ok = Gauge("rwood_last_reload_ok", "1: the last reload served the "
+                                    "bundle; 0: it failed", registry=registry,
+                                    multiprocess_mode="mostrecent")
+        self.last_reload_time = Gauge("rwood_last_reload_timestamp_seconds",
+                                      "When the last reload ended (Unix time)", registry=registry,
+                                      multiprocess_mode="mostrecent")
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
+        self.last_reload_ok.set(1)
+
+    def record_reload(self, outcome: str) -> None:
+        """Count a reload and expose it as the last one (`outcome` in RELOAD_OUTCOMES)."""
+        if self.reloads is None:
+            return
+        self.reloads.labels(outcome).inc()
+        self.last_reload_ok.set(1 if outcome == "ok" else 0)
+        self.last_reload_time.set_to_current_time()
+
+
+class ServerMetrics(_Endpoint, _Reloads):
     """The server's metrics on a private registry (see the module docstring for the list).
 
     reloads: count reloads here (a worker leaves them to its supervisor, which counts each reload
@@ -119,18 +153,22 @@ class ServerMetrics(_Endpoint):
                                   multiprocess_mode="livesum")
         self.inflight = Gauge("rwood_inflight_requests", "Requests being handled", registry=r,
                               multiprocess_mode="livesum")
+        self.inflight_bytes = Gauge("rwood_inflight_bytes", "Bytes of the requests being handled",
+                                    registry=r, multiprocess_mode="livesum")
+        self.calls_active = Gauge("rwood_calls_active", "Calls in progress, health checks aside",
+                                  registry=r, multiprocess_mode="livesum")
+        self.malformed = Counter("rwood_malformed_messages", "Request messages that do not parse",
+                                 ["method"], registry=r)
         self.model_info = Gauge("rwood_model_info", "1 for the model being served",
                                 ["model_version"], registry=r, multiprocess_mode="livemax")
-        self.reloads = (Counter("rwood_reloads", "Hot reloads by outcome", ["outcome"], registry=r)
-                        if reloads else None)
+        if reloads:
+            self._init_reloads(r)
         self.serving = Gauge("rwood_serving", "Workers serving (0 while loading or draining)",
                              registry=r, multiprocess_mode="livesum")
         for kind in IMAGE_ERROR_KINDS:      # export zeros so dashboards see every series at once
             self.image_errors.labels(kind)
         for decision in ("ood", "id"):
             self.ood_decisions.labels(decision)
-        for outcome in ("ok", "refused") if self.reloads is not None else ():
-            self.reloads.labels(outcome)
         self._functions: list[tuple[Gauge, Callable[[], float]]] = []
         self._version: str | None = None
 
@@ -169,9 +207,9 @@ class ServerMetrics(_Endpoint):
         self.model_info.labels(model_version).set(1)
         self.expected_ood.labels(model_version).set(expected_ood_ratio)
 
-class SupervisorMetrics(_Endpoint):
+class SupervisorMetrics(_Endpoint, _Reloads):
     """/metrics of `rwood-serve --workers N`: the sum of the workers' files in `directory`, plus
-    the supervisor's own `rwood_workers`, `rwood_worker_restarts_total`, `rwood_reloads_total`."""
+    the supervisor's own `rwood_workers`, `rwood_worker_restarts_total` and reload metrics."""
 
     def __init__(self, workers: int, directory: str) -> None:
         r = self.registry = CollectorRegistry()
@@ -182,9 +220,7 @@ class SupervisorMetrics(_Endpoint):
                              multiprocess_mode="max")
         self.restarts = Counter("rwood_worker_restarts", "Workers that died and were restarted",
                                 registry=own)
-        self.reloads = Counter("rwood_reloads", "Hot reloads by outcome", ["outcome"], registry=own)
-        for outcome in ("ok", "refused"):
-            self.reloads.labels(outcome)
+        self._init_reloads(own)
         self.workers.set(workers)
 
     def mark_dead(self, pid: int) -> None:

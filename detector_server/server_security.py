@@ -1,19 +1,22 @@
 """Security of `rwood-serve`: TLS server credentials and the bearer-token interceptor.
 
 Use `server_credentials(config)` for the listening port (None: plaintext) and, when
-`config.auth_token_file` is set, `BearerTokenInterceptor(read_token(path), metrics)` as a server
-interceptor. Both raise InputError naming the option whose file cannot be read or is unusable.
+`config.auth_token_file` is set, `BearerTokenInterceptor(read_token(path), metrics)` as the first
+server interceptor. Both raise InputError naming the option whose file cannot be read or is
+unusable (a key that does not match its certificate is reported as such, before binding).
 """
 from __future__ import annotations
 
 import hmac
+import ssl
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 
 from .errors import InputError
 from .serve_config import ServeConfig
+from .server_guard import HEALTH_PREFIX, refusal
 from .server_metrics import ServerMetrics
 
 __all__ = ["server_credentials", "read_token", "BearerTokenInterceptor"]
@@ -32,8 +35,32 @@ def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
         return None
     key, cert = _read_file(config.tls_key, "tls_key"), _read_file(config.tls_cert, "tls_cert")
     ca = None if config.tls_client_ca is None else _read_file(config.tls_client_ca, "tls_client_ca")
+    _check_pem(config)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                        require_client_auth=ca is not None)
+
+
+def _no_passphrase() -> bytes:
+    raise InputError("the private key is encrypted; give an unencrypted PEM key", field="tls_key")
+
+
+def _check_pem(config: ServeConfig) -> None:
+    """Load the certificate, key and CA with OpenSSL (Python's ssl) so that each problem is named:
+    grpc would only fail to bind the port later, without saying why."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for field, path in (("tls_cert", config.tls_cert), ("tls_client_ca", config.tls_client_ca)):
+        if path is not None:
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except ssl.SSLError:
+                raise InputError("no PEM certificate in it", path=path, field=field) from None
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key, password=_no_passphrase)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise InputError(f"the private key does not match the certificate {config.tls_cert}",
+                             path=config.tls_key, field="tls_key") from None
+        raise InputError("not a PEM private key", path=config.tls_key, field="tls_key") from None
 
 
 def read_token(path: str) -> str:
@@ -46,34 +73,35 @@ def read_token(path: str) -> str:
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` metadata on every call except health checks
-    (load balancers and kubelets probe without credentials). Missing or wrong -> UNAUTHENTICATED.
-    The comparison is constant-time (hmac.compare_digest)."""
-
-    _EXEMPT = ("/grpc.health.v1.Health/",)
-    _FACTORY = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
+    (load balancers and kubelets probe without credentials). The scheme name is case-insensitive
+    (RFC 6750), the token compared in constant time (hmac.compare_digest). Missing or wrong ->
+    UNAUTHENTICATED, decided from the metadata alone: the request is never read."""
 
     def __init__(self, token: str, metrics: ServerMetrics | None = None):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
         self._metrics = metrics
+
+    def authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
+        """Whether `metadata` carries the right bearer token."""
+        return self._check(metadata) is None
+
+    def _check(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """None when authorized, else why not."""
+        got = next((v for k, v in (metadata or ()) if k == "authorization"), "")
+        text = got.decode("latin-1") if isinstance(got, bytes) else str(got)
+        scheme, _, token = text.strip().partition(" ")
+        ok = hmac.compare_digest(token.strip().encode("latin-1", "replace"), self._token)
+        if ok and scheme.lower() == "bearer":
+            return None
+        return "missing bearer token" if not text else "wrong bearer token"
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(self._EXEMPT):
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
-        got = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), "")
-        got_bytes = got if isinstance(got, bytes) else str(got).encode()
-        if hmac.compare_digest(got_bytes, self._expected):
+        reason = self._check(details.invocation_metadata)
+        if reason is None:
             return handler
         if self._metrics is not None:
             self._metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-        reason = "missing bearer token" if not got else "wrong bearer token"
-
-        async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-
-        factory = self._FACTORY[(handler.request_streaming, handler.response_streaming)]
-        return factory(deny, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)

@@ -13,7 +13,8 @@ What the supervisor (this process, which serves no RPC itself) does:
   its values to files in one directory that `MultiProcessCollector` sums at scrape time; plus its
   own `rwood_workers`, `rwood_worker_restarts_total` and `rwood_reloads_total`;
 - reloads (SIGHUP, --watch) in two phases so every worker serves the same model: all prepare the
-  new bundle, then all commit, or all abort when any refused it (see `worker`);
+  new bundle, then all commit, or all abort when any refused it or timed out (see `worker`);
+  --watch retries a refused bundle with backoff (`bundle_watch`);
 - restarts a worker that died (logged, counted, backing off when it dies again at once); a worker
   that comes back with a different bundle (replaced on disk without a reload) makes the others
   reload to it, or is stopped again if they refuse it;
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import runtime
-from .bundle import manifest_stamp
+from .bundle_watch import BundleWatch, bundle_stamp
 from .errors import BundleError, InputError
 from .serve_config import ServeConfig
 from .server_metrics import SupervisorMetrics
@@ -104,6 +105,7 @@ class Supervisor:
         self._worker_config = replace(config, address=self.address, metrics_port=None, watch=False,
                                       threads=max(1, total // config.workers), workers=1)
         self.metrics_port: int | None = None
+        self._loaded_stamp: tuple[int, ...] | None = None
 
     # ---- workers --------------------------------------------------------------------------------
     def _spawn(self, w: _Worker) -> None:
@@ -156,6 +158,7 @@ class Supervisor:
     def _start_all(self) -> bool:
         """Start every worker and wait until all serve one model version; False when a stop
         signal came first. Raises InputError/BundleError (a worker's own) when one cannot start."""
+        self._loaded_stamp = bundle_stamp(Path(self.bundle))    # before loading: changes are seen
         for w in self._workers:
             self._spawn(w)
         replies = self._await(self._workers, ("ready", "failed"), REPLY_TIMEOUT_S)
@@ -189,13 +192,13 @@ class Supervisor:
                        "workers loaded different versions" if len(versions) > 1 else "a worker died")
             log.error("reload of %s refused, all %d workers still serve %s: %s", self.bundle,
                       len(live), live[0].version if live else "nothing", why)
-            self.metrics.reloads.labels("refused").inc()
+            self.metrics.record_reload("timeout" if why.startswith("TimeoutError") else "refused")
             return False
         for w, message in self._await(live, ("committed",), 60).items():
             if message is not None:
                 self._workers[w].version = message[1]
         log.info("reloaded: %d workers serve %s", len(live), versions.pop())
-        self.metrics.reloads.labels("ok").inc()
+        self.metrics.record_reload("ok")
         return True
 
     def _check_workers(self) -> None:
@@ -294,7 +297,8 @@ class Supervisor:
                                  field="metrics_port") from None
 
     def _loop(self) -> None:
-        last_stamp, next_watch = manifest_stamp(Path(self.bundle)), time.monotonic()
+        watch = BundleWatch(self.config.watch_interval_s, self._loaded_stamp)
+        next_watch = time.monotonic()
         while True:
             while self._signals:
                 sig = self._signals.pop(0)
@@ -306,11 +310,12 @@ class Supervisor:
             self._check_workers()
             if self.config.watch and time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + self.config.watch_interval_s
-                stamp = manifest_stamp(Path(self.bundle))
-                if stamp is not None and stamp != last_stamp:
-                    last_stamp = stamp
+                stamp = bundle_stamp(Path(self.bundle))
+                if watch.due(stamp):
                     log.info("bundle %s changed, reloading", self.bundle)
-                    self.reload()
+                    retry_in = watch.done(stamp, self.reload())
+                    if retry_in is not None:
+                        log.info("--watch retries %s in %.1f s", self.bundle, retry_in)
             self._pump(0.5)
 
     def _stop_workers(self, grace: float) -> None:

@@ -11,6 +11,7 @@ import click
 
 from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.cli_common import Command, run_cli, setup_logging
+from trainer.run_dir import K_HELP
 
 from .config import DEFAULT_OPSET
 from .export import export_bundle
@@ -25,13 +26,13 @@ __all__ = ["export_main"]
               help="Bundle directory to write (must not exist unless --force).")
 @click.option("--feature", type=click.Choice(sorted(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Embedding to index and score.")
-@click.option("--k", type=int, default=None,
-              help="KNN neighbours [default: the run's k, else 300 if > 10 classes else 100].")
+@click.option("--k", type=int, default=None, help=K_HELP)
 @click.option("--tpr", type=float, default=0.95, show_default=True,
               help="Fraction of held-out ID images the threshold keeps.")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Held-out ID images for the threshold: .npz (key 'images') or an image folder "
-                   "[default: the run's calibration.npz]. Must not overlap the bank.")
+                   "[default: the run's calibration.npz]. At least 20; must not overlap the bank "
+                   "(images the run trained on are refused, with their count).")
 @click.option("--index", "index_factory", default="Flat", show_default=True,
               help="faiss index_factory string, e.g. 'IVF1024,Flat' or 'IVF1024,PQ32' for "
                    "big banks.")

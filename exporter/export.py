@@ -12,7 +12,10 @@ behind, see detector_server.bundle.write_bundle):
    calibration_scores.npy, the reference of the runtime's drift test and score histogram, and
    their embeddings as calibration_embeddings.npy (so `rwood-bank` can score them again after a
    bank edit);
-5. manifest + checksums, atomic rename, and a final `load_bundle` of the result.
+5. manifest + checksums, atomic rename, and a final `load_bundle` of the result. The model
+   version is the run name plus the digest of everything that decides a score
+   (`detector_server.manifest.derive_model_version`): another K, TPR, feature or index gives
+   another version.
 Test: tests/exporter/test_export.py.
 """
 from __future__ import annotations
@@ -37,7 +40,6 @@ from detector_server.bundle import (
     IndexInfo,
     Manifest,
     ThresholdInfo,
-    file_sha256,
     load_bundle,
     staging_dir,
     write_bundle,
@@ -89,13 +91,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     _check_bank_width(model, spec.size, cfg.feature, emb.shape[1], run.file(BANK_FILE))
     k = run.choose_k(cfg.k, len(labels))
     images, source = load_calibration_images(run.path, cfg.calibration, spec)
+    name = run.path.resolve().name
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
         _stage_index(stage, emb, labels, cfg.index_factory)
         indices, files = run.bank_sources()
         BankSources.of(TRAIN_ORIGIN, indices, files).write(stage / SOURCES_FILE)
         manifest = Manifest(
-            model_version=f"{run.path.resolve().name}-{file_sha256(stage / served)[:12]}",
+            model_version=name,             # write_bundle appends the decision digest
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
             index=IndexInfo(ntotal=len(labels), dim=int(emb.shape[1]), file=INDEX_FILE,
                             feature=cfg.feature, factory=cfg.index_factory),
@@ -117,7 +120,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
         log.info("[5/5] writing the bundle")
         write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
                                                 calibration_file=CALIBRATION_FILE),
-                     out, overwrite=cfg.overwrite)
+                     out, overwrite=cfg.overwrite, name=name)
     bundle = load_bundle(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     log.info("bundle %s: model %s, %.2f MB, threshold %.6g (TPR %.4f on %d %s images)", out,

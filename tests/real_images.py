@@ -9,7 +9,8 @@
 - Out-of-distribution and "a real photo": the two sample photographs (china.jpg, flower.jpg,
   427x640). `photo_patches()` are 32x32 crops of them (`trainer.ood_sets.photo_patches`, the far-OOD
   set of `make demo`); `photo_jpegs()` are JPEG files of various sizes: the two files exactly as
-  shipped, then re-encoded crops.
+  shipped, then re-encoded crops; `write_photo_classes()` lays out an image folder of large JPEGs
+  (320-640 px) with one class per region of the two photographs, as a user's own data would be.
 
 Every function is deterministic and cached (the arrays are shared: do not modify them in place).
 Used by tests/conftest.py's fixtures and by tests/reliability/hostile_corpus.py (and so bench/).
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["TINY_RUN_ROWS", "digits_split", "digits_round_robin", "digits_unseen", "digits_gray",
-           "photo_patches", "gray_photo_patches", "photo_jpegs"]
+           "photo_patches", "gray_photo_patches", "photo_jpegs", "PHOTO_CLASSES",
+           "write_photo_classes"]
 
 TINY_RUN_ROWS = 1000        # the tiny run trains on (and holds out calibration from) these rows
 N_JPEGS = 100
@@ -117,3 +119,47 @@ def photo_jpegs(n: int = N_JPEGS) -> list[bytes]:
     if not 0 < n <= N_JPEGS:
         raise ValueError(f"n must be in [1, {N_JPEGS}], got {n}")
     return list(_jpegs()[:n])
+
+
+# One class per quadrant of each photograph: temple roof, sky and trees, petals, leaves, ...
+PHOTO_CLASSES = tuple(f"{photo}_{corner}" for photo in ("china", "flower")
+                      for corner in ("top_left", "top_right", "bottom_left", "bottom_right"))
+
+
+def write_photo_classes(root: Path, per_class: int = 12, classes: tuple[str, ...] = PHOTO_CLASSES,
+                        seed: int = 0) -> dict[str, list[Path]]:
+    """An image folder of real photographs as a user's own data: ROOT/<class>/<n>.jpg.
+
+    Each class is one quadrant of china.jpg or flower.jpg (`PHOTO_CLASSES`); the photograph is
+    scaled up 2x (1280x854) and each image is a random crop around the quadrant's centre, 320 to
+    640 px on its long side with a random aspect ratio, sometimes mirrored, saved as JPEG quality
+    75-95: mixed sizes, all larger than any default input size. Deterministic for a seed.
+    Returns {class: [paths]}.
+    """
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: Image.fromarray(a).resize((1280, 854), Image.BILINEAR)
+              for name, a in zip(("china", "flower"), load_sample_images().images)}
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Path]] = {}
+    for name in classes:
+        photo, corner = name.split("_", 1)
+        img = photos[photo]
+        cx = img.width * (0.25 if corner.endswith("left") else 0.75)
+        cy = img.height * (0.25 if corner.startswith("top") else 0.75)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        out[name] = []
+        for i in range(per_class):
+            long = int(rng.integers(320, 641))
+            short = int(long * rng.uniform(0.6, 1.0))
+            w, h = (long, short) if rng.random() < 0.5 else (short, long)
+            x = int(np.clip(cx - w / 2 + rng.integers(-60, 61), 0, img.width - w))
+            y = int(np.clip(cy - h / 2 + rng.integers(-60, 61), 0, img.height - h))
+            crop = img.crop((x, y, x + w, y + h))
+            if rng.random() < 0.5:
+                crop = ImageOps.mirror(crop)
+            path = root / name / f"{i:03d}.jpg"
+            crop.save(path, format="JPEG", quality=int(rng.integers(75, 96)))
+            out[name].append(path)
+    return out

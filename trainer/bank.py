@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from detector_server.errors import InputError
+
+from .progress import Progress
 
 __all__ = ["embed_arrays"]
 
@@ -30,7 +31,8 @@ def embed_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int 
     model = model.to(device).eval()
     feats, projs = [], []
     steps = range(0, len(images), batch_size)
-    for i in tqdm(steps, desc=desc, unit="batch", disable=None if progress else True, leave=False):
+    for i in Progress(steps, desc=f"{desc} ({len(images):,} images)", unit="batches",
+                      enabled=progress):
         x = torch.from_numpy(images[i:i + batch_size]).to(device, non_blocking=True)
         f, p = model(x)
         feats.append(f.float().cpu().numpy())

@@ -10,8 +10,9 @@ from detector_server.cli_common import Command, run_cli, setup_logging
 from detector_server.errors import InputError
 
 from .evaluate import list_postprocessors
-from .ood_sets import parse_set_arg
-from .report import evaluate_run, render_markdown
+from .ood_sets import OOD_HELP, parse_set_arg
+from .report import detection_summary, evaluate_run
+from .run_dir import K_HELP
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
@@ -37,14 +38,14 @@ def _check_out(out: Path, force: bool) -> None:
 @click.option("--id-test", default=None, metavar="PATH|NAME=PATH",
               help="In-distribution test images: .npz, image folder (ROOT/<class>/... gives labels), "
                    "or cifar10=ROOT / cifar100=ROOT. Default: the run's test split, else its "
-                   "held-out calibration split.")
-@click.option("--ood", multiple=True, metavar="NAME=PATH",
-              help="OOD set (repeatable): .npz, image folder, or a torchvision root for "
-                   "svhn/mnist/dtd(textures)/places365/cifar10/cifar100 (never downloaded).")
+                   "held-out calibration split. Classes the model was not trained on are named "
+                   "in a warning (they still count as in-distribution).")
+@click.option("--ood", multiple=True, metavar="NAME=PATH", help=OOD_HELP)
 @click.option("--postprocessor", type=click.Choice(list_postprocessors()), default="knn",
-              show_default=True, help="knn: the deployed runtime's scorer; mahalanobis: MDS.")
-@click.option("--k", type=int, default=None,
-              help="KNN neighbours (default: the run's k, else 300 for > 10 classes, else 100).")
+              show_default=True,
+              help="knn: the deployed runtime's scorer (the paper's protocol); mahalanobis: class "
+                   "means and one shared covariance, the authors' released postprocessor.")
+@click.option("--k", type=int, default=None, help=K_HELP)
 @click.option("--feature", type=click.Choice(list(FEATURE_OUTPUTS)), default="penultimate",
               show_default=True, help="Which bank embedding is scored.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -73,8 +74,7 @@ def eval_main(run_dir, id_test, ood, postprocessor, k, feature, out, force, batc
                             batch_size=batch_size, device=device, out=out, progress=True)
 
     report = run_cli(go)
-    md = render_markdown(report)
-    click.echo(md[md.index("## Detection"):md.index("## In-distribution")].rstrip())
+    click.echo(detection_summary(report))
     click.echo(f"\nreport written to {out}")
 
 

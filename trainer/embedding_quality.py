@@ -12,6 +12,8 @@ Numpy only.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from detector_server.errors import InputError
@@ -54,14 +56,19 @@ def centroid_cosines(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return mu @ mu.T
 
 
-def embedding_quality(features: np.ndarray, labels: np.ndarray) -> dict[str, object]:
+def embedding_quality(features: np.ndarray, labels: np.ndarray,
+                      class_names: Sequence[str] | None = None) -> dict[str, object]:
     """All of section 4.1 for one feature set.
 
     features: float [N, D] (normalised here), labels: int [N]. Needs at least two classes.
+    class_names: when given, `radius_per_class` is keyed by name (else by label).
     Returns {"mean_radius": float, "radius_per_class": {class: float},
              "dispersion": float (mean pairwise centroid cosine, c != c'), "num_classes": int}.
     """
     radii = class_radii(features, labels)
+    if class_names is not None:
+        radii = {str(class_names[c]) if 0 <= c < len(class_names) else str(c): r
+                 for c, r in radii.items()}
     if len(radii) < 2:
         raise InputError(f"dispersion needs at least two classes, got {len(radii)}", field="labels")
     cos = centroid_cosines(features, labels)

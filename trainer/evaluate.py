@@ -26,7 +26,7 @@ import numpy as np
 from detector_server.bundle import FEATURE_OUTPUTS
 from detector_server.errors import InputError
 from detector_server.knn import KNNScorer, build_index, index_to_device
-from detector_server.metrics import ood_metrics, threshold_at_tpr
+from detector_server.metrics import fpr_at_tpr_ood_positive, ood_metrics, threshold_at_tpr
 from detector_server.validate import check_int
 
 from .embedding_quality import QUALITY_NOTE, embedding_quality
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
 TPR = 0.95
-METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out")
+# fpr@95: ID positive (the paper's convention, the default everywhere); fpr@95_ood_positive: OOD
+# positive, the FPR@95 of OpenOOD's evaluator that the authors' released code reports.
+METRIC_KEYS = ("fpr@95", "auroc", "aupr_in", "aupr_out", "fpr@95_ood_positive")
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]   # emb -> (scores, predicted)
 _POSTPROCESSORS: dict[str, Callable[..., Scorer]] = {}
@@ -105,7 +107,7 @@ def _id_test_set(id_test: str | None, run: RunDir,
     training nor the bank, so a fair ID test set for an npz or folder dataset)."""
     if id_test is not None:
         name, path = ((Path(id_test).stem, id_test) if Path(id_test).exists()
-                      else parse_set_arg(id_test))
+                      else parse_set_arg(id_test, field="id_test"))
         images, labels = load_image_set(name, path, info.preprocess, list(info.class_names))
         return name, str(path), images, labels
     cfg = info.config
@@ -116,14 +118,15 @@ def _id_test_set(id_test: str | None, run: RunDir,
         images, labels = run.calibration(
             instead=f"the run's dataset ({dataset!r}) has no test split either: pass --id-test "
                     "PATH (an .npz or image folder of in-distribution test images)")
-        log.warning("no --id-test and the run's dataset (%s) has no test split: using the run's "
-                    "held-out calibration split (%d images)", dataset, len(images))
+        log.warning("the run's dataset (%s) has no test split: the in-distribution test set is "
+                    "the run's held-out calibration split (%d images; rwood-eval --id-test PATH "
+                    "evaluates on other images)", dataset, len(images))
         source = f"{run.file(CALIBRATION_FILE)} (held-out split of the training data)"
         return "calibration", source, images, labels
 
     d = load_dataset(dataset, cfg.get("data"), "test", size=info.preprocess.size)
     if cfg.get("classes"):
-        d = select_classes(d, parse_classes(cfg["classes"], len(d.class_names)))
+        d = select_classes(d, parse_classes(cfg["classes"], d.class_names))
     return dataset, f"{dataset} test split ({d.source})", d.images, d.labels
 
 
@@ -138,7 +141,7 @@ def _embed(model, images: np.ndarray, name: str, batch_size: int, device: str,
         lambda _m, _i, out: logits.append(out.detach().float().cpu().numpy()))
     try:
         out = embed_arrays(model, images, batch_size=batch_size, device=device,
-                           progress=progress and len(images) > 4 * batch_size, desc=name)
+                           progress=progress, desc=f"embedding {name}")
     finally:
         if hook is not None:
             hook.remove()
@@ -206,7 +209,8 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
                 "id_test": {"name": id_name, "source": id_source, "n": int(len(id_images))},
                 "ood": {n: {"path": str(p), "n": int(len(embeddings[n]))}
                         for n, p in (ood or {}).items()}}
-    quality = {f: embedding_quality(*((bank_emb, bank_labels) if f == feature else run.bank(f)))
+    quality = {f: embedding_quality(*((bank_emb, bank_labels) if f == feature else run.bank(f)),
+                                    class_names=class_names)
                for f in run.bank_features()}
 
     # score with the KNN scorer (always: its vote is the reported KNN accuracy, its neighbours
@@ -248,7 +252,9 @@ def _report(run_dir: Path, settings: dict[str, Any], info: RunInfo,
             scores: dict[str, np.ndarray], accuracy: dict[str, float | None],
             quality: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The JSON report: settings, per-set metrics and their average, accuracy, quality."""
-    per_set = {n: {**ood_metrics(scores["id"], scores[n], TPR), "n": int(len(scores[n]))}
+    per_set = {n: {**ood_metrics(scores["id"], scores[n], TPR),
+                   "fpr@95_ood_positive": fpr_at_tpr_ood_positive(scores["id"], scores[n], TPR),
+                   "n": int(len(scores[n]))}
                for n in scores if n != "id"}
     average = {m: float(np.mean([v[m] for v in per_set.values()]))
                for m in METRIC_KEYS} if per_set else {}

@@ -33,8 +33,15 @@ from detector_server.listing import list_files, read_file
 from detector_server.preprocess import PreprocessSpec, decode_image, prepare_arrays, to_model_array
 from detector_server.validate import check_int
 
+from .progress import Progress
+
 __all__ = ["parse_set_arg", "load_image_set", "list_torchvision_sets", "read_npz_set",
-           "read_image_folder", "photo_patches"]
+           "read_image_folder", "photo_patches", "OOD_HELP"]
+
+# --ood's help, the same in rwood-train and rwood-eval
+OOD_HELP = ("OOD set (repeatable): an .npz (key images, uint8), an image folder (searched "
+            "recursively), or a torchvision root for svhn/mnist/dtd(textures)/places365/cifar10/"
+            "cifar100 (never downloaded).")
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,12 @@ _TORCHVISION: dict[str, TorchvisionLoader] = {}
 _HOW_TO_FILL: dict[str, str] = {}
 
 
-def parse_set_arg(text: str) -> tuple[str, str]:
-    """Split "name=path" into (name, path). InputError naming `--ood` when malformed."""
+def parse_set_arg(text: str, field: str = "ood") -> tuple[str, str]:
+    """Split "name=path" into (name, path). InputError naming `field` (the option) when malformed."""
     name, sep, path = str(text).partition("=")
     if not sep or not name.strip() or not path.strip():
         raise InputError(f"expected NAME=PATH (e.g. textures=../shared/data/ood_textures.npz), "
-                         f"got {text!r}", field="ood")
+                         f"got {text!r}", field=field)
     return name.strip(), path.strip()
 
 
@@ -58,13 +65,15 @@ def load_image_set(name: str, path: str | Path, spec: PreprocessSpec,
     """Load an evaluation set at model input.
 
     Returns (images uint8 [N, spec.size, spec.size, 3], labels int64 [N], -1 where unknown).
+    class_names: the model's classes, for an in-distribution set: labels follow them, and images
+    of other classes are named in a warning (they count as in-distribution all the same).
     Raises DataError naming the path when it is missing, empty or not in a known layout.
     """
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() != ".npz":
             raise DataError("expected an .npz file or a folder", path=str(p))
-        return read_npz_set(p, spec)
+        return read_npz_set(p, spec, class_names)
     key = name.lower()
     if not p.is_dir():
         hint = f" {_HOW_TO_FILL[key]}" if key in _TORCHVISION else ""
@@ -86,8 +95,14 @@ def list_torchvision_sets() -> list[str]:
 
 
 # ------------------------------------------------------------------------ npz and image folders
-def read_npz_set(path: str | Path, spec: PreprocessSpec) -> ImageSet:
-    """Read `images` uint8 (N,H,W[,C]) and optional `labels` (N,) from an .npz (no pickles)."""
+def read_npz_set(path: str | Path, spec: PreprocessSpec,
+                 class_names: list[str] | None = None) -> ImageSet:
+    """Read `images` uint8 (N,H,W[,C]) and optional `labels` (N,) from an .npz (no pickles).
+
+    With `class_names` (the model's): labels of an npz with a `classes` array are mapped by name
+    (-1 for names the model does not have), and labels or names the model never saw are named in
+    a warning.
+    """
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as f:
@@ -95,6 +110,7 @@ def read_npz_set(path: str | Path, spec: PreprocessSpec) -> ImageSet:
                 raise DataError(f"missing key; found {f.files}", path=str(p), field="images")
             images = f["images"]
             labels = f["labels"] if "labels" in f.files else np.full(len(images), -1)
+            names = [str(c) for c in f["classes"]] if "classes" in f.files else None
     except (OSError, ValueError) as e:
         raise DataError(f"not a readable .npz file ({e})", path=str(p)) from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
@@ -103,10 +119,38 @@ def read_npz_set(path: str | Path, spec: PreprocessSpec) -> ImageSet:
     if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
         raise DataError(f"expected integer labels of shape ({len(images)},), got {labels.dtype} "
                         f"{labels.shape}", path=str(p), field="labels")
+    labels = labels.astype(np.int64)
+    if class_names is not None:
+        labels = _known_labels(labels, names, list(class_names), p)
     try:
-        return prepare_arrays(images, spec), labels.astype(np.int64)
+        return prepare_arrays(images, spec), labels
     except InputError as e:
         raise DataError(str(e), path=str(p), field="images") from None
+
+
+def _known_labels(labels: np.ndarray, names: list[str] | None, class_names: list[str],
+                  where: Path) -> np.ndarray:
+    """Labels in the model's class indices (-1: none); warns naming the classes it never saw."""
+    index = {c: i for i, c in enumerate(class_names)}
+    if names is not None:   # the file's own classes: map them by name
+        lut = np.asarray([index.get(n, -1) for n in names] + [-1], dtype=np.int64)
+        unseen = {names[v]: int(np.sum(labels == v)) for v in np.unique(labels)
+                  if 0 <= v < len(names) and names[v] not in index}
+        labels = lut[np.where((labels >= 0) & (labels < len(names)), labels, len(names))]
+    else:
+        unseen = {f"label {v}": int(np.sum(labels == v)) for v in np.unique(labels)
+                  if v >= len(class_names)}
+        labels = np.where(labels < len(class_names), labels, -1)
+    _warn_unseen(where, unseen)
+    return labels
+
+
+def _warn_unseen(where: Path, unseen: dict[str, int]) -> None:
+    if unseen:
+        log.warning("%s: %d images of classes the model was never trained on: %s; they are scored "
+                    "as in-distribution here (pass them with --ood NAME=PATH to evaluate them as "
+                    "OOD)", where, sum(unseen.values()),
+                    ", ".join(f"{k} ({n})" for k, n in sorted(unseen.items())))
 
 
 def _has_images(root: Path) -> bool:
@@ -118,11 +162,12 @@ def read_image_folder(root: str | Path, spec: PreprocessSpec,
     """Every decodable file under `root` (as `list_files` walks it; hidden entries left out,
     files Pillow cannot read or that cannot be read skipped with a count in the log). Labels:
     index in `class_names` of the first-level sub-folder's name, -1 when absent or not a class
-    name."""
+    name (with `class_names`, such sub-folders are named in a warning)."""
     root = Path(root)
     index = {c: i for i, c in enumerate(class_names or [])}
-    images, labels, skipped = [], [], 0
-    for rel in list_files(root, hidden=False).files:
+    images, labels, skipped, unseen = [], [], 0, {}
+    files = list_files(root, hidden=False).files
+    for rel in Progress(files, desc=f"reading {root}", unit="files", logger=log):
         try:
             images.append(to_model_array(decode_image(read_file(root / rel)), spec))
         except (InputError, OSError):
@@ -130,11 +175,14 @@ def read_image_folder(root: str | Path, spec: PreprocessSpec,
             continue
         parts = rel.split("/")
         labels.append(index.get(parts[0], -1) if len(parts) > 1 else -1)
+        if class_names is not None and len(parts) > 1 and parts[0] not in index:
+            unseen[parts[0]] = unseen.get(parts[0], 0) + 1
     if skipped:
         log.warning("%s: skipped %d files Pillow cannot decode", root, skipped)
     if not images:
         raise DataError("no image files found (any format Pillow decodes, searched recursively)",
                         path=str(root))
+    _warn_unseen(root, unseen)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 

@@ -7,11 +7,13 @@ several runs side by side (bench/paper_table.py). This module imports `trainer.e
 the other way round. Every file is written atomically (temp file + os.replace). Plots use
 matplotlib's object API (`matplotlib.figure.Figure`, Agg canvas), never pyplot, so no global
 backend state is touched; report.md links exactly the plots written:
-- score_histograms.png (with OOD sets only): ID vs each OOD set's scores, the 95%-TPR threshold as
-  a dashed line;
+- score_histograms.png (with OOD sets only): ID vs each OOD set's scores as counts of images, the
+  95%-TPR threshold as a dashed line on a bin edge (`histogram_bins`: no bar straddles it, and the
+  lowest 1% drawn in the first bin never crosses it);
 - roc.png (with OOD sets only): ROC curve of each OOD set (ID positive);
-- embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings) coloured by class, OOD
-  points overlaid as grey markers;
+- embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings), one colour and legend
+  entry per class name (`class_colours`, no greys), OOD sets as lighter grey/black markers drawn
+  underneath and subsampled.
 - neighbors.png (when the bank images can be read back, `trainer.evidence`): the best-scored ID
   and the worst- and best-scored OOD images, each next to its nearest bank images.
 """
@@ -29,7 +31,7 @@ from .evaluate import Evaluation, evaluate
 from .evidence import SHEET, contact_sheet
 
 __all__ = ["evaluate_run", "write_report", "render_markdown", "detection_table", "quality_table",
-           "PLOTS", "pca_2d"]
+           "detection_summary", "PLOTS", "pca_2d", "histogram_bins", "class_colours"]
 
 PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")   # the plots of every report
 _MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
@@ -106,29 +108,51 @@ def quality_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What each column of the detection table counts (report.json keys in brackets).
+_CONVENTIONS = (
+    "- FPR@95 [`fpr@95`]: ID is the positive class (the paper's convention). The fraction of OOD "
+    "images scored at or above the threshold that keeps 95% of the ID test images.",
+    "- AUROC [`auroc`]: the same number whichever class is positive.",
+    "- AUPR-In [`aupr_in`]: ID positive. AUPR-Out [`aupr_out`]: OOD positive, on the negated "
+    "score. Both are average precision.",
+    "- FPR@95 OOD-positive [`fpr@95_ood_positive`]: OOD is the positive class (the FPR@95 of "
+    "OpenOOD's evaluator, the one the authors' released code reports). The fraction of ID images "
+    "flagged as OOD at the threshold that flags 95% of the OOD images. Do not compare it with "
+    "the first column.",
+)
+
+
+def detection_summary(report: dict[str, Any]) -> str:
+    """The detection table of report.md (per OOD set and the average) as printed by the CLIs."""
+    md = render_markdown(report)
+    return md[md.index("## Detection"):md.index("## In-distribution")].rstrip()
+
+
 def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] = ()) -> str:
     """report.md: settings, the per-set detection table with the average, accuracy, quality, and
     links to `plots` (file names beside report.md; the section is left out when there are none)."""
     s = report["settings"]
     t = s["id_test"]
+    scorer = f"**{s['postprocessor']}**" + (f" (K={s['k']})" if s["postprocessor"] == "knn" else "")
     lines = [f"# OOD evaluation of `{report['run_dir']}`", "",
-             f"ID test: **{t['name']}** ({t['n']} images, {t['source']}). Scorer: "
-             f"**{s['postprocessor']}** (K={s['k']}) on the **{s['feature']}** feature, bank of "
-             f"{s['bank_size']} training embeddings. ID is the positive class; FPR@95 is the "
-             f"fraction of OOD scored at or above the threshold keeping 95% of ID "
-             f"(threshold {report['id']['threshold@95']:.4f}). Numbers in %.", "",
-             "## Detection", "",
-             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |",
-             "|---|---|---|---|---|---|"]
+             f"ID test: **{t['name']}** ({t['n']} images, {t['source']}). Scorer: {scorer} on "
+             f"the **{s['feature']}** feature, bank of {s['bank_size']} training embeddings; a "
+             f"higher score means more in-distribution. Numbers in %.", "",
+             "## Detection", "", *_CONVENTIONS,
+             f"(The ID-positive threshold is {report['id']['threshold@95']:.4f}.)", "",
+             "| OOD set | N | FPR@95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ | FPR@95 OOD-positive ↓ |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in report["ood"].items():
         lines.append(f"| {name} | {m['n']} | {_pct(m['fpr@95'])} | {_pct(m['auroc'])} | "
-                     f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |")
+                     f"{_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} | "
+                     f"{_pct(m.get('fpr@95_ood_positive'))} |")
     if report["average"]:
         a = report["average"]
         lines.append(f"| **average** | | **{_pct(a['fpr@95'])}** | **{_pct(a['auroc'])}** | "
-                     f"{_pct(a['aupr_in'])} | {_pct(a['aupr_out'])} |")
+                     f"{_pct(a['aupr_in'])} | {_pct(a['aupr_out'])} | "
+                     f"{_pct(a.get('fpr@95_ood_positive'))} |")
     else:
-        lines.append("| (no OOD sets given) | | | | | |")
+        lines.append("| (no OOD sets given) | | | | | | |")
     lines += ["", "## In-distribution accuracy", "", "| classifier | accuracy (%) |", "|---|---|"]
     lines += [f"| {name} | {_pct(acc)} |" for name, acc in report["accuracy"].items()]
     lines += ["", "## Embedding quality (bank, paper section 4.1)", "",
@@ -161,22 +185,43 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 4.
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def histogram_bins(id_scores: np.ndarray, ood_scores: np.ndarray, threshold: float,
+                   bins: int = 50) -> tuple[np.ndarray, float]:
+    """Bin edges for the score histogram with `threshold` as one of them, and the value below
+    which scores are drawn in the first bin (the lowest 1% of both sets, or lower).
+
+    Every bar then lies wholly on one side of the threshold line, and a score drawn in the first
+    bin stays on its side: the bars left of the line hold exactly the scores below the threshold
+    (those the deployed detector flags). Returns (float64 edges, ascending; clip value).
+    """
+    both = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    lo, hi = float(np.percentile(both, 1)), float(both.max())
+    below = both[both < threshold]
+    lo = min(lo, threshold)
+    if below.size and lo >= threshold:   # fewer than 1% below: draw them where they are
+        lo = float(below.min())
+    hi = max(hi, threshold)
+    width = (hi - lo) / bins if hi > lo else max(1e-3, 1e-3 * abs(threshold))
+    left = threshold - width * np.arange(int(np.ceil((threshold - lo) / width - 1e-9)), 0, -1)
+    right = threshold + width * np.arange(0, int(np.floor((hi - threshold) / width + 1e-9)) + 2)
+    return np.concatenate([left, right]), lo
+
+
 def _histogram_figure(ev: Evaluation):
     names = [n for n in ev.scores if n != "id"]
     ncols = min(3, len(names))
     fig, axes = _figure(ncols, -(-len(names) // ncols), (4.6, 3.4))
     thr = ev.report["id"]["threshold@95"]
     for ax, name in zip(axes.flat, names):
-        both = np.concatenate([ev.scores["id"], ev.scores[name]])
-        lo, hi = float(np.percentile(both, 1)), float(both.max())  # long tails go in the first bin
-        bins = np.linspace(lo, hi + 1e-6 * max(1.0, abs(hi)), 50)
+        edges, lo = histogram_bins(ev.scores["id"], ev.scores[name], thr)
         for s, label, color in ((ev.scores["id"], "ID", "tab:blue"),
                                 (ev.scores[name], name, "tab:red")):
-            ax.hist(np.clip(s, lo, hi), bins=bins, density=True, alpha=0.55, label=label,
-                    color=color)
+            ax.hist(np.maximum(s, lo), bins=edges, alpha=0.55, color=color,
+                    label=f"{label} ({len(s):,})")
         ax.axvline(thr, color="k", linestyle="--", linewidth=1.2, label="95% TPR threshold")
         ax.set_title(f"{name}: FPR@95 {_pct(ev.report['ood'][name]['fpr@95'])}%", fontsize=10)
-        ax.set_xlabel("score (higher = more ID; lowest 1% in the first bin)")
+        ax.set_xlabel("score (higher = more ID; lowest 1% drawn in the first bin)")
+        ax.set_ylabel("images (count)")
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
@@ -211,31 +256,53 @@ def pca_2d(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _embedding_figure(ev: Evaluation):
+    """PCA of the ID test embeddings, one colour and legend entry per class (names); OOD sets as
+    grey/black markers, drawn first, lighter and subsampled, so ID points stay visible."""
     rng = np.random.default_rng(0)
     id_emb, labels = ev.embeddings["id"], ev.id_labels
     keep = np.sort(rng.choice(len(id_emb), min(len(id_emb), _MAX_ID_POINTS), replace=False))
     names = [n for n in ev.embeddings if n != "id"]
+    per_set = min(_MAX_OOD_POINTS, max(100, 2 * len(keep)))   # OOD never swamps a small ID set
     ood = [ev.embeddings[n][np.sort(rng.choice(len(ev.embeddings[n]),
-                                               min(len(ev.embeddings[n]), _MAX_OOD_POINTS),
+                                               min(len(ev.embeddings[n]), per_set),
                                                replace=False))] for n in names]
     proj = pca_2d(id_emb[keep], *ood)
     fig, axes = _figure(1, 1, (7.0, 5.6))
     ax = axes[0, 0]
-    cmap = "tab10" if len(ev.class_names) <= 10 else "tab20"
-    sc = ax.scatter(proj[0][:, 0], proj[0][:, 1], c=labels[keep], cmap=cmap, s=6, alpha=0.7,
-                    vmin=-0.5, vmax=max(len(ev.class_names), 1) - 0.5)
     for i, (p, name) in enumerate(zip(proj[1:], names)):
-        ax.scatter(p[:, 0], p[:, 1], marker="x+^vsd*"[i % 7], s=14, alpha=0.6,
-                   color=("black", "0.5", "darkred", "navy")[i % 4],
-                   linewidths=0.8, label=f"OOD: {name}")
-    if len(ev.class_names) <= 20:
-        cbar = fig.colorbar(sc, ax=ax, ticks=range(len(ev.class_names)))
-        cbar.ax.set_yticklabels(ev.class_names, fontsize=7)
+        ax.scatter(p[:, 0], p[:, 1], marker="x+^vsd*"[i % 7], s=12, alpha=0.3,
+                   color=_OOD_COLOURS[i % len(_OOD_COLOURS)], linewidths=0.7, zorder=1,
+                   label=f"OOD: {name} ({len(p)} of {len(ev.embeddings[name])})")
+    shown = labels[keep]
+    colours = class_colours(len(ev.class_names))
+    for c in [c for c in range(len(ev.class_names)) if np.any(shown == c)]:
+        pts = proj[0][shown == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.85, color=colours[c], zorder=2,
+                   label=ev.class_names[c] if len(ev.class_names) <= _MAX_LEGEND_CLASSES else None)
+    if np.any(shown < 0):   # ID images without a class label
+        pts = proj[0][shown < 0]
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.85, color="tab:blue", zorder=2,
+                   label="ID (no class label)")
     ax.set_title(f"PCA of ID test {ev.report['settings']['feature']} embeddings (by class), "
                  "OOD overlaid", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    if names:
-        ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=1.5)
     fig.tight_layout()
     return fig
+
+
+_MAX_LEGEND_CLASSES = 20
+_OOD_COLOURS = ("black", "0.45", "0.25", "0.6")          # greys: never a class colour
+
+
+def class_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """n distinct RGBA class colours, none grey (grey and black are the OOD markers): tab10
+    without its grey for up to 9 classes, tab20 without its greys for up to 18, else hsv."""
+    from matplotlib import colormaps
+
+    if n <= 9:
+        return [colormaps["tab10"](i) for i in range(10) if i != 7][:n]
+    if n <= 18:
+        return [colormaps["tab20"](i) for i in range(20) if i not in (14, 15)][:n]
+    return [colormaps["hsv"](i / n) for i in range(n)]

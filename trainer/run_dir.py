@@ -11,6 +11,7 @@ Layout: docs/CONTRACTS.md. No torch (numpy and detector_server only). Test: test
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import zipfile
@@ -22,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from detector_server.atomic import atomic_write, write_json_atomic
-from detector_server.bundle import FEATURE_OUTPUTS
+from detector_server.bundle import FEATURE_OUTPUTS, MANIFEST_FILE
 from detector_server.errors import CheckpointError, DataError, InputError, ReweightOODError
-from detector_server.knn import default_k
+from detector_server.knn import SMALL_BANK_SHARE, default_k
 from detector_server.preprocess import PreprocessSpec
 from detector_server.validate import check_int, is_int
 
 __all__ = ["RunDir", "RunInfo", "RUN_FORMAT", "RUN_FORMAT_VERSION", "CONFIG_FILE", "MODEL_FILE",
-           "BANK_FILE", "CALIBRATION_FILE", "write_run_info", "write_bank", "write_calibration"]
+           "BANK_FILE", "CALIBRATION_FILE", "HASHES_FILE", "write_run_info", "write_bank",
+           "write_calibration", "image_hashes", "write_image_hashes", "K_HELP"]
 
 log = logging.getLogger(__name__)
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)   # what np.load of a bad file raises
@@ -37,6 +39,12 @@ _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)   # what np.lo
 RUN_FORMAT, RUN_FORMAT_VERSION = "reweightood-run", 1
 CONFIG_FILE, MODEL_FILE = "config.json", "model.pt"
 BANK_FILE, CALIBRATION_FILE = "bank.npz", "calibration.npz"
+HASHES_FILE = "bank_hashes.npy"     # uint64 [N]: `image_hashes` of the bank's images
+# --k's help in rwood-train, rwood-eval and rwood-export: `RunDir.choose_k` in words
+K_HELP = ("KNN neighbours: the score is the distance to the K-th nearest bank embedding. Default: "
+          "the run's --k, else 100, or 300 for more than 10 classes (CIDER's settings); on a small "
+          "bank, where that would be over 2/3 of the smallest class, a tenth of the smallest "
+          "class (logged).")
 _WHAT = {  # file -> what a missing one means
     CONFIG_FILE: "no run record (rwood-train writes it when training starts); is this a run "
                  "directory?",
@@ -54,18 +62,20 @@ class RunInfo:
     preprocess: PreprocessSpec
     class_names: tuple[str, ...]
     data: dict[str, Any] = field(default_factory=dict)      # dataset, path, fingerprint, n_train, ...
+    runtime: dict[str, Any] = field(default_factory=dict)   # device, world_size, steps_per_epoch, sync_bn
     versions: dict[str, str] = field(default_factory=dict)  # python, torch, torchvision, numpy
     git_rev: str | None = None
     created: str | None = None          # ISO time the record was written
     finished: bool = False              # True once model.pt, bank.npz and calibration.npz exist
+                                        # (no calibration.npz when calibration_fraction is 0)
 
     def to_dict(self) -> dict[str, Any]:
         """config.json's content (format and format_version first)."""
         return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
                 "finished": self.finished, "config": self.config, "model_args": self.model_args,
                 "preprocess": self.preprocess.to_dict(), "class_names": list(self.class_names),
-                "data": self.data, "versions": self.versions, "git_rev": self.git_rev,
-                "created": self.created}
+                "data": self.data, "runtime": self.runtime, "versions": self.versions,
+                "git_rev": self.git_rev, "created": self.created}
 
     @classmethod
     def from_dict(cls, d: Any, path: str | Path | None = None) -> "RunInfo":
@@ -81,7 +91,7 @@ class RunInfo:
         for key in ("config", "model_args"):
             if not isinstance(d.get(key), dict):
                 raise bad(key, "an object")
-        for key in ("data", "versions"):
+        for key in ("data", "runtime", "versions"):
             if not isinstance(d.get(key, {}), dict):
                 raise bad(key, "an object")
         names = d.get("class_names")
@@ -99,8 +109,9 @@ class RunInfo:
                                   field="preprocess") from None
         return cls(config=d["config"], model_args=d["model_args"], preprocess=spec,
                    class_names=tuple(names), data=d.get("data", {}),
-                   versions=d.get("versions", {}), git_rev=d.get("git_rev"),
-                   created=d.get("created"), finished=d.get("finished", False))
+                   runtime=d.get("runtime", {}), versions=d.get("versions", {}),
+                   git_rev=d.get("git_rev"), created=d.get("created"),
+                   finished=d.get("finished", False))
 
 
 class RunDir:
@@ -114,6 +125,11 @@ class RunDir:
         if not self.path.is_dir():
             raise CheckpointError(f"run directory not found (a finished run holds {CONFIG_FILE}, "
                                   f"{MODEL_FILE}, {BANK_FILE} and {CALIBRATION_FILE})",
+                                  path=self.path)
+        if (self.path / MANIFEST_FILE).is_file() and not self.file(CONFIG_FILE).is_file():
+            raise CheckpointError(f"this is a bundle (it holds {MANIFEST_FILE}); rwood-eval and "
+                                  "rwood-export take a run directory, the folder rwood-train "
+                                  "--out wrote (rwood-serve and rwood-score take bundles)",
                                   path=self.path)
 
     def file(self, name: str) -> Path:
@@ -214,23 +230,62 @@ class RunDir:
 
     def choose_k(self, k: int | None, bank_size: int) -> int:
         """K for KNN scoring: `k` if given (InputError unless 1 <= k <= bank_size), else the run's
-        configured k, else `detector_server.knn.default_k`; those two are capped at the bank
-        size (logged). CheckpointError naming config.json for a configured k that is no integer."""
+        configured k (capped at the bank size), else `detector_server.knn.default_k` with the
+        bank's class sizes (its small-bank rule). A given or configured K above SMALL_BANK_SHARE
+        of the smallest class is kept, with a warning. CheckpointError naming config.json for a
+        configured k that is no integer."""
+        sizes = self._class_sizes()
         if k is not None:
             check_int(k, "k", minimum=1)
             if k > bank_size:
-                raise InputError(f"k={k} exceeds the {bank_size} rows of the bank", field="k")
-            return int(k)
+                raise InputError(f"k={k} exceeds the {bank_size} rows of the bank; use {bank_size} "
+                                 f"or less ({default_k(len(self.info.class_names), bank_size, sizes)}"
+                                 " by the default rule)", field="k")
+            return self._warn_large(int(k), sizes)
         configured = self.info.config.get("k")
         if configured is None:
-            return default_k(len(self.info.class_names), bank_size)
+            return default_k(len(self.info.class_names), bank_size, sizes)
         if not is_int(configured) or configured < 1:
             raise CheckpointError(f"expected a positive integer or null, got {configured!r}",
                                   path=self.file(CONFIG_FILE), field="config.k")
         if configured > bank_size:
             log.warning("the run's K=%d is larger than the bank (%d rows); using K=%d",
                         configured, bank_size, bank_size)
-        return min(int(configured), bank_size)
+        return self._warn_large(min(int(configured), bank_size), sizes)
+
+    def _class_sizes(self) -> list[int] | None:
+        """Bank rows per class (classes with rows), from bank.npz's labels; None without them."""
+        try:
+            with np.load(self.file(BANK_FILE), allow_pickle=False) as f:
+                labels = f["labels"]
+        except (*_NPZ_ERRORS, KeyError):
+            return None
+        counts = np.bincount(labels[labels >= 0].astype(np.int64)) if labels.size else labels
+        return [int(c) for c in counts if c > 0] or None
+
+    @staticmethod
+    def _warn_large(k: int, sizes: list[int] | None) -> int:
+        if sizes and k > SMALL_BANK_SHARE * min(sizes):
+            log.warning("K=%d is %.0f%% of the smallest class (%d bank rows): its images' K-th "
+                        "neighbours lie in other classes; a smaller --k (about %d) usually "
+                        "separates OOD better", k, 100.0 * k / min(sizes), min(sizes),
+                        max(1, min(sizes) // 10))
+        return k
+
+    def bank_hashes(self) -> np.ndarray | None:
+        """`image_hashes` of the bank's images (uint64 [N]), or None for a run written before
+        they were kept. CheckpointError naming the file when it is unreadable."""
+        path = self.file(HASHES_FILE)
+        if not path.is_file():
+            return None
+        try:
+            hashes = np.load(path, allow_pickle=False)
+        except _NPZ_ERRORS as e:
+            raise CheckpointError(f"cannot read: {e}", path=path) from None
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            raise CheckpointError(f"expected uint64 [N], got {hashes.dtype} {hashes.shape}",
+                                  path=path)
+        return hashes
 
 
 def _open_npz(path: Path, error: type[ReweightOODError]):
@@ -279,6 +334,26 @@ def write_calibration(run_dir: str | Path, images: np.ndarray, labels: np.ndarra
     indices (rows of the training set). Returns the path."""
     return _write_npz(Path(run_dir) / CALIBRATION_FILE, images=images,
                       labels=labels.astype(np.int64), indices=indices.astype(np.int64))
+
+
+def image_hashes(images: np.ndarray) -> np.ndarray:
+    """One 64-bit BLAKE2b hash per image of uint8 [N, S, S, 3] (model input): uint64 [N].
+
+    The same pixels give the same hash, so a set can be checked against the bank for overlap.
+    """
+    return np.fromiter((int.from_bytes(hashlib.blake2b(np.ascontiguousarray(im).tobytes(),
+                                                       digest_size=8).digest(), "little")
+                        for im in images), dtype=np.uint64, count=len(images))
+
+
+def write_image_hashes(run_dir: str | Path, images: np.ndarray) -> Path:
+    """Write RUN_DIR/bank_hashes.npy atomically: `image_hashes` of the bank's images."""
+    hashes = image_hashes(images)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, hashes, allow_pickle=False)
+    return atomic_write(Path(run_dir) / HASHES_FILE, write)
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> Path:

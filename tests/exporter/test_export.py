@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import exporter.export as export_mod
-from detector_server.bundle import file_sha256, load_bundle
+from detector_server.bundle import derive_model_version, load_bundle
 from detector_server.detector import Detector
 from detector_server.errors import BundleError, CheckpointError, DataError, InputError
 from detector_server.preprocess import PreprocessSpec
@@ -58,7 +58,7 @@ def test_default_bundle_contents(tiny_run: Path, tiny_bundle: Path) -> None:
     m = load_bundle(tiny_bundle).manifest
     run_cfg = json.loads((tiny_run / "config.json").read_text())
     assert m.k == 10 and m.index.feature == "penultimate" and m.index.factory == "Flat"
-    assert m.model_version == f"{tiny_run.name}-{file_sha256(tiny_bundle / 'model.onnx')[:12]}"
+    assert m.model_version == derive_model_version(tiny_run.name, m.to_dict())
     assert m.training["data"]["fingerprint"] == run_cfg["data"]["fingerprint"]
     assert m.training["config"] == run_cfg["config"] and m.quantization is None
     assert m.preprocess == run_cfg["preprocess"] and list(m.class_names) == run_cfg["class_names"]
@@ -88,7 +88,7 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy",
                             "calibration_scores.npy", "sources.json",
                             "calibration_embeddings.npy"}
-    assert m.model_version.endswith(file_sha256(custom_bundle / "model.int8.onnx")[:12])
+    assert m.model_version == derive_model_version(tiny_run.name, m.to_dict())
     t = m.threshold
     assert t.source.startswith("npz:") and t.n_samples == N_CAL
     assert abs(t.achieved_tpr - t.target_tpr) <= 0.005           # within 0.5 points

@@ -122,6 +122,102 @@ def palette_with_transparency(img: Image.Image) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# Work bombs: small valid images whose headers make Pillow loop per structure (image_guard)
+# ---------------------------------------------------------------------------------------------
+def _tiny(fmt: str, **kw) -> bytes:
+    return encode(Image.new("RGB", (32, 32), (90, 120, 30)), fmt, **kw)
+
+
+def jpeg_padded(n: int, padding: bytes = b"\xff\xe1\x00\x02") -> bytes:
+    """A 32x32 JPEG with `padding` repeated `n` times after SOI: empty APP1 markers by default
+    (4 bytes each; 12 million of them stalled the old server 28 s), or b"\xff" fill bytes."""
+    j = _tiny("JPEG")
+    return j[:2] + padding * n + j[2:]
+
+
+def jpeg_with_segments(marker: int, payload: bytes, n: int) -> bytes:
+    """A 32x32 JPEG with `n` extra segments `marker` + `payload` after SOI."""
+    j = _tiny("JPEG")
+    seg = struct.pack(">HH", 0xFF00 | marker, len(payload) + 2) + payload
+    return j[:2] + seg * n + j[2:]
+
+
+def png_padded(n: int) -> bytes:
+    """A 32x32 PNG with `n` empty ancillary chunks before IDAT (1.3 million stalled it 9.5 s)."""
+    p = _tiny("PNG")
+    return p[:33] + _png_chunk(b"abCd", b"") * n + p[33:]
+
+
+def gif_padded(n: int) -> bytes:
+    """A 32x32 GIF with a comment extension of `n` one-byte sub-blocks before the image."""
+    g = _tiny("GIF")
+    i = g.index(b"\x2c")                   # the image descriptor (the palette holds no 0x2C)
+    return g[:i] + b"\x21\xfe" + b"\x01c" * n + b"\x00" + g[i:]
+
+
+def tiff_many_strips(n: int, width: int = 1) -> bytes:
+    """A width x n gray uncompressed TIFF, one strip per row (Pillow: a Python step per strip)."""
+    entries = [(256, 4, 1, width), (257, 4, 1, n), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, n, 0), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, n, 0)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * n
+    pixels_at = counts_at + 4 * n
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    for tag, typ, count, value in entries:
+        value = {273: offsets_at, 279: counts_at}.get(tag, value)
+        out += struct.pack("<HHI", tag, typ, count)
+        out += struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+    out += struct.pack("<I", 0)
+    out += struct.pack(f"<{n}I", *range(pixels_at, pixels_at + n * width, width))
+    out += struct.pack(f"<{n}I", *([width] * n))
+    return bytes(out + bytes(range(256)) * (n * width // 256 + 1))
+
+
+def rle_bmp(width: int, height: int) -> bytes:
+    """A 4-bit RLE BMP of width x height (Pillow decodes RLE4 in Python, a step per pixel)."""
+    rows = bytearray()
+    for _ in range(height):
+        left = width
+        while left:
+            run = min(255, left)
+            rows += bytes([run, 0x17])
+            left -= run
+        rows += b"\x00\x00"                  # end of line
+    rows += b"\x00\x01"                      # end of bitmap
+    palette = bytes(range(16)) * 4
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 4, 2, len(rows), 2835, 2835, 16, 0)
+    offset = 14 + len(header) + len(palette)
+    return (b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + header + palette
+            + bytes(rows))
+
+
+def png_with_long_exif(n: int, orientation: int = 6) -> bytes:
+    """A 32x32 PNG whose eXIf chunk has an orientation tag and one SHORT tag of `n` values:
+    ImageOps.exif_transpose decodes all n of them to rewrite the EXIF block."""
+    ifd = struct.pack("<H", 2) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)
+    ifd += struct.pack("<HHII", 0x9000, 3, n, 8 + len(ifd) + 12 + 4) + struct.pack("<I", 0)
+    exif = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x01\x02" * n
+    p = _tiny("PNG")
+    return p[:33] + _png_chunk(b"eXIf", exif) + p[33:]
+
+
+WORK_BOMBS = {
+    "jpeg_300k_empty_app1": lambda: jpeg_padded(300_000),
+    "jpeg_1M_fill_bytes": lambda: jpeg_padded(1_000_000, b"\xff"),
+    "jpeg_20_dqt_of_1000_tables": lambda: jpeg_with_segments(0xDB, (b"\x00" + bytes(64)) * 1000,
+                                                             20),
+    "jpeg_8_exif": lambda: jpeg_with_segments(0xE1, b"Exif\x00\x00" + bytes(60_000), 8),
+    "jpeg_300_scans": lambda: _tiny("JPEG", progressive=True)[:-2] + b"\xff\xda\x00\x02" * 300
+    + b"\xff\xd9",
+    "png_100k_empty_chunks": lambda: png_padded(100_000),
+    "gif_300k_comment_blocks": lambda: gif_padded(300_000),
+    "tiff_100k_strips": lambda: tiff_many_strips(100_000),
+    "bmp_rle4_1024x1024": lambda: rle_bmp(1024, 1024),
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # The corpus
 # ---------------------------------------------------------------------------------------------
 def seed_images(n: int = 8) -> list[Image.Image]:
@@ -174,7 +270,7 @@ def build_hostile_corpus(seed: int = 0) -> list[HostileCase]:
                                               "TIFF"), "score"),
         HostileCase("good_i32.tiff", encode(Image.fromarray(gray.astype(np.int32) * 1000, "I"),
                                             "TIFF"), "score"),
-        HostileCase("good.ico", encode(small, "ICO"), "score"),
+        HostileCase("not_accepted.ico", encode(small, "ICO"), "error"),  # ICO: not an accepted format
         HostileCase("tiny_1x1.png", encode(small.resize((1, 1)), "PNG"), "score"),
         HostileCase("wide_10000x1.png", encode(photo.resize((10000, 1)), "PNG"), "score"),
         HostileCase("tall_1x10000.png", encode(photo.resize((1, 10000)), "PNG"), "score"),

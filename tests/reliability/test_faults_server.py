@@ -6,6 +6,7 @@ queued behind a slow batch (its work never reaches the model) and the loading st
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -298,6 +299,35 @@ def test_deadline_storm_under_load(served, payloads):
     assert all(code == grpc.StatusCode.OK and ok for _, _, code, ok, _ in records)
     _wait_idle(served)
     assert _metric(served, 'rwood_requests_total{code="DEADLINE_EXCEEDED",method="Score"}') >= 1
+
+
+def test_a_reload_hung_on_the_bundle_blocks_neither_reloads_nor_sigterm(tiny_bundle, tmp_path):
+    """manifest.json replaced by a FIFO: reading it blocks, as on a hung network file system. The
+    reload is abandoned after --reload-timeout, the next SIGHUP reloads, SIGTERM exits. Before,
+    later reloads waited behind the hung one for good and SIGTERM logged "stopped" but the
+    process never exited."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = bundle / "manifest.json"
+    good = manifest.read_bytes()
+    with ServerProcess(bundle, "--reload-timeout", "1", "--grace", "2",
+                       log_path=tmp_path / "serve.log") as srv:
+        manifest.unlink()
+        os.mkfifo(manifest)
+        mark = len(srv.log())
+        srv.signal(signal.SIGHUP)
+        tail = srv.wait_log("still serving", start=mark, timeout=30)
+        assert re.search(r"reload of .* (timed out|refused)", tail)
+        manifest.unlink()
+        manifest.write_bytes(good)
+        mark = len(srv.log())
+        srv.signal(signal.SIGHUP)
+        assert "replacing" in srv.wait_log("serving model", start=mark, timeout=60)
+        assert health_status(srv.target) == SERVING
+        t_term = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        code = srv.proc.wait(30)
+    assert code == 0 and time.monotonic() - t_term < 15
 
 
 def test_queue_gauge_returns_to_zero_when_idle(served):

@@ -11,16 +11,21 @@ import onnx
 import pytest
 
 from detector_server.bundle import (
+    DESCRIPTIVE_FIELDS,
     FORMAT_VERSION,
     MANIFEST_FILE,
     Bundle,
     Manifest,
+    decision_digest,
+    derive_model_version,
     load_bundle,
     manifest_digest,
     staging_dir,
+    version_name,
     write_bundle,
 )
 from detector_server.errors import BundleError
+from detector_server.manifest import DESCRIPTIVE_BANK_FIELDS
 
 PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "calibration_scores.npy", "sources.json",
            "calibration_embeddings.npy")
@@ -238,3 +243,71 @@ def test_interrupted_write_leaves_nothing(bundle_copy: Path, tmp_path: Path) -> 
             shutil.copy(bundle_copy / "model.onnx", stage / "model.onnx")
             raise KeyboardInterrupt  # e.g. Ctrl-C halfway through an export
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+# ---------------------------------------------------------------------------- model_version
+def _leaves(value, path=()):
+    """(path, value) of every scalar in a JSON value, lists and objects walked."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, value
+
+
+def _changed(value):
+    if isinstance(value, bool) or value is None:
+        return not value
+    return value + 1 if isinstance(value, (int, float)) else f"{value}x"
+
+
+def test_decision_digest_follows_every_field_but_the_descriptive_ones(tiny_bundle: Path) -> None:
+    """Generic over the manifest: a field added later counts without anyone listing it."""
+    raw = json.loads((tiny_bundle / MANIFEST_FILE).read_text())
+    base = decision_digest(raw)
+    leaves = list(_leaves(raw))
+    assert len(leaves) > 40 and {p[0] for p, _ in leaves} >= {"k", "threshold", "index", "files"}
+    for path, value in leaves:
+        edited = json.loads(json.dumps(raw))
+        node = edited
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = _changed(value)
+        counts = path[0] not in DESCRIPTIVE_FIELDS and path[:2] not in [
+            ("bank", f) for f in DESCRIPTIVE_BANK_FIELDS]
+        assert (decision_digest(edited) != base) == counts, path
+    # the bank's edit history is descriptive; where its files are is not
+    edited = json.loads(json.dumps(raw))
+    edited["bank"]["lineage"] = [{"op": "add", "parent": "x", "when": "2026-01-01T00:00:00"}]
+    assert decision_digest(edited) == base
+    edited["bank"]["sources_file"] = "other.json"
+    assert decision_digest(edited) != base
+    with pytest.raises(ValueError, match="files"):
+        decision_digest({**raw, "files": {}})
+
+
+def test_write_bundle_derives_the_version(bundle_copy: Path, tmp_path: Path) -> None:
+    m = _manifest(bundle_copy)
+    name = version_name(m.model_version)
+    assert m.model_version == derive_model_version(name, m.to_dict()) != name
+    same = _manifest(_republish(bundle_copy, dataclasses.replace(
+        m, created="2001-01-01", training={}, model_version="anything"), tmp_path / "same"))
+    assert same.model_version == f"anything-{m.model_version[-12:]}"   # nothing decisive changed
+    again = _manifest(_republish(bundle_copy, m, tmp_path / "again"))
+    assert again.model_version == m.model_version                      # the name is kept
+    for i, edit in enumerate((dict(k=3), dict(threshold=dataclasses.replace(m.threshold,
+                                                                            value=-0.5)))):
+        other = _manifest(_republish(bundle_copy, dataclasses.replace(m, **edit),
+                                     tmp_path / f"other{i}"))
+        assert other.model_version.startswith(f"{name}-") and other.model_version != m.model_version
+    labels = _manifest(_republish(bundle_copy, m, tmp_path / "labels", edit=lambda s: np.save(
+        s / "labels.npy", np.roll(np.load(s / "labels.npy"), 1))))
+    assert labels.model_version != m.model_version
+    with staging_dir(tmp_path / "named") as stage:
+        for f in m.files:
+            shutil.copy(bundle_copy / f, stage / f)
+        write_bundle(stage, m, tmp_path / "named", name="v2")
+    assert _manifest(tmp_path / "named").model_version == f"v2-{m.model_version[-12:]}"

@@ -392,8 +392,10 @@ def test_bad_config_raises_input_error_naming_the_field(kwargs, field):
 
 
 def test_missing_bundle_raises_bundle_error(tmp_path):
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match="bundle directory not found"):
         start_background(tmp_path / "nope")
+    with pytest.raises(BundleError, match="manifest missing"):
+        start_background(tmp_path)
 
 
 def test_unreadable_or_empty_token_file_raises_input_error(tiny_bundle, tmp_path):
@@ -470,17 +472,20 @@ def test_metrics_port_in_use_raises_input_error_and_leaves_nothing_listening(tin
     assert hosts["created"] == hosts["closed"]
 
 
-def test_small_requests_decode_on_the_loop_big_ones_on_the_pool(id_images):
-    """Inline decoding is judged from headers: a few small images (or unreadable bytes, which fail
-    at once) stay on the event loop; many images or a large one go to the decode pool."""
-    def png(a: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="PNG")
-        return buf.getvalue()
+def test_decoding_never_runs_on_the_event_loop(tiny_bundle, images, monkeypatch):
+    """Even one small image is decoded on the pool: a crafted header can cost seconds, and the
+    event loop must keep answering (health checks, other clients) meanwhile."""
+    from detector_server.detector import Detector
 
-    small = png(id_images[0])
-    big = png(np.zeros((256, 256, 3), np.uint8))
-    assert model_host._decode_inline([small])
-    assert model_host._decode_inline([b"not an image", b""])
-    assert not model_host._decode_inline([small] * (model_host.INLINE_DECODE_IMAGES + 1))
-    assert not model_host._decode_inline([big])
+    threads: list[str] = []
+    real = Detector.prepare
+    monkeypatch.setattr(Detector, "prepare",
+                        lambda self, item: threads.append(threading.current_thread().name)
+                        or real(self, item))
+    with start_background(tiny_bundle, device="cpu", threads=1) as srv, \
+            grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        for n in (1, 4, 40):
+            stub.Score(pb.ScoreRequest(images=[pb.Image(id=str(i), data=images[i % len(images)][1])
+                                               for i in range(n)]), timeout=30)
+    assert len(threads) == 45 and all(t.startswith("rwood-decode") for t in threads), set(threads)

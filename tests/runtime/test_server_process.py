@@ -100,7 +100,7 @@ def test_help_lists_the_flags():
         assert flag in p.stdout
 
 
-@pytest.mark.parametrize("args, match", [([], "manifest"), (["--max-batch", "0"], "max_batch")])
+@pytest.mark.parametrize("args, match", [([], "manifest"), (["--max-batch", "0"], "--max-batch")])
 def test_bad_bundle_or_option_exits_2_with_one_line(tmp_path, args, match):
     p = subprocess.run(CLI + [str(tmp_path), *args], capture_output=True, text=True, env=_env(),
                        timeout=60)
@@ -120,7 +120,7 @@ def test_metrics_port_in_use_exits_2_with_one_line_and_leaves_nothing_listening(
                            capture_output=True, text=True, env=_env(), timeout=60)
     assert p.returncode == 2, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "metrics_port" in errors[0] and "Traceback" not in p.stderr
+    assert len(errors) == 1 and "--metrics-port" in errors[0] and "Traceback" not in p.stderr
     assert port_is_free(port)
 
 
@@ -135,10 +135,10 @@ def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundl
             srv.proc.send_signal(signal.SIGHUP)
             srv.wait_for(r"reload of .* refused, still serving " + re.escape(original), 30)
             assert stub.Score(request, timeout=30).model_version == original
-            republish(tiny_bundle, bundle, "after-hup")
+            after = republish(tiny_bundle, bundle, "after-hup")
             srv.proc.send_signal(signal.SIGHUP)
-            srv.wait_for(r"serving model after-hup", 30)
-            assert stub.Score(request, timeout=30).model_version == "after-hup"
+            srv.wait_for(r"serving model " + re.escape(after), 30)
+            assert stub.Score(request, timeout=30).model_version == after
     finally:
         srv.close()
 

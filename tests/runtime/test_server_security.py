@@ -1,8 +1,11 @@
-"""rwood-serve security: TLS, mutual TLS (certificates generated here) and the bearer token."""
+"""rwood-serve security: TLS, mutual TLS (certificates generated here, a mismatched key named),
+the bearer token (checked from the metadata before the body is read, any case of the scheme) and
+the cap on health Watch streams without it."""
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from pathlib import Path
 
 import grpc
@@ -13,7 +16,8 @@ from detector_server import server_security
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
 from detector_server.client import DetectorClient
-from detector_server.server import start_background
+from detector_server.errors import InputError
+from detector_server.server import ServeConfig, start_background
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -134,3 +138,79 @@ def test_right_token_passes_and_health_needs_none(token_server, monkeypatch):
     with grpc.insecure_channel(token_server.target) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR"])
+def test_the_scheme_name_is_case_insensitive(token_server, scheme):
+    """RFC 6750 (via RFC 7235): the auth scheme is case-insensitive; the token is not."""
+    assert _info_code(token_server.target, token=None) == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(token_server.target) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=5,
+                            metadata=(("authorization", f"{scheme} s3cret-token"),)).k > 0
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetInfo(pb.GetInfoRequest(), timeout=5,
+                         metadata=(("authorization", f"{scheme} S3CRET-TOKEN"),))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("method", ["/rwood.v1.Detector/Score", "/rwood.v1.Detector/ScoreStream"])
+def test_calls_without_a_token_are_refused_before_their_body_is_read(token_server, method):
+    """The refusal comes from the metadata alone: a body that does not parse is never parsed
+    (it used to be, and the client got a parse error instead of UNAUTHENTICATED)."""
+    with grpc.insecure_channel(token_server.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            if method.endswith("Stream"):
+                list(ch.stream_stream(method)(iter([b"\xff\xff garbage"]), timeout=5))
+            else:
+                ch.unary_unary(method)(b"\xff\xff garbage", timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
+    metrics = token_server.server.metrics.render().decode()
+    assert "rwood_malformed_messages_total{" not in metrics
+
+
+def test_health_watches_without_a_token_are_capped(tiny_bundle, tmp_path):
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret-token")
+    with start_background(tiny_bundle, auth_token_file=str(token), max_health_watches=2,
+                          **OPTS) as srv, grpc.insecure_channel(srv.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(2)]
+        assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+        with pytest.raises(grpc.RpcError) as e:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trusted = health.Watch(health_pb2.HealthCheckRequest(), timeout=30,
+                               metadata=(("authorization", "Bearer s3cret-token"),))
+        assert next(trusted).status == health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING        # Check is never capped
+        for w in [*watches, trusted]:
+            w.cancel()
+        time.sleep(0.3)                                    # the slots free up again
+        again = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+        again.cancel()
+
+
+def test_a_key_that_does_not_match_the_certificate_is_named(tiny_bundle, pki, tmp_path):
+    """It used to surface as "cannot bind 127.0.0.1:0" (grpc's only message)."""
+    with pytest.raises(InputError, match="does not match the certificate") as e:
+        start_background(tiny_bundle, tls_cert=str(pki["srv.pem"]), tls_key=str(pki["cli.key"]),
+                         **OPTS)
+    assert e.value.field == "tls_key" and "bind" not in str(e.value)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(pki["srv.key"].read_bytes(), None)
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pw")))
+    for cert, key_path, field, match in (
+            (garbage, pki["srv.key"], "tls_cert", "no PEM certificate"),
+            (pki["srv.pem"], garbage, "tls_key", "not a PEM private key"),
+            (pki["srv.pem"], encrypted, "tls_key", "encrypted")):
+        with pytest.raises(InputError, match=match) as e:
+            server_security.server_credentials(ServeConfig(tls_cert=str(cert),
+                                                           tls_key=str(key_path)))
+        assert e.value.field == field

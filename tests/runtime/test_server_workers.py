@@ -107,14 +107,14 @@ def test_sighup_reloads_every_worker_or_none(tiny_bundle, bundle, request_):
         srv.wait_for(r"reload of .* refused, all 2 workers still serve " + re.escape(original), 60)
         assert {i.model_version for i in from_each_worker(
             srv.target, "GetInfo", pb.GetInfoRequest()).values()} == {original}
-        republish(tiny_bundle, bundle, "after-hup")
+        after = republish(tiny_bundle, bundle, "after-hup")
         srv.proc.send_signal(signal.SIGHUP)
-        srv.wait_for(r"reloaded: 2 workers serve after-hup", 60)
+        srv.wait_for(r"reloaded: 2 workers serve " + re.escape(after), 60)
         answers = from_each_worker(srv.target, "Score", request_)
-        assert {r.model_version for r in answers.values()} == {"after-hup"}
+        assert {r.model_version for r in answers.values()} == {after}
         assert srv.metric('rwood_reloads_total{outcome="ok"}') == 1      # one per reload, not per worker
         assert srv.metric('rwood_reloads_total{outcome="refused"}') == 1
-        assert srv.metric('rwood_model_info{model_version="after-hup"}') == 1
+        assert srv.metric(f'rwood_model_info{{model_version="{after}"}}') == 1
         assert srv.metric(f'rwood_model_info{{model_version="{original}"}}') == 0
     finally:
         srv.close()

@@ -123,7 +123,9 @@ def test_batch_size_larger_than_the_data(tmp_path, images):
     np.savez(f, **images)
     r = _run(["--dataset", "npz", "--data", str(f), "--batch-size", "128",
               "--out", str(tmp_path / "run")])
-    _assert_one_line_error(r, "'batch_size'", "128", "90 training images")  # 100 - 10 held out
+    # 100 images, 20 held out (10% raised to the 20 rwood-export needs); the flag and a value
+    # that works are named
+    _assert_one_line_error(r, "--batch-size", "128", "80 training images", "use 80 or less")
 
 
 # ------------------------------------------------------------------------------ bad options
@@ -152,9 +154,9 @@ def test_bad_values_in_a_config_file(tmp_path, images, key, value, words):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--epochs", "0"], ["'epochs'", ">= 1"]),
-    (["--calibration-fraction", "0.7"], ["'calibration_fraction'"]),
-    (["--classes", "0-20"], ["'classes'", "0-20"]),
+    (["--epochs", "0"], ["--epochs", ">= 1"]),
+    (["--calibration-fraction", "0.7"], ["--calibration-fraction"]),
+    (["--classes", "0-20"], ["--classes", "0-20"]),
     (["--config", "/nonexistent/cfg.toml"], ["/nonexistent/cfg.toml", "not found"]),
 ])
 def test_invalid_settings(tmp_path, images, args, words):
@@ -180,9 +182,9 @@ def test_resume_from_a_corrupt_checkpoint(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_requested_without_a_gpu(tmp_path):
     r = _run(["--device", "cuda", "--out", str(tmp_path / "run")])
-    _assert_one_line_error(r, "'device'", "CUDA")
+    _assert_one_line_error(r, "--device", "CUDA")
 
 
 def test_bad_ood_option():
     r = _run(["--ood", "no-equals-sign"])
-    _assert_one_line_error(r, "'ood'", "NAME=PATH", "no-equals-sign")
+    _assert_one_line_error(r, "--ood", "NAME=PATH", "no-equals-sign")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from detector_server.calibration import MIN_CALIBRATION
 from detector_server.errors import CheckpointError, InputError
 from detector_server.preprocess import PreprocessSpec
 from trainer import train as train_module
@@ -39,7 +40,7 @@ torch.set_num_threads(THREADS)
 
 pytestmark = pytest.mark.timeout(300)        # a hung DDP rendezvous or child fails, not blocks
 
-N_IMAGES, BATCH, EPOCHS = 256, 64, 2          # 243 training images after the 5% split: 3 steps/epoch
+N_IMAGES, BATCH, EPOCHS = 256, 64, 2          # 236 training images after the 20 held out: 3 steps/epoch
 STEPS_PER_EPOCH = 3
 
 
@@ -87,7 +88,7 @@ def test_run_directory_follows_the_contract(reference, data):
         assert (run / name).is_file(), name
     assert not [p for p in run.rglob(".*") if p.is_file()], "temporary files left behind"
 
-    train_idx, cal_idx = calibration_split(data["labels"], 0.05, seed=0)
+    train_idx, cal_idx = calibration_split(data["labels"], 0.05, seed=0, minimum=MIN_CALIBRATION)
     class_names = [str(c) for c in data["classes"]]
 
     # config.json
@@ -342,6 +343,12 @@ def test_two_process_gloo_ddp_writes_one_run(tmp_path, data):
     assert (ck["epoch"], ck["global_step"]) == (1, 1)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and math.isfinite(json.loads(lines[0])["loss"])   # rank 0 logs only
+    # SyncBatchNorm is on by default; torch runs it on GPUs only, so these CPU ranks keep their own
+    # statistics, and the run record says so (trainer.train.sync_batchnorm)
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["config"]["sync_bn"] is True
+    assert rec["runtime"] == {"device": "cpu", "world_size": 2, "steps_per_epoch": 1,
+                              "sync_bn": False}
 
 
 # ------------------------------------------------------------------------------ the criterion

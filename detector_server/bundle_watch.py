@@ -1,0 +1,53 @@
+"""What `--watch` decides: whether the bundle changed, and when to try a refused one again.
+
+Use `BundleWatch(interval_s, bundle_stamp(path))` in the loop that looks at the bundle every
+interval (the single server's asyncio task, the supervisor of `--workers`): reload when
+`due(stamp)`, then tell it `done(stamp, ok)`. A reload of a stamp that was refused is retried with
+backoff (the interval, doubling up to `MAX_BACKOFF_S`) until it loads: a bundle copied in place
+shows its new manifest.json before the files it names, so the first try can fail. A newer stamp
+is tried at the next look.
+Test: tests/runtime/test_server_reload.py.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+__all__ = ["BundleWatch", "bundle_stamp", "MAX_BACKOFF_S"]
+
+MAX_BACKOFF_S = 60.0    # longest wait between two tries of a refused bundle
+
+
+def bundle_stamp(bundle: Path) -> tuple[int, ...] | None:
+    """What --watch compares: manifest.json's inode, size and mtime (None while it is missing)."""
+    try:
+        st = (bundle / "manifest.json").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class BundleWatch:
+    """The reload decisions of --watch (see the module docstring); `served` is the stamp of the
+    bundle being served."""
+
+    def __init__(self, interval_s: float, served: tuple[int, ...] | None):
+        self.interval_s, self.served = interval_s, served
+        self._failed: tuple[int, ...] | None = None
+        self._backoff, self._retry_at = interval_s, 0.0
+
+    def due(self, stamp: tuple[int, ...] | None) -> bool:
+        """Whether to reload the bundle whose manifest has `stamp` now."""
+        if stamp is None or stamp == self.served:
+            return False
+        return stamp != self._failed or time.monotonic() >= self._retry_at
+
+    def done(self, stamp: tuple[int, ...] | None, ok: bool) -> float | None:
+        """Record a reload of `stamp`; the wait before it is tried again, None when it loaded."""
+        if ok:
+            self.served, self._failed = stamp, None
+            return None
+        self._backoff = (self.interval_s if stamp != self._failed
+                         else min(2 * self._backoff, MAX_BACKOFF_S))
+        self._failed, self._retry_at = stamp, time.monotonic() + self._backoff
+        return self._backoff
