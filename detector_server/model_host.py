@@ -199,6 +199,11 @@ class ModelHost:
         return det
 
     @property
+    def busy(self) -> bool:
+        """True while any admitted request is being decoded, queued or scored."""
+        return self._admitted > 0
+
+    @property
     def full(self) -> bool:
         """True while the requests being handled hold `max_inflight_bytes` or more, or
         `max_queue_images` images or more."""

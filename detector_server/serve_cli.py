@@ -66,7 +66,9 @@ _D = ServeConfig()  # the defaults, from the one definition
               help="On SIGTERM, seconds in-flight requests get to finish.")
 @click.option("--drain-delay", "drain_delay_s", type=float, default=_D.drain_delay_s,
               help="On SIGTERM, seconds of NOT_SERVING health and UNAVAILABLE answers before the "
-                   "port closes, so load balancers and clients move away (counts toward --grace).")
+                   "port closes, so load balancers and clients move away; when requests were "
+                   "still in progress, the answers go on until they are done and this long "
+                   "after (all within --grace).")
 @click.option("--max-inflight-mb", type=float, default=_D.max_inflight_mb,
               help="MiB of requests (image data and ids) held at once; beyond, Score answers "
                    "UNAVAILABLE and open streams are not read until work completes.")

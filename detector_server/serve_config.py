@@ -41,7 +41,8 @@ class ServeConfig:
     watch_interval_s: float = 2.0       # how often --watch looks
     grace_s: float = 10.0               # on SIGTERM, how long in-flight requests may take to finish
     drain_delay_s: float = 0.5          # on SIGTERM, NOT_SERVING + UNAVAILABLE answers this long
-                                        # before the listener closes (part of grace_s)
+                                        # before the listener closes, and this long after the
+                                        # last accepted request is done (part of grace_s)
     # What clients can make the server hold (SECURITY.md lists these limits and their figures).
     max_inflight_mb: float = 128.0      # request bytes (image data, ids) held at once; beyond,
                                         # Score is UNAVAILABLE and streams are not read meanwhile

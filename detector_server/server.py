@@ -243,6 +243,20 @@ class DetectorServer:
             log.warning("--watch: stat of %s does not answer", self.bundle_path)
             return None
 
+    async def _answer_unavailable(self, grace: float) -> float:
+        """Wait (listener open, new calls answered UNAVAILABLE) for drain_delay_s, then until no
+        accepted request is in progress, then drain_delay_s again if there was one; all within
+        `grace`. Returns the seconds waited."""
+        loop = asyncio.get_running_loop()
+        start, delay = loop.time(), min(self.config.drain_delay_s, grace)
+        await asyncio.sleep(delay)
+        if self._host is None or not self._host.busy:
+            return loop.time() - start
+        while self._host.busy and loop.time() - start < grace - delay:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, min(delay, grace - (loop.time() - start))))
+        return min(grace, loop.time() - start)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace` seconds."""
         if self._stopping:
@@ -262,9 +276,9 @@ class DetectorServer:
                 log.info("draining: in-flight requests have %.1f s", grace)
             # New calls get our UNAVAILABLE (retryable) while the listener is still open: closing
             # it at once lets grpc cancel calls that were arriving at that instant (CANCELLED).
-            delay = min(self.config.drain_delay_s, grace)
-            await asyncio.sleep(delay)
-            grace -= delay
+            # That lasts until the accepted requests are answered, and drain_delay after: a
+            # client answered last sends its next call then, and must see UNAVAILABLE too.
+            grace -= await self._answer_unavailable(grace)
             stopping = asyncio.ensure_future(self._server.stop(grace))  # refuses new RPCs at once
             await asyncio.sleep(min(0.1, grace))     # lets open Watch streams send NOT_SERVING
             if self._health is not None:

@@ -160,6 +160,7 @@ def test_watch_retries_until_a_plain_copy_is_whole(tiny_bundle, bundle, request_
     refused; --watch retries (with backoff) until the bundle is whole. It used to try once and
     serve the stale model for good, with health still SERVING."""
     new = new_version(tiny_bundle, tmp_path / "new", "copied")
+    copied = load_bundle(new).manifest.model_version        # "copied-<decision digest>"
     with start_background(bundle, watch=True, watch_interval_s=0.1, **OPTS) as srv:
         shutil.copy2(new / "manifest.json", bundle / "manifest.json")
         deadline = time.monotonic() + 20
@@ -167,11 +168,11 @@ def test_watch_retries_until_a_plain_copy_is_whole(tiny_bundle, bundle, request_
             assert time.monotonic() < deadline, "--watch did not try (and retry) the new manifest"
             time.sleep(0.1)
         assert _metric(srv, "rwood_last_reload_ok") == 0        # the stale model shows
-        assert _score(srv.target, request_).model_version != "copied"
+        assert _score(srv.target, request_).model_version != copied
         for f in new.iterdir():
             if f.name != "manifest.json":
                 shutil.copy2(f, bundle / f.name)
-        while _score(srv.target, request_).model_version != "copied":
+        while _score(srv.target, request_).model_version != copied:
             assert time.monotonic() < deadline, "--watch gave up on the bundle"
             time.sleep(0.1)
         assert _metric(srv, "rwood_last_reload_ok") == 1
@@ -203,9 +204,9 @@ def test_a_hung_reload_is_abandoned_and_blocks_nothing(tiny_bundle, bundle, requ
             assert _metric(srv, 'rwood_reloads_total{outcome="timeout"}') == 1
             assert _metric(srv, "rwood_last_reload_ok") == 0
             assert all(r.error == "" for r in _score(srv.target, request_).results)
-            republish(tiny_bundle, bundle, "after-hang")
+            version = republish(tiny_bundle, bundle, "after-hang")
             assert srv.reload() is True             # not blocked by the hung one
-            assert _score(srv.target, request_).model_version == "after-hang"
+            assert _score(srv.target, request_).model_version == version
             t0 = time.monotonic()
         assert time.monotonic() - t0 < 10           # stop() did not wait for the hung load
         assert not hang.is_set() and len(builds) == 3
@@ -218,13 +219,13 @@ def test_watch_follows_the_documented_symlink_switch(tiny_bundle, request_, tmp_
     root = tmp_path / "bundles"
     root.mkdir()
     shutil.copytree(tiny_bundle, root / "v1")
-    new_version(tiny_bundle, root / "v2", "switched")
+    switched = load_bundle(new_version(tiny_bundle, root / "v2", "switched")).manifest.model_version
     (root / "served").symlink_to("v1")
     with start_background(root / "served", watch=True, watch_interval_s=0.1, **OPTS) as srv:
         (root / ".served.new").symlink_to("v2")
         os.rename(root / ".served.new", root / "served")        # what `mv -T` does
         deadline = time.monotonic() + 20
-        while _score(srv.target, request_).model_version != "switched":
+        while _score(srv.target, request_).model_version != switched:
             assert time.monotonic() < deadline, "--watch did not follow the switched link"
             time.sleep(0.1)
         assert _metric(srv, 'rwood_reloads_total{outcome="refused"}') == 0
