@@ -7,6 +7,8 @@ the calibrated one). Two levels:
   anything else;
 - items: `prepare` decodes and resizes one item (encoded bytes, PIL image or uint8 array) by the
   bundle's preprocessing; `score_images` scores a list of them with per-item errors.
+Every scoring call takes `neighbors=N` (0 <= N <= K): the N nearest bank rows behind each score
+(row, class, similarity, source), from the very search that gave the score.
 ONNX Runtime and FAISS run on CUDA when present (see `runtime` for device and thread policy).
 The methods may be called from any thread; the server runs one batch at a time.
 Test: tests/runtime/test_detector.py.
@@ -17,8 +19,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,9 +34,22 @@ from .knn import KNNScorer, index_to_device
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
 from .validate import check_int
 
-__all__ = ["Detector", "ItemResult", "ScoreBatch", "merge_results", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Detector", "ItemResult", "Neighbor", "ScoreBatch", "merge_results",
+           "DEFAULT_MAX_PIXELS"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One bank row near a scored image: the evidence behind its score."""
+
+    row: int                    # row of the bundle's index (and labels.npy)
+    class_index: int            # its class
+    label: str                  # class_names[class_index]
+    similarity: float           # inner product with the image's embedding (cosine, unit rows)
+    source: str                 # where the row came from (BankSources.describe), "" = unknown
+    source_index: int           # its row in that data set (the training-set index), -1 = unknown
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class ItemResult:
     predicted_class: int        # majority vote of the K neighbours
     predicted_label: str        # class_names[predicted_class]
     error: str                  # "" when scored
+    neighbors: tuple[Neighbor, ...] = field(default=(), kw_only=True)  # nearest first; () unless asked
 
 
 @dataclass(frozen=True)
@@ -56,17 +72,24 @@ class ScoreBatch:
     scores: np.ndarray          # float32 [N]
     is_ood: np.ndarray          # bool [N], scores < threshold
     predicted: np.ndarray       # int64 [N]
+    neighbor_sims: np.ndarray | None = None   # float32 [N, n], the n nearest rows' similarities
+    neighbor_ids: np.ndarray | None = None    # int64 [N, n], their bank rows (-1 = missing)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
 
 def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: ScoreBatch | None,
-                  class_names: Sequence[str]) -> list[ItemResult]:
+                  class_names: Sequence[str],
+                  describe: Callable[[np.ndarray, np.ndarray], tuple[Neighbor, ...]] | None = None
+                  ) -> list[ItemResult]:
     """One ItemResult per id, in order: where `errors[i]` is set, an error result (score nan,
     predicted_class -1); otherwise the next row of `batch`, which holds the other items in order.
-    The one place per-item errors and scored rows are put back together (Detector, server,
-    rwood-score)."""
+    With `describe` (`Detector.describe_neighbors`) and neighbour arrays in `batch`, each scored
+    result carries its neighbours. The one place per-item errors and scored rows are put back
+    together (Detector, server, rwood-score)."""
+    with_neighbors = (describe is not None and batch is not None
+                      and batch.neighbor_ids is not None)
     out: list[ItemResult] = []
     j = 0
     for id_, err in zip(ids, errors):
@@ -75,7 +98,9 @@ def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: Score
             continue
         c = int(batch.predicted[j])
         label = class_names[c] if 0 <= c < len(class_names) else ""
-        out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, ""))
+        near = describe(batch.neighbor_sims[j], batch.neighbor_ids[j]) if with_neighbors else ()
+        out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, "",
+                              neighbors=near))
         j += 1
     return out
 
@@ -128,6 +153,7 @@ class Detector:
         self.index_device = "cuda" if use_gpu else "cpu"
         index = index_to_device(bundle.read_index(), index_device)
         self._scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(self.class_names))
+        self.sources = bundle.sources()
         self._gpu_lock = threading.Lock() if use_gpu else None  # GPU resources are not thread-safe
         log.info("detector %s: model on %s, index on %s (%d x %d, %s), k=%d, threshold=%.6g",
                  self.model_version, self.device, self.index_device, m.index.ntotal, m.index.dim,
@@ -150,18 +176,40 @@ class Detector:
                  for i in range(0, x.shape[0], self.max_batch)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def score_arrays(self, images: np.ndarray) -> ScoreBatch:
-        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted."""
-        emb = self.embed(images)
+    def score_arrays(self, images: np.ndarray, neighbors: int = 0) -> ScoreBatch:
+        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted, and
+        with `neighbors` = n > 0 the n nearest bank rows of each image (neighbor_sims/ids)."""
+        return self.score_embeddings(self.embed(images), neighbors)
+
+    def score_embeddings(self, emb: np.ndarray, neighbors: int = 0) -> ScoreBatch:
+        """`score_arrays` from embeddings (float32 [N, D], `embed`'s output).
+
+        InputError naming `neighbors` unless 0 <= neighbors <= K."""
+        n = check_int(neighbors, "neighbors", minimum=0, maximum=self.k)
         if emb.shape[0] == 0:
-            return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64))
+            return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64),
+                              *((np.empty((0, n), np.float32), np.empty((0, n), np.int64))
+                                if n else (None, None)))
         runtime.bind_faiss_threads(self.threads)   # OpenMP's count is per calling thread
         if self._gpu_lock is None:
-            scores, predicted = self._scorer.score(emb)
+            scores, predicted, sims, ids = self._scorer.score_neighbors(emb, n)
         else:
             with self._gpu_lock:
-                scores, predicted = self._scorer.score(emb)
-        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted)
+                scores, predicted, sims, ids = self._scorer.score_neighbors(emb, n)
+        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted,
+                          *((sims, ids) if n else (None, None)))
+
+    def describe_neighbors(self, sims: np.ndarray, ids: np.ndarray) -> tuple[Neighbor, ...]:
+        """One image's neighbours (a row of ScoreBatch.neighbor_sims / neighbor_ids) as
+        `Neighbor`s with class, label and source; missing ones (id -1) are left out."""
+        out = []
+        for sim, row in zip(sims.tolist(), ids.tolist()):
+            if row < 0:
+                continue
+            c = int(self._scorer.labels[row])
+            out.append(Neighbor(row, c, self.class_names[c], float(sim),
+                                self.sources.describe(row), int(self.sources.index[row])))
+        return tuple(out)
 
     def calibration_rank(self, scores: np.ndarray) -> np.ndarray | None:
         """Each score's place among the calibration scores (share of them <= it), float64 [N] in
@@ -197,14 +245,16 @@ class Detector:
         raise InputError(f"expected encoded image bytes, a PIL image or a uint8 array, got "
                          f"{type(item).__name__}", field="item")
 
-    def score_images(self, items: Sequence[Any],
-                     ids: Sequence[str] | None = None) -> list[ItemResult]:
-        """Score a list of items (see `prepare`); results in order, one per item.
+    def score_images(self, items: Sequence[Any], ids: Sequence[str] | None = None, *,
+                     neighbors: int = 0) -> list[ItemResult]:
+        """Score a list of items (see `prepare`); results in order, one per item, each with its
+        `neighbors` nearest bank rows (0 <= neighbors <= K, else InputError).
 
         An item that fails `prepare` gets an ItemResult with `error` set (score nan, is_ood
         False, predicted_class -1, label ""); the others are still scored. `ids` default to
         "0", "1", ...; a length mismatch raises InputError naming `ids`.
         """
+        check_int(neighbors, "neighbors", minimum=0, maximum=self.k)
         if (isinstance(items, (bytes, bytearray, str))
                 or not isinstance(items, (Sequence, np.ndarray))):
             raise InputError(f"expected a sequence of items, got {type(items).__name__}",
@@ -216,10 +266,11 @@ class Detector:
         results: list[ItemResult] = []
         for lo in range(0, n, self.max_batch):
             hi = lo + self.max_batch
-            results.extend(self._score_chunk(items[lo:hi], ids[lo:hi]))
+            results.extend(self._score_chunk(items[lo:hi], ids[lo:hi], neighbors))
         return results
 
-    def _score_chunk(self, items: Sequence[Any], ids: list[str]) -> list[ItemResult]:
+    def _score_chunk(self, items: Sequence[Any], ids: list[str],
+                     neighbors: int) -> list[ItemResult]:
         arrays: list[np.ndarray] = []
         errors: list[str | None] = []
         for item in items:
@@ -228,8 +279,8 @@ class Detector:
                 errors.append(None)
             except InputError as e:
                 errors.append(str(e))
-        batch = self.score_arrays(np.stack(arrays)) if arrays else None
-        return merge_results(ids, errors, batch, self.class_names)
+        batch = self.score_arrays(np.stack(arrays), neighbors) if arrays else None
+        return merge_results(ids, errors, batch, self.class_names, self.describe_neighbors)
 
     def _check_images(self, images: Any) -> np.ndarray:
         s = self.spec.size

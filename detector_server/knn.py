@@ -205,14 +205,30 @@ class KNNScorer:
         `knn_score_from_similarities`; predicted int64 [N], the neighbours' vote, see the class doc).
         Queries are searched `chunk_rows` at a time, so memory stays O(chunk_rows * (k + C)).
         """
+        scores, predicted, _, _ = self.score_neighbors(emb, 0)
+        return scores, predicted
+
+    def score_neighbors(self, emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray, np.ndarray]:
+        """`score`, plus the `n` nearest bank rows of each query (0 <= n <= k), from the same
+        search: (scores float32 [N], predicted int64 [N], sims float32 [N, n] decreasing,
+        ids int64 [N, n] bank rows, -1 = missing). InputError naming `neighbors` for a bad n.
+        """
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= self.k:
+            raise InputError(f"expected an integer in [0, {self.k}] (K), got {n!r}",
+                             field="neighbors")
         x = _check_embeddings(emb, "emb", dim=self.index.d)
         scores = np.empty(x.shape[0], dtype=np.float32)
         predicted = np.empty(x.shape[0], dtype=np.int64)
+        top_sims = np.empty((x.shape[0], n), dtype=np.float32)
+        top_ids = np.empty((x.shape[0], n), dtype=np.int64)
         for i in range(0, x.shape[0], self.chunk_rows):
             sims, ids = self.index.search(x[i:i + self.chunk_rows], self.k)
             scores[i:i + len(sims)] = knn_score_from_similarities(sims)
             predicted[i:i + len(sims)] = self._vote(sims, ids)
-        return scores, predicted
+            top_sims[i:i + len(sims)] = sims[:, :n]
+            top_ids[i:i + len(sims)] = ids[:, :n]
+        return scores, predicted, top_sims, top_ids
 
     def _vote(self, sims: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Majority vote per row; ties -> larger summed similarity -> smaller label."""

@@ -5,10 +5,13 @@ Steps, in a hidden staging directory beside the output (an interrupted export le
 behind, see detector_server.bundle.write_bundle):
 1. model.onnx: the run's DeployModel traced by `export_onnx`;
 2. optionally the int8 model (`quantize`), which is then the served file;
-3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`;
+3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`, and
+   sources.json: each row's training-set index (and file, for a folder dataset);
 4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
    runtime's exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
-   calibration_scores.npy, the reference of the runtime's drift test and score histogram;
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram, and
+   their embeddings as calibration_embeddings.npy (so `rwood-bank` can score them again after a
+   bank edit);
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result. The model
    version is the run name plus the digest of everything that decides a score
    (`detector_server.manifest.derive_model_version`): another K, TPR, feature or index gives
@@ -29,8 +32,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from detector_server.bank_sources import TRAIN_ORIGIN, BankSources
 from detector_server.bundle import (
     FEATURE_OUTPUTS,
+    BankInfo,
     Bundle,
     IndexInfo,
     Manifest,
@@ -51,12 +56,14 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE",
+           "SOURCES_FILE", "CALIBRATION_EMBEDDINGS_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
 CALIBRATION_FILE = "calibration_scores.npy"
+SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE = "sources.json", "calibration_embeddings.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -88,6 +95,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
         _stage_index(stage, emb, labels, cfg.index_factory)
+        indices, files = run.bank_sources()
+        BankSources.of(TRAIN_ORIGIN, indices, files).write(stage / SOURCES_FILE)
         manifest = Manifest(
             model_version=name,             # write_bundle appends the decision digest
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
@@ -97,10 +106,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             threshold=ThresholdInfo(0.0, cfg.tpr, 0.0, 0, "uncalibrated"),
             model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
             labels_file=LABELS_FILE, quantization=quant,
-            training=_training_metadata(run.path, info), created=_now())
+            training=_training_metadata(run.path, info), created=_now(),
+            bank=BankInfo(sources_file=SOURCES_FILE,
+                          calibration_embeddings_file=CALIBRATION_EMBEDDINGS_FILE))
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
         detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
-        scores = detector.score_arrays(images).scores
+        calibration = detector.embed(images)
+        np.save(stage / CALIBRATION_EMBEDDINGS_FILE, calibration, allow_pickle=False)
+        scores = detector.score_embeddings(calibration).scores
         threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
         np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
