@@ -11,7 +11,10 @@ Measures, in one run, on real CIFAR-10 test images encoded as PNG:
      on the same cores), plus 64 clients sending 16 PNGs per request (--batched); once per
      `--workers` value (1: one process; N > 1: N worker processes on one port, each with 1/N of
      the threads, their CPU counted together), every client on its own channel so that the
-     kernel spreads the connections over the workers;
+     kernel spreads the connections over the workers; with --neighbors 0,5 each load also asks
+     for the 5 nearest bank rows per image (the cost of the evidence), and with --baseline DIR
+     the same loads (without neighbours, one process) run against the rwood-serve of another
+     checkout (e.g. the one before a change), in the same rounds;
 (c)  a research-style scorer: the run's PyTorch eager model (`trainer.checkpoint.load_model`) +
      a FAISS IndexFlatL2 over the bank, one PIL-decoded image at a time (c1) and in batches of 64.
 Prints images/s, p50/p99 latency (per call) and the ratios the serving issues target:
@@ -122,12 +125,12 @@ def bench_in_process(bundle: Path, images: np.ndarray, pngs: list[bytes], second
 
 
 # ---- (b) the server ------------------------------------------------------------------------------
-def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+def start_server(bundle: Path, extra: list[str], repo: Path = REPO) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo),
                                                                     os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "detector_server.serve_cli", str(bundle),
                              "--address", "127.0.0.1:0", *extra],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
     for line in proc.stderr:
         m = re.search(r"serving on [^:\s]+:(\d+)", line)
         if m:
@@ -137,7 +140,7 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str]
 
 
 async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: float,
-                   per_request: int = 1) -> tuple[list[float], float]:
+                   per_request: int = 1, neighbors: int = 0) -> tuple[list[float], float]:
     """`n_clients` concurrent callers, each on its own channel (its own TCP connection, as separate
     client processes would have: with --workers the kernel spreads connections, not calls)."""
     import grpc
@@ -146,7 +149,7 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
     from detector_server._proto import detector_pb2_grpc as pb_grpc
 
     requests = [pb.ScoreRequest(images=[pb.Image(id=str(i + j), data=pngs[(i + j) % len(pngs)])
-                                        for j in range(per_request)])
+                                        for j in range(per_request)], neighbors=neighbors)
                 for i in range(len(pngs))]
     latencies: list[float] = []
     # use_local_subchannel_pool: else grpc shares one connection among the channels
@@ -165,6 +168,7 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
                 response = await stub.Score(requests[i % len(requests)], timeout=30)
                 latencies.append(time.perf_counter() - t)
                 assert len(response.results) == per_request and response.results[0].error == ""
+                assert len(response.results[0].neighbors) == neighbors
                 i += n_clients
 
         t0 = time.perf_counter()
@@ -175,18 +179,22 @@ async def _clients(target: str, pngs: list[bytes], n_clients: int, seconds: floa
             await ch.close()
 
 
-def bench_server(bundle: Path, pngs: list[bytes], loads: list[tuple[int, int]], seconds: float,
-                 extra: list[str], workers: int = 1) -> list[Row]:
-    """One row per (clients, PNGs per request) in `loads`, all against one server (`workers`
-    processes)."""
-    proc, target = start_server(bundle, extra + (["--workers", str(workers)] if workers > 1 else []))
+def bench_server(bundle: Path, pngs: list[bytes], loads: list[tuple[int, int, int]],
+                 seconds: float, extra: list[str], workers: int = 1, repo: Path = REPO,
+                 tag: str = "") -> list[Row]:
+    """One row per (clients, PNGs per request, neighbours) in `loads`, all against one server
+    (`workers` processes) of the checkout `repo` (`tag` marks its rows)."""
+    proc, target = start_server(bundle, extra + (["--workers", str(workers)] if workers > 1 else []),
+                                repo)
     try:
         rows = []
-        for n, per_request in loads:
+        for n, per_request, neighbors in loads:
             srv0, cli0 = _cpu_seconds(proc.pid), _cpu_seconds()
-            lat, el = asyncio.run(_clients(target, pngs, n, seconds, per_request))
-            row = _row(f"(b)  server w={workers}, {n} client{'s' if n > 1 else ''}, {per_request} PNG"
-                       f"{'s' if per_request > 1 else ''} per request", per_request * len(lat), el, lat)
+            lat, el = asyncio.run(_clients(target, pngs, n, seconds, per_request, neighbors))
+            row = _row(f"(b)  server{tag} w={workers}, {n} client{'s' if n > 1 else ''}, "
+                       f"{per_request} PNG{'s' if per_request > 1 else ''} per request"
+                       + (f", {neighbors} neighbors" if neighbors else ""),
+                       per_request * len(lat), el, lat)
             row.server_cores = (_cpu_seconds(proc.pid) - srv0) / el
             row.client_cores = (_cpu_seconds() - cli0) / el
             rows.append(row)
@@ -225,19 +233,45 @@ def bench_reference(run_dir: Path, pngs: list[bytes], k: int, seconds: float) ->
 
 # ---- driver --------------------------------------------------------------------------------------
 def _key(name: str) -> str:
-    """Short row key: "(a)", "(c1)", or "(b) 2 64 clients, 1 PNG per request" (2 workers)."""
+    """Short row key: "(a)", "(c1)", or "(b) 2 64 clients, 1 PNG per request" (2 workers),
+    "(b) [baseline] 1 ..." for the baseline checkout's rows."""
     if not name.startswith("(b)"):
         return name[:4].strip()
-    return "(b) " + name.split(" w=", 1)[1].replace(",", "", 1)
+    tag = "[baseline] " if "[baseline]" in name.split(",", 1)[0] else ""
+    return "(b) " + tag + name.split(" w=", 1)[1].replace(",", "", 1)
+
+
+def _cpu_per_image(a: Row, b: Row) -> float:
+    """Server CPU seconds per image of row a over row b."""
+    return (a.server_cores / a.images_per_s) / (b.server_cores / b.images_per_s)
+
+
+def _evidence_ratios(by: dict[str, Row]) -> dict[str, float]:
+    """The cost of --neighbors (a row against the same load without) and this checkout against
+    --baseline: throughput and server CPU per image (what a busy shared machine skews least)."""
+    out = {}
+    for name, r in by.items():
+        if name.startswith("(b)") and name.endswith(" neighbors"):
+            plain = by.get(name.rsplit(",", 1)[0])
+            if plain:
+                out[f"{name[4:]} / without"] = r.images_per_s / plain.images_per_s
+                out[f"{name[4:]} / without, srv CPU per image"] = _cpu_per_image(r, plain)
+        if name.startswith("(b) [baseline] "):
+            ours = by.get(name.replace("[baseline] ", ""))
+            if ours:
+                out[f"{name[15:]}: this / baseline"] = ours.images_per_s / r.images_per_s
+                out[f"{name[15:]}: this / baseline, srv CPU per image"] = _cpu_per_image(ours, r)
+    return out
 
 
 def print_table(rows: list[Row], workers: list[int]) -> dict[str, float]:
     by = {_key(r.name): r for r in rows}
     print(f"\n{'':60s} {'images/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s} "
-          f"{'srv cores':>9s} {'cli cores':>9s}")
+          f"{'srv cores':>9s} {'cli cores':>9s} {'srv ms/img':>10s}")
     for r in rows:
         cores = ("" if r.server_cores is None
-                 else f" {r.server_cores:9.2f} {r.client_cores:9.2f}")
+                 else f" {r.server_cores:9.2f} {r.client_cores:9.2f} "
+                      f"{1e3 * r.server_cores / r.images_per_s:10.3f}")
         print(f"{r.name:60s} {r.images_per_s:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.calls:7d}{cores}")
     a, a1, c1 = by["(a)"], by["(a1)"], by["(c1)"]
     ratios = {}
@@ -261,6 +295,7 @@ def print_table(rows: list[Row], workers: list[int]) -> dict[str, float]:
         if one and many and w > 1:
             ratios[f"(b@64 w={w}) / (b@64 w=1)  [target >= 1.5, small network]"] = (
                 many.images_per_s / one.images_per_s)
+    ratios.update(_evidence_ratios(by))
     ratios["(a) / (c) batch 64"] = a.images_per_s / by["(c)"].images_per_s
     print()
     for name, v in ratios.items():
@@ -281,6 +316,12 @@ def main() -> None:
                    help="rwood-serve --workers values, one server each (1: a single process)")
     p.add_argument("--arch", default="small_cnn",
                    help="network of the run made when --run is not given (e.g. resnet18_cifar)")
+    p.add_argument("--neighbors", default="0",
+                   help="neighbours per image to ask for, comma-separated: every server load "
+                        "runs once per value (e.g. '0,5')")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of the repository: its rwood-serve (one process) runs "
+                        "the same loads without neighbours in the same rounds, for an A/B test")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of every row; each row reports its median round")
     p.add_argument("--json", type=Path, help="also write the rows and ratios here")
@@ -301,14 +342,18 @@ def main() -> None:
 
         k = load_bundle(bundle).manifest.k
         images, pngs = load_pngs(512)
-        loads = [(int(c), 1) for c in args.clients.split(",")] + [
+        base = [(int(c), 1) for c in args.clients.split(",")] + [
             tuple(int(x) for x in b.split("x")) for b in args.batched.split(",") if b]
+        loads = [(c, p, int(n)) for c, p in base for n in args.neighbors.split(",")]
         workers = [int(w) for w in args.workers.split(",")]
         rounds = []
         for r in range(args.repeat):   # interleaved rounds: load drift hits every row alike
             rows = bench_in_process(bundle, images, pngs, args.seconds)
             for w in workers:
                 rows += bench_server(bundle, pngs, loads, args.seconds, args.server_args.split(), w)
+            if args.baseline is not None:
+                rows += bench_server(bundle, pngs, [(c, p, 0) for c, p in base], args.seconds,
+                                     args.server_args.split(), 1, args.baseline, " [baseline]")
             rows += bench_reference(run, pngs, k, args.seconds)
             rounds.append(rows)
             print(f"round {r + 1}/{args.repeat} done, load average {os.getloadavg()[0]:.1f}",

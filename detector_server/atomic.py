@@ -9,14 +9,17 @@ Test: tests/runtime/test_atomic.py.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["atomic_write", "write_bytes_atomic", "write_text_atomic", "write_json_atomic",
-           "fsync_file", "fsync_dir"]
+           "fsync_file", "fsync_dir", "exchange_paths"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -81,3 +84,30 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, allow_nan: bool = Tr
     """
     text = json.dumps(obj, indent=2, allow_nan=allow_nan, default=default) + "\n"
     return write_text_atomic(path, text)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2     # <fcntl.h>, <linux/fs.h>
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths (e.g. directories) in one atomic step: Linux `renameat2` with
+    RENAME_EXCHANGE, so a reader of `b` sees the old or the new content and never nothing.
+
+    Returns False where the system or the filesystem cannot (not Linux, old kernel, a filesystem
+    without the flag): the caller falls back to two renames. Raises OSError for other failures
+    (a missing path, paths on different filesystems).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):       # a C library without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))

@@ -16,6 +16,9 @@ Batching policy:
 - Requests larger than `max_batch` are split into several batches and put back together.
 - Work whose deadline has passed, or whose caller has gone away (cancelled future), is dropped
   before it reaches the model: the caller gets `TimeoutError`.
+- Requests for neighbours (`neighbors` = n > 0) share batches with the others: the model is asked
+  for the most any request of the batch wants (`score_arrays(images, neighbors=n)`, plain
+  `score_arrays(images)` when none does), and each caller gets its own n columns (None at 0).
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ log = logging.getLogger(__name__)
 class BatchModel(Protocol):
     """What the batcher needs of a model: `Detector.score_arrays`."""
 
-    def score_arrays(self, images: np.ndarray) -> Any:
-        """uint8 [N, S, S, 3] -> a dataclass whose fields are all arrays of length N."""
+    def score_arrays(self, images: np.ndarray, neighbors: int = 0) -> Any:
+        """uint8 [N, S, S, 3] -> a dataclass whose fields are arrays of length N (or None);
+        2-D fields hold `neighbors` columns per row."""
 
 
 @dataclasses.dataclass
@@ -50,6 +54,7 @@ class _Job:
     images: np.ndarray            # uint8 [n, S, S, 3], n <= max_batch
     deadline: float | None        # time.monotonic() value, None = no deadline
     future: asyncio.Future
+    neighbors: int = 0            # columns of the 2-D result fields this caller wants
 
 
 class DynamicBatcher:
@@ -83,9 +88,11 @@ class DynamicBatcher:
         """Images waiting for a batch (not counting the batch being scored)."""
         return self._queued_images
 
-    async def score(self, model: BatchModel, images: np.ndarray, deadline: float | None = None) -> Any:
+    async def score(self, model: BatchModel, images: np.ndarray, deadline: float | None = None,
+                    neighbors: int = 0) -> Any:
         """Score uint8 [N, S, S, 3] `images` with `model` in shared batches; returns the model's result
-        for exactly these N images (same dataclass as `model.score_arrays`).
+        for exactly these N images (same dataclass as `model.score_arrays`), with `neighbors`
+        columns in its 2-D fields (None when 0).
 
         Raises TimeoutError when `deadline` (a `time.monotonic()` value) passes before the images
         were scored, RuntimeError after `close()`, and whatever the model raised for its batch.
@@ -98,7 +105,7 @@ class DynamicBatcher:
         if deadline is not None and deadline <= time.monotonic():
             raise TimeoutError("deadline passed before queueing")
         loop = asyncio.get_running_loop()
-        jobs = [_Job(model, images[i:i + self.max_batch], deadline, loop.create_future())
+        jobs = [_Job(model, images[i:i + self.max_batch], deadline, loop.create_future(), neighbors)
                 for i in range(0, len(images), self.max_batch)]
         if len(jobs) == 1 and not self.max_wait and not self._queue and self._idle.is_set():
             self._dispatch(jobs)           # fast path: nothing to wait for, the model is free
@@ -189,7 +196,8 @@ class DynamicBatcher:
         # also wrap it in an asyncio future and chain the two (more loop work per batch).
         call_soon = asyncio.get_running_loop().call_soon_threadsafe
         deliver = functools.partial(self._deliver, batch)
-        done = self._executor.submit(_score_concat, batch[0].model, [j.images for j in batch])
+        done = self._executor.submit(_score_concat, batch[0].model, [j.images for j in batch],
+                                     max(j.neighbors for j in batch))
         done.add_done_callback(lambda f: call_soon(deliver, f))
 
     def _deliver(self, batch: list[_Job], future: Future) -> None:
@@ -206,25 +214,33 @@ class DynamicBatcher:
             for j in batch:
                 stop = start + len(j.images)
                 if not j.future.done():
-                    j.future.set_result(_slice(result, start, stop))
+                    j.future.set_result(_slice(result, start, stop, j.neighbors))
                 start = stop
         finally:
             self._idle.set()
 
 
-def _score_concat(model: BatchModel, parts: Sequence[np.ndarray]) -> Any:
+def _score_concat(model: BatchModel, parts: Sequence[np.ndarray], neighbors: int) -> Any:
     """Runs on the worker thread: one model call for all parts."""
     images = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return model.score_arrays(images)
+    return model.score_arrays(images, neighbors=neighbors) if neighbors else model.score_arrays(images)
 
 
-def _slice(result: Any, start: int, stop: int) -> Any:
-    """Rows start:stop of every array field of a result dataclass."""
-    return dataclasses.replace(result, **{f.name: getattr(result, f.name)[start:stop]
+def _slice(result: Any, start: int, stop: int, columns: int) -> Any:
+    """Rows start:stop of every array field of a result dataclass; 2-D fields cut to their first
+    `columns` columns (None when 0), None fields stay None."""
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None or (a.ndim == 2 and not columns):
+            return None
+        return a[start:stop, :columns] if a.ndim == 2 else a[start:stop]
+    return dataclasses.replace(result, **{f.name: cut(getattr(result, f.name))
                                           for f in dataclasses.fields(result)})
 
 
 def _concat(parts: Sequence[Any]) -> Any:
-    """Join result dataclasses row-wise, field by field."""
-    return dataclasses.replace(parts[0], **{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+    """Join result dataclasses row-wise, field by field (None fields stay None)."""
+    def join(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+    return dataclasses.replace(parts[0], **{f.name: join(f.name)
                                             for f in dataclasses.fields(parts[0])})

@@ -20,6 +20,11 @@ A bundle is one flat directory:
     calibration_scores.npy  float32 [M], the scores of the M calibration images that set the
                       threshold: the reference of the drift test and of the server's score
                       histogram (`Manifest.calibration_file`; absent from older bundles)
+    sources.json      optional (`manifest.bank`): where each indexed row came from
+                      (detector_server/bank_sources.py)
+    calibration_embeddings.npy  optional (`manifest.bank.calibration_embeddings_file`): float32
+                      [M, D] embeddings of the calibration images, so a bank edit can score them
+                      again
 
 Loading refuses, with a `BundleError` naming the file, a bundle whose manifest is missing or of
 an unknown format/version, a file that is missing or whose SHA-256 differs from the manifest, and
@@ -44,8 +49,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ._faiss import faiss
-from .atomic import fsync_dir, fsync_file, write_json_atomic
+from .atomic import exchange_paths, fsync_dir, fsync_file, write_json_atomic
+from .bank_sources import BankSources
 from .bundle_files import member_sha256, read_json, read_npy
+from .bundle_watch import bundle_stamp
 from .errors import BundleError
 from .manifest import (
     DESCRIPTIVE_FIELDS,
@@ -55,6 +62,7 @@ from .manifest import (
     MANIFEST_FILE,
     READABLE_VERSIONS,
     SCORERS,
+    BankInfo,
     IndexInfo,
     MahalanobisInfo,
     Manifest,
@@ -68,10 +76,10 @@ from .manifest import (
 from .preprocess import PreprocessSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
-           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest", "Bundle",
-           "load_bundle", "write_bundle", "staging_dir", "check_model_io", "file_sha256",
-           "manifest_digest", "require_bundle_dir", "DESCRIPTIVE_FIELDS", "decision_digest",
-           "derive_model_version", "version_name"]
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "BankInfo", "Manifest",
+           "Bundle", "load_bundle", "write_bundle", "staging_dir", "check_model_io",
+           "file_sha256", "manifest_digest", "require_bundle_dir", "DESCRIPTIVE_FIELDS",
+           "decision_digest", "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +166,27 @@ class Bundle:
             out.append(a)
         return out[0], out[1]
 
+    def sources(self) -> BankSources:
+        """Where each indexed row came from; all unknown for a bundle without `manifest.bank`."""
+        m = self.manifest
+        rows = m.index.ntotal if m.index is not None else 0    # a mahalanobis bundle: no rows
+        if m.bank is None or m.index is None:
+            return BankSources.unknown(rows)
+        return BankSources.read(self.path, m.bank.sources_file, m.index.ntotal)
+
+    def calibration_embeddings(self) -> np.ndarray | None:
+        """float32 [M, D] embeddings (the scored feature) of the calibration images, None when
+        not stored."""
+        m = self.manifest
+        if m.bank is None or m.bank.calibration_embeddings_file is None:
+            return None
+        name = m.bank.calibration_embeddings_file
+        try:
+            return read_npy(self.path, name, np.float32, (None, m.dim))
+        except OSError as e:
+            raise BundleError(f"cannot read calibration embeddings: {e.strerror or e}",
+                              path=self.path / name) from None
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
@@ -185,6 +214,9 @@ def require_bundle_dir(root: Path) -> None:
                       path=root / MANIFEST_FILE)
 
 
+_LOAD_ATTEMPTS = 3      # a bundle replaced while it is read is read again (rwood-bank --force)
+
+
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -196,9 +228,27 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     `detector_server.bundle_files` (no symbolic link followed, no FIFO read, manifest size and
     nesting, .npy header); `path` itself may be a link.
     `Detector` passes `verify_model=False` and checks its own session instead.
+    A bundle replaced while it is read (`bundle_watch.bundle_stamp` changed) is read again, so
+    the result is one published bundle, never a mix of two.
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
+    for attempt in range(_LOAD_ATTEMPTS):
+        stamp = bundle_stamp(root)
+        try:
+            bundle = _load(root, verify_model)
+        except BundleError:
+            if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(root) != stamp:
+                continue
+            raise
+        if bundle_stamp(root) == stamp:
+            log.debug("loaded bundle %s (model %s)", root, bundle.manifest.model_version)
+            return bundle
+    raise BundleError(f"replaced {_LOAD_ATTEMPTS} times while it was being read; try again",
+                      path=root)
+
+
+def _load(root: Path, verify_model: bool) -> Bundle:
     require_bundle_dir(root)
     mpath = root / MANIFEST_FILE
     raw = read_json(root, MANIFEST_FILE,
@@ -218,7 +268,6 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):
             check_model_io(_metadata_session(root / name), manifest, root / name)
-    log.debug("loaded bundle %s (model %s)", root, manifest.model_version)
     return bundle
 
 
@@ -329,7 +378,9 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
     `staging_dir` must hold the manifest's payload files (flat, no manifest.json yet) and be on
     the same filesystem as `out_dir` (use `staging_dir(out_dir)`). The rename is atomic: readers
     see either no bundle or the whole bundle. An existing `out_dir` is refused unless `overwrite`
-    (and then only if it is a bundle or empty); it is moved aside, replaced, then deleted.
+    (and then only if it is a bundle or empty); it is swapped with the new one in one step
+    (`atomic.exchange_paths`; where the system cannot, moved aside and replaced, leaving a moment
+    without a bundle), then deleted.
     Returns `out_dir`. Raises BundleError naming the path at fault.
     """
     stage, out = Path(staging_dir), Path(out_dir)
@@ -340,6 +391,12 @@ def write_bundle(staging_dir: str | os.PathLike, manifest: Manifest, out_dir: st
         version_name(manifest.model_version) if name is None else name, d)
     d["manifest_sha256"] = manifest_digest(d)
     write_json_atomic(stage / MANIFEST_FILE, d, allow_nan=False)
+    if out.exists() and exchange_paths(stage, out):
+        # one step: readers (a serving rwood-serve reloading) see the old bundle or the new one
+        fsync_dir(out.parent)
+        shutil.rmtree(stage, ignore_errors=True)     # now the old bundle
+        log.info("replaced bundle %s (%d files)", out, len(files) + 1)
+        return out
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

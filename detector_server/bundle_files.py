@@ -69,27 +69,28 @@ def member_sha256(root: str | os.PathLike, name: str) -> str:
     return h.hexdigest()
 
 
-def read_json(root: str | os.PathLike, name: str, *, missing: str) -> Any:
+def read_json(root: str | os.PathLike, name: str, *, missing: str,
+              max_bytes: int = MAX_MANIFEST_BYTES, what: str = "manifest") -> Any:
     """Parse the member `name` of `root` as strict-enough JSON within the bounds above.
 
-    BundleError (naming the file) for a file over MAX_MANIFEST_BYTES (refused from its size),
-    not UTF-8, not JSON (an integer past Python's digit limit included), or nested deeper than
-    MAX_JSON_DEPTH."""
+    BundleError (naming the file; its message says "unreadable <what>") for a file over
+    `max_bytes` (refused from its size), not UTF-8, not JSON (an integer past Python's digit
+    limit included), or nested deeper than MAX_JSON_DEPTH."""
     path = Path(root) / name
     with open_member(root, name, missing=missing) as f:
         try:
-            data = read_bounded(f, MAX_MANIFEST_BYTES)
+            data = read_bounded(f, max_bytes)
         except OSError as e:            # over the limit by its size (never read), or unreadable
-            raise BundleError(f"unreadable manifest: {e.strerror or e}", path=path) from None
+            raise BundleError(f"unreadable {what}: {e.strerror or e}", path=path) from None
     try:
         value = json.loads(data.decode("utf-8"))
     except RecursionError:
-        raise BundleError(f"unreadable manifest: nested deeper than {MAX_JSON_DEPTH}",
+        raise BundleError(f"unreadable {what}: nested deeper than {MAX_JSON_DEPTH}",
                           path=path) from None
     except ValueError as e:             # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise BundleError(f"unreadable manifest: {str(e)[:200]}", path=path) from None
+        raise BundleError(f"unreadable {what}: {str(e)[:200]}", path=path) from None
     if _depth_over(value, MAX_JSON_DEPTH):
-        raise BundleError(f"unreadable manifest: nested deeper than {MAX_JSON_DEPTH}", path=path)
+        raise BundleError(f"unreadable {what}: nested deeper than {MAX_JSON_DEPTH}", path=path)
     return value
 
 

@@ -17,7 +17,7 @@ import click
 
 from .errors import ReweightOODError
 
-__all__ = ["run_cli", "setup_logging", "Command", "PROJECT_LOGGERS", "error_message"]
+__all__ = ["run_cli", "setup_logging", "Command", "Group", "PROJECT_LOGGERS", "error_message"]
 
 T = TypeVar("T")
 
@@ -70,6 +70,13 @@ class Command(click.Command):
             sys.exit(130)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+
+
+class Group(Command, click.Group):
+    """A click group (a command with subcommands, e.g. `rwood-bank add|remove|info`) that behaves
+    as `Command` does; its subcommands are `Command`s."""
+
+    command_class = Command
 
 
 def _option_for(field: str | None) -> str | None:

@@ -7,6 +7,8 @@ distribution, without loading the model itself:
     with DetectorClient("127.0.0.1:50051") as client:
         for r in client.score(["cat.jpg", "noise.png"]):
             print(r.id, r.score, r.is_ood, r.predicted_label, r.error, r.model_version)
+        for n in client.score(["cat.jpg"], neighbors=5)[0].neighbors:   # the evidence
+            print(n.row, n.label, n.similarity, n.source)
 
 Images are sent as encoded files (paths are read, PIL images and uint8 arrays are PNG-encoded),
 split into requests of at most `max_batch` images and `max_request_mb`, a few requests in flight at
@@ -29,7 +31,7 @@ from PIL import Image
 
 from ._proto import detector_pb2 as pb
 from ._proto import detector_pb2_grpc as pb_grpc
-from .detector import ItemResult
+from .detector import ItemResult, Neighbor
 from .errors import InputError
 from .validate import check_int
 
@@ -161,15 +163,19 @@ class DetectorClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def score(self, images: Iterable[Any], ids: Sequence[str] | None = None, *,
-              timeout: float | None = None) -> list[RemoteResult]:
+              timeout: float | None = None, neighbors: int = 0) -> list[RemoteResult]:
         """Score images given as paths, bytes (encoded files), PIL images or uint8 arrays.
 
         Returns one RemoteResult per image, in order; an image the server could not use has
         `error` set (score NaN, predicted_class -1). `ids` default to the path, or the position.
-        Raises InputError for an unreadable path or an unsupported item, grpc.RpcError when the
-        server refuses a request (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAUTHENTICATED, ...) or
-        stays UNAVAILABLE past the retries or the timeout.
+        neighbors: return each image's nearest bank rows (`RemoteResult.neighbors`, nearest
+        first; at most the server's K, see `info().k`).
+        Raises InputError for an unreadable path, an unsupported item or a negative
+        `neighbors`, grpc.RpcError when the server refuses a request (INVALID_ARGUMENT,
+        e.g. neighbors above K; RESOURCE_EXHAUSTED, UNAUTHENTICATED, ...) or stays UNAVAILABLE
+        past the retries or the timeout.
         """
+        check_int(neighbors, "neighbors", minimum=0)
         items = [_encode(x, i) for i, x in enumerate(images)]
         if ids is not None:
             if len(ids) != len(items):
@@ -178,7 +184,8 @@ class DetectorClient:
         if not items:
             return []
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        requests = [pb.ScoreRequest(images=[pb.Image(id=i, data=d) for i, d in chunk])
+        requests = [pb.ScoreRequest(images=[pb.Image(id=i, data=d) for i, d in chunk],
+                                    neighbors=neighbors)
                     for chunk in _chunks(items, self.max_batch, self._max_bytes)]
         futures = [self._send(r, deadline) for r in requests[:_IN_FLIGHT]]
         out: list[RemoteResult] = []
@@ -188,7 +195,10 @@ class DetectorClient:
             response = self._with_retries(self._stub.Score, request, deadline, futures[k])
             out += [RemoteResult(id=r.id, score=r.score, is_ood=r.is_ood,
                                  predicted_class=r.predicted_class, predicted_label=r.predicted_label,
-                                 error=r.error, model_version=response.model_version)
+                                 error=r.error, model_version=response.model_version,
+                                 neighbors=tuple(Neighbor(n.row, n.class_index, n.label,
+                                                          n.similarity, n.source, n.source_index)
+                                                 for n in r.neighbors))
                     for r in response.results]
         return out
 

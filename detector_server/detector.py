@@ -8,9 +8,11 @@ the calibrated one). Two levels:
 - items: `prepare` decodes and resizes one item (encoded bytes, PIL image or uint8 array) by the
   bundle's preprocessing; `score_images` scores a list of them with per-item errors.
 The model half is an `embedder.Embedder`, the scorer comes from `scorer.open_scorer` (which sets
-the index's search parameters). ONNX Runtime and FAISS run on CUDA when present (see `runtime`
-for device and thread policy). The methods may be called from any thread; the server runs one
-batch at a time. Torch-free.
+the index's search parameters). Every scoring call takes `neighbors=N` (0 <= N <= K; KNN
+bundles only): the N nearest bank rows behind each score (row, class, similarity, source), from
+the very search that gave the score. ONNX Runtime and FAISS run on CUDA when present (see
+`runtime` for device and thread policy). The methods may be called from any thread; the server
+runs one batch at a time. Torch-free.
 Test: tests/runtime/test_detector.py.
 """
 from __future__ import annotations
@@ -20,8 +22,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,13 +34,27 @@ from .bundle import Bundle, load_bundle
 from .drift import calibration_rank, expected_ood_rate
 from .embedder import Embedder
 from .errors import InputError
+from .knn import KNNScorer
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
 from .scorer import open_scorer
 from .validate import check_int
 
-__all__ = ["Detector", "ItemResult", "ScoreBatch", "merge_results", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Detector", "ItemResult", "Neighbor", "ScoreBatch", "merge_results",
+           "DEFAULT_MAX_PIXELS"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One bank row near a scored image: the evidence behind its score."""
+
+    row: int                    # row of the bundle's index (and labels.npy)
+    class_index: int            # its class
+    label: str                  # class_names[class_index]
+    similarity: float           # inner product with the image's embedding (cosine, unit rows)
+    source: str                 # where the row came from (BankSources.describe), "" = unknown
+    source_index: int           # its row in that data set (the training-set index), -1 = unknown
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class ItemResult:
     predicted_class: int        # KNN: majority vote of the K neighbours; Mahalanobis: nearest mean
     predicted_label: str        # class_names[predicted_class]
     error: str                  # "" when scored
+    neighbors: tuple[Neighbor, ...] = field(default=(), kw_only=True)  # nearest first; () unless asked
 
 
 @dataclass(frozen=True)
@@ -61,17 +78,24 @@ class ScoreBatch:
     is_ood: np.ndarray          # bool [N], scores < threshold
     predicted: np.ndarray       # int64 [N]
     short: np.ndarray           # bool [N], KNN queries that got fewer than K neighbours (-2)
+    neighbor_sims: np.ndarray | None = None   # float32 [N, n], the n nearest rows' similarities
+    neighbor_ids: np.ndarray | None = None    # int64 [N, n], their bank rows (-1 = missing)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
 
 def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: ScoreBatch | None,
-                  class_names: Sequence[str]) -> list[ItemResult]:
+                  class_names: Sequence[str],
+                  describe: Callable[[np.ndarray, np.ndarray], tuple[Neighbor, ...]] | None = None
+                  ) -> list[ItemResult]:
     """One ItemResult per id, in order: where `errors[i]` is set, an error result (score nan,
     predicted_class -1); otherwise the next row of `batch`, which holds the other items in order.
-    The one place per-item errors and scored rows are put back together (Detector, server,
-    rwood-score)."""
+    With `describe` (`Detector.describe_neighbors`) and neighbour arrays in `batch`, each scored
+    result carries its neighbours. The one place per-item errors and scored rows are put back
+    together (Detector, server, rwood-score)."""
+    with_neighbors = (describe is not None and batch is not None
+                      and batch.neighbor_ids is not None)
     out: list[ItemResult] = []
     j = 0
     for id_, err in zip(ids, errors):
@@ -80,7 +104,9 @@ def merge_results(ids: Sequence[str], errors: Sequence[str | None], batch: Score
             continue
         c = int(batch.predicted[j])
         label = class_names[c] if 0 <= c < len(class_names) else ""
-        out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, ""))
+        near = describe(batch.neighbor_sims[j], batch.neighbor_ids[j]) if with_neighbors else ()
+        out.append(ItemResult(id_, float(batch.scores[j]), bool(batch.is_ood[j]), c, label, "",
+                              neighbors=near))
         j += 1
     return out
 
@@ -130,6 +156,9 @@ class Detector:
         index_device = runtime.faiss_device(device, self.device)
         self._scorer = open_scorer(bundle, device=index_device, search_params=search_params)
         self.index_device = self._scorer.device
+        self.sources = bundle.sources()
+        # the most neighbours a request may ask for: K, none without a bank (mahalanobis)
+        self.max_neighbors = self.k if m.scorer == "knn" else 0
         # GPU resources are not thread-safe
         self._gpu_lock = threading.Lock() if self.index_device == "cuda" else None
         d = self._scorer.info()
@@ -157,24 +186,45 @@ class Detector:
         """uint8 [N, S, S, 3] RGB model input -> float32 [N, D] unit rows (the scored feature)."""
         return self._embedder.embed(images)
 
-    def score_arrays(self, images: np.ndarray) -> ScoreBatch:
-        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted."""
-        return self.score_embeddings(self.embed(images))
+    def score_arrays(self, images: np.ndarray, neighbors: int = 0) -> ScoreBatch:
+        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted,
+        short, and with `neighbors` = n > 0 the n nearest bank rows of each image
+        (neighbor_sims/ids)."""
+        return self.score_embeddings(self.embed(images), neighbors)
 
-    def score_embeddings(self, emb: np.ndarray) -> ScoreBatch:
-        """float32 [N, D] rows from `embed` -> ScoreBatch (the scoring half of `score_arrays`)."""
+    def score_embeddings(self, emb: np.ndarray, neighbors: int = 0) -> ScoreBatch:
+        """`score_arrays` from embeddings (float32 [N, D], `embed`'s output).
+
+        InputError naming `neighbors` unless 0 <= neighbors <= `max_neighbors` (K; 0 for a
+        mahalanobis bundle, which has no bank rows)."""
+        n = check_int(neighbors, "neighbors", minimum=0, maximum=self.max_neighbors)
         if emb.shape[0] == 0:
             return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64),
-                              np.empty(0, bool))
+                              np.empty(0, bool),
+                              *((np.empty((0, n), np.float32), np.empty((0, n), np.int64))
+                                if n else (None, None)))
         runtime.bind_faiss_threads(self.threads)   # OpenMP's count is per calling thread
         scorer = self._scorer.scorer
-        score = getattr(scorer, "score_detailed", None)
         with self._gpu_lock or contextlib.nullcontext():
-            if score is not None:
-                scores, predicted, short = score(emb)
+            if isinstance(scorer, KNNScorer):
+                scores, predicted, short, sims, ids = scorer.score_detailed(emb, n)
             else:
                 (scores, predicted), short = scorer.score(emb), np.zeros(len(emb), bool)
-        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted, short)
+        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted, short,
+                          *((sims, ids) if n else (None, None)))
+
+    def describe_neighbors(self, sims: np.ndarray, ids: np.ndarray) -> tuple[Neighbor, ...]:
+        """One image's neighbours (a row of ScoreBatch.neighbor_sims / neighbor_ids) as
+        `Neighbor`s with class, label and source; missing ones (id -1) are left out."""
+        labels = self._scorer.scorer.labels
+        out = []
+        for sim, row in zip(sims.tolist(), ids.tolist()):
+            if row < 0:
+                continue
+            c = int(labels[row])
+            out.append(Neighbor(row, c, self.class_names[c], float(sim),
+                                self.sources.describe(row), int(self.sources.index[row])))
+        return tuple(out)
 
     def calibration_rank(self, scores: np.ndarray) -> np.ndarray | None:
         """Each score's place among the calibration scores (share of them <= it), float64 [N] in
@@ -210,14 +260,16 @@ class Detector:
         raise InputError(f"expected encoded image bytes, a PIL image or a uint8 array, got "
                          f"{type(item).__name__}", field="item")
 
-    def score_images(self, items: Sequence[Any],
-                     ids: Sequence[str] | None = None) -> list[ItemResult]:
-        """Score a list of items (see `prepare`); results in order, one per item.
+    def score_images(self, items: Sequence[Any], ids: Sequence[str] | None = None, *,
+                     neighbors: int = 0) -> list[ItemResult]:
+        """Score a list of items (see `prepare`); results in order, one per item, each with its
+        `neighbors` nearest bank rows (0 <= neighbors <= K, else InputError).
 
         An item that fails `prepare` gets an ItemResult with `error` set (score nan, is_ood
         False, predicted_class -1, label ""); the others are still scored. `ids` default to
         "0", "1", ...; a length mismatch raises InputError naming `ids`.
         """
+        check_int(neighbors, "neighbors", minimum=0, maximum=self.max_neighbors)
         if (isinstance(items, (bytes, bytearray, str))
                 or not isinstance(items, (Sequence, np.ndarray))):
             raise InputError(f"expected a sequence of items, got {type(items).__name__}",
@@ -229,10 +281,11 @@ class Detector:
         results: list[ItemResult] = []
         for lo in range(0, n, self.max_batch):
             hi = lo + self.max_batch
-            results.extend(self._score_chunk(items[lo:hi], ids[lo:hi]))
+            results.extend(self._score_chunk(items[lo:hi], ids[lo:hi], neighbors))
         return results
 
-    def _score_chunk(self, items: Sequence[Any], ids: list[str]) -> list[ItemResult]:
+    def _score_chunk(self, items: Sequence[Any], ids: list[str],
+                     neighbors: int) -> list[ItemResult]:
         arrays: list[np.ndarray] = []
         errors: list[str | None] = []
         for item in items:
@@ -241,8 +294,8 @@ class Detector:
                 errors.append(None)
             except InputError as e:
                 errors.append(str(e))
-        batch = self.score_arrays(np.stack(arrays)) if arrays else None
-        return merge_results(ids, errors, batch, self.class_names)
+        batch = self.score_arrays(np.stack(arrays), neighbors) if arrays else None
+        return merge_results(ids, errors, batch, self.class_names, self.describe_neighbors)
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:

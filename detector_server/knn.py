@@ -232,19 +232,37 @@ class KNNScorer:
         """
         return self.score_detailed(emb)[:2]
 
-    def score_detailed(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`score` plus short bool [N]: the queries that got fewer than K neighbours (-2)."""
+    def score_neighbors(self, emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray, np.ndarray]:
+        """`score`, plus the `n` nearest bank rows of each query (0 <= n <= k), from the same
+        search: (scores float32 [N], predicted int64 [N], sims float32 [N, n] decreasing,
+        ids int64 [N, n] bank rows, -1 = missing). InputError naming `neighbors` for a bad n.
+        """
+        scores, predicted, _, sims, ids = self.score_detailed(emb, n)
+        return scores, predicted, sims, ids
+
+    def score_detailed(self, emb: np.ndarray, n: int = 0) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`score_neighbors` plus short bool [N]: (scores, predicted, short, sims, ids), where
+        `short` marks the queries that got fewer than K neighbours (scored -2; counted)."""
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= self.k:
+            raise InputError(f"expected an integer in [0, {self.k}] (K), got {n!r}",
+                             field="neighbors")
         x = _check_embeddings(emb, "emb", dim=self.index.d)
         scores = np.empty(x.shape[0], dtype=np.float32)
         predicted = np.empty(x.shape[0], dtype=np.int64)
         short = np.empty(x.shape[0], dtype=bool)
+        top_sims = np.empty((x.shape[0], n), dtype=np.float32)
+        top_ids = np.empty((x.shape[0], n), dtype=np.int64)
         for i in range(0, x.shape[0], self.chunk_rows):
             sims, ids = self.index.search(x[i:i + self.chunk_rows], self.k)
             scores[i:i + len(sims)] = knn_score_from_similarities(sims)
             predicted[i:i + len(sims)] = self._vote(sims, ids)
             short[i:i + len(sims)] = ids[:, -1] < 0        # faiss pads missing neighbours last
+            top_sims[i:i + len(sims)] = sims[:, :n]
+            top_ids[i:i + len(sims)] = ids[:, :n]
         self._count(int(short.sum()), len(short))
-        return scores, predicted, short
+        return scores, predicted, short, top_sims, top_ids
 
     def _count(self, short: int, n: int) -> None:
         before = self.short_queries

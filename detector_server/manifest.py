@@ -32,8 +32,9 @@ from .preprocess import PreprocessSpec
 from .validate import is_int
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
-           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "Manifest",
-           "manifest_digest", "check_file_name", "DESCRIPTIVE_FIELDS", "decision_digest",
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "BankInfo", "Manifest",
+           "manifest_digest", "check_file_name", "DESCRIPTIVE_FIELDS", "DESCRIPTIVE_BANK_FIELDS",
+           "decision_digest",
            "derive_model_version", "version_name"]
 
 FORMAT = "reweightood-bundle"
@@ -49,6 +50,7 @@ SCORERS = ("knn", "mahalanobis")
 # version leaves out these and nothing else: every other field counts, new ones included, so a
 # field added later (a scorer setting, a search parameter) changes the version by construction.
 DESCRIPTIVE_FIELDS = ("model_version", "manifest_sha256", "created", "training")
+DESCRIPTIVE_BANK_FIELDS = ("lineage",)  # inside `bank`: the edit history (when, from where)
 _VERSION_HEX = 12                       # hex digits of the decision digest in model_version
 _VERSION_SUFFIX = re.compile(rf"-[0-9a-f]{{{_VERSION_HEX}}}\Z")
 
@@ -95,6 +97,33 @@ class ThresholdInfo:
 
 
 @dataclass(frozen=True)
+class BankInfo:
+    """Where the bank rows came from and how the bank was edited since export (optional: a bundle
+    without it has rows of unknown origin, no calibration embeddings and no lineage)."""
+
+    sources_file: str = "sources.json"  # per-row origin, index, path (detector_server.bank_sources)
+    calibration_embeddings_file: str | None = None  # float32 [M, D] (.npy) embeddings of the
+                                        # calibration images (those of Manifest.calibration_file's
+                                        # scores): rwood-bank scores them again after an edit
+    lineage: tuple[dict[str, Any], ...] = ()   # one entry per rwood-bank edit, oldest first
+
+    def __post_init__(self) -> None:
+        check_file_name(self.sources_file, "bank.sources_file")
+        if self.calibration_embeddings_file is not None:
+            check_file_name(self.calibration_embeddings_file, "bank.calibration_embeddings_file")
+        if (isinstance(self.lineage, (str, dict))
+                or not all(isinstance(e, dict) for e in self.lineage)):
+            raise BundleError(f"expected a list of objects, got {self.lineage!r}",
+                              field="bank.lineage")
+        object.__setattr__(self, "lineage", tuple(self.lineage))
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        emb = self.calibration_embeddings_file
+        return (self.sources_file,) + ((emb,) if emb else ())
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to know about a bundle; `manifest.json` is `to_dict()`.
 
@@ -121,6 +150,7 @@ class Manifest:
                                         # scores (drift reference); None in older bundles
     training: dict[str, Any] = field(default_factory=dict)  # run name, config, data fingerprint
     created: str = ""                   # ISO time of export
+    bank: BankInfo | None = None        # row sources, calibration embeddings, edit lineage
     files: dict[str, str] = field(default_factory=dict)
     manifest_sha256: str = ""           # SHA-256 of the other fields (see manifest_digest)
     scorer: str = "knn"                 # one of SCORERS
@@ -179,16 +209,21 @@ class Manifest:
 
     @property
     def payload_files(self) -> tuple[str, ...]:
-        """The files the bundle must hold besides manifest.json."""
-        models = tuple(dict.fromkeys((self.model_file, self.served_file)))
+        """The files the bundle must hold besides manifest.json (each once)."""
+        models = (self.model_file, self.served_file)
         calibration = () if self.calibration_file is None else (self.calibration_file,)
-        if self.scorer == "knn":
-            return models + (self.index.file, self.labels_file) + calibration
-        return models + self.mahalanobis.files + calibration
+        scorer = ((self.index.file, self.labels_file) if self.scorer == "knn"
+                  else self.mahalanobis.files)
+        bank = self.bank.files if self.bank else ()
+        return tuple(dict.fromkeys(models + scorer + calibration + bank))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["class_names"] = list(self.class_names)
+        if self.bank is None:           # bundles without sources keep their exact old manifest
+            del d["bank"]
+        else:
+            d["bank"]["lineage"] = list(self.bank.lineage)
         return d
 
     @classmethod
@@ -204,6 +239,8 @@ class Manifest:
                 if d.get(key) is not None:
                     kw[key] = sub(**_sub(d, key, sub))
             kw["threshold"] = ThresholdInfo(**_sub(d, "threshold", ThresholdInfo))
+            if d.get("bank") is not None:
+                kw["bank"] = BankInfo(**_sub(d, "bank", BankInfo))
             missing = [f.name for f in dataclasses.fields(cls)
                        if f.name not in kw and f.default is dataclasses.MISSING
                        and f.default_factory is dataclasses.MISSING]
@@ -257,8 +294,9 @@ def _check_scorer(m: Manifest) -> None:
         if not present and value is not None:
             raise BundleError(f"must be null for the {m.scorer} scorer", field=name)
     if not knn:
-        if m.k is not None:
-            raise BundleError("must be null for the mahalanobis scorer", field="k")
+        for name in ("k", "bank"):     # no neighbours, no bank rows
+            if getattr(m, name) is not None:
+                raise BundleError("must be null for the mahalanobis scorer", field=name)
         mh = m.mahalanobis
         check_file_name(mh.means_file, "mahalanobis.means_file")
         check_file_name(mh.precision_file, "mahalanobis.precision_file")
@@ -345,13 +383,17 @@ def decision_digest(d: Mapping[str, Any]) -> str:
 
     `d` is `Manifest.to_dict()` with `files` filled in (ValueError without: the payload is what
     the digest is mostly about). It is the canonical JSON of `d` less DESCRIPTIVE_FIELDS (the
-    version itself, the manifest checksum, the export time, the training metadata), so it
+    version itself, the manifest checksum, the export time, the training metadata) and the
+    bank's edit history (DESCRIPTIVE_BANK_FIELDS: its times and origins), so it
     covers every payload byte through `files` (models, index, labels, any file a scorer adds)
     and every setting: K, the threshold, the indexed feature, the index factory, preprocessing,
     class names, the served model and its quantisation, and any field added later."""
     if not d.get("files"):
         raise ValueError("decision_digest needs the payload checksums ('files')")
-    return _json_sha256({k: v for k, v in d.items() if k not in DESCRIPTIVE_FIELDS})
+    body = {k: v for k, v in d.items() if k not in DESCRIPTIVE_FIELDS}
+    if isinstance(body.get("bank"), Mapping):
+        body["bank"] = {k: v for k, v in body["bank"].items() if k not in DESCRIPTIVE_BANK_FIELDS}
+    return _json_sha256(body)
 
 
 def derive_model_version(name: str, d: Mapping[str, Any]) -> str:

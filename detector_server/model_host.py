@@ -37,15 +37,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .batcher import DynamicBatcher
+from .bundle_watch import bundle_stamp
 from .detector import Detector, ItemResult, merge_results
-from .errors import InputError
+from .errors import BundleError, InputError
 from .preprocess import safe_message
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
+from .validate import check_int
 
 __all__ = ["ModelHost", "ModelUnavailable", "MAX_HUNG_LOADS", "in_daemon_thread"]
 
 log = logging.getLogger(__name__)
+
+_LOAD_ATTEMPTS = 3      # loads of a bundle that keeps being replaced meanwhile
 
 
 MAX_HUNG_LOADS = 2      # loads abandoned after reload_timeout_s that may still be blocked; then refuse
@@ -135,9 +139,25 @@ class ModelHost:
         self._abandoned: list[asyncio.Future] = []  # loads that timed out and may still run
 
     def _build_detector(self) -> Detector:
-        """Runs on a worker thread: load, then warm up so the first request pays no set-up cost."""
-        det = Detector(self.bundle_path, device=self._cfg.device, threads=self._cfg.threads,
-                       max_pixels=self._cfg.max_pixels, search_params=self._cfg.search_params)
+        """Runs on a worker thread: load, then warm up so the first request pays no set-up cost.
+
+        The Detector opens the model and the index after `load_bundle` has verified them: a
+        bundle replaced meanwhile (rwood-bank --out BUNDLE --force) is loaded again, so the
+        served Detector is always one published bundle."""
+        for attempt in range(_LOAD_ATTEMPTS):
+            stamp = bundle_stamp(self.bundle_path)
+            try:
+                det = Detector(self.bundle_path, device=self._cfg.device,
+                               threads=self._cfg.threads, max_pixels=self._cfg.max_pixels,
+                               search_params=self._cfg.search_params)
+            except BundleError:
+                if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(self.bundle_path) != stamp:
+                    continue
+                raise
+            if bundle_stamp(self.bundle_path) == stamp:
+                break
+        else:
+            raise BundleError("replaced again while it was being loaded", path=self.bundle_path)
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
@@ -204,15 +224,17 @@ class ModelHost:
         self._hold(0, -nbytes)
 
     async def score(self, ids: Sequence[str], datas: Sequence[bytes], deadline: float | None,
-                    nbytes: int | None = None, *, bytes_held: bool = False
+                    nbytes: int | None = None, *, bytes_held: bool = False, neighbors: int = 0
                     ) -> tuple[list[ItemResult], str]:
         """Score images (`ids[i]`, encoded bytes `datas[i]`); returns results in order and the
         model version used. `datas` is read on the decode threads only, so it may copy each item
         out when indexed (and slicing must give such a sequence too); `nbytes` is what the request
         holds (default: the lengths of ids and datas), counted here unless `bytes_held` (a
         stream's request, counted by `hold_bytes`, is never shed: its stream waited for room).
+        Each result carries its `neighbors` nearest bank rows (0 = none).
 
-        Raises InputError for no images or more than max_images, ModelUnavailable when there is no
+        Raises InputError for no images, more than max_images or `neighbors` outside [0, K],
+        ModelUnavailable when there is no
         model (loading, draining) or too much work is held, TimeoutError when `deadline`
         (time.monotonic()) passes first.
         """
@@ -220,13 +242,13 @@ class ModelHost:
             nbytes = 0
         elif nbytes is None:
             nbytes = sum(map(len, ids)) + sum(map(len, datas))
-        det = self._admit(len(ids), nbytes, shed=not bytes_held)
+        det = self._admit(len(ids), nbytes, shed=not bytes_held, neighbors=neighbors)
         self._hold(len(ids), nbytes)
         try:
             arrays, ok, errors = await self._prepare(det, datas, deadline)
             batch = None
             if arrays is not None:
-                batch = await self._batcher.score(det, arrays, deadline)
+                batch = await self._batcher.score(det, arrays, deadline, neighbors)
         finally:
             self._hold(-len(ids), -nbytes)
         return self._results(det, ids, ok, batch, errors), det.model_version
@@ -240,7 +262,7 @@ class ModelHost:
         else:
             self._room.clear()
 
-    def _admit(self, n_images: int, nbytes: int, shed: bool) -> Detector:
+    def _admit(self, n_images: int, nbytes: int, shed: bool, neighbors: int = 0) -> Detector:
         """The Detector to use for this request, or the reason it is refused; `shed`: refuse it
         when the images or bytes held are at their limits (a stream's request waited for room
         before it was read instead)."""
@@ -258,6 +280,7 @@ class ModelHost:
         if shed and self._held_bytes and self._held_bytes + nbytes > self._cfg.max_inflight_bytes:
             raise ModelUnavailable(f"overloaded: {self._held_bytes / 2**20:.1f} MiB of requests "
                                    "in progress; retry later")
+        check_int(neighbors, "neighbors", minimum=0, maximum=det.max_neighbors)
         self._metrics.images.inc(n_images)
         return det
 
@@ -274,7 +297,8 @@ class ModelHost:
                 self._metrics.observe_ranks(det.model_version, ranks)
         for message in errors.values():
             self._metrics.image_errors.labels(_error_kind(message)).inc()
-        return merge_results(ids, [errors.get(i) for i in range(len(ids))], batch, det.class_names)
+        return merge_results(ids, [errors.get(i) for i in range(len(ids))], batch, det.class_names,
+                             det.describe_neighbors)
 
     async def _prepare(self, det: Detector, datas: Sequence[bytes], deadline: float | None):
         """Decode on the pool, in chunks (one per pool thread for big requests)."""

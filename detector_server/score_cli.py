@@ -58,6 +58,10 @@ __all__ = ["score_main"]
                    "the cluster; needs the [ray] extra).")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
               help="Images with more pixels get an error row (decompression-bomb guard).")
+@click.option("--neighbors", type=int, default=0,
+              help="Also write each image's N nearest bank rows (row, class, similarity, "
+                   "source), at most the bundle's K: a nested list in JSONL and Parquet, one JSON "
+                   "column in CSV.")
 @click.option("--fail-on-drift", "drift_alpha", type=float, default=None, metavar="ALPHA",
               help="Exit with status 3 when the drift test (two-sample Kolmogorov-Smirnov of the "
                    "scores against the bundle's calibration scores) has a p-value below ALPHA "

@@ -137,10 +137,12 @@ def _rounded_parts(parts: list[float]) -> list[float]:
 
 def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: int,
                workers: int | None, device: str, max_pixels: int,
-               search_params: dict[str, int] | None = None) -> Iterator[tuple[int, list[Row]]]:
+               search_params: dict[str, int] | None = None,
+               neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
     """The local engine: yields (files consumed, their rows) per scored batch, in file order,
     after a first (0, []) once the model is loaded and the first chunk is decoded (the end of the
-    start-up: the decode processes are running).
+    start-up: the decode processes are running). With `neighbors` > 0 each row lists that many
+    nearest bank rows.
 
     `workers` spawned processes decode chunks of up to `_CHUNK` files (0: in this process);
     the main process holds the one Detector and scores a batch while the workers decode ahead
@@ -169,19 +171,21 @@ def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size
             buf_status += status
             buf_arrays.append(arrays)
             if len(buf_paths) >= batch_size:
-                yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+                yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays,
+                                             neighbors)
                 buf_paths, buf_status, buf_arrays = [], [], []
         if buf_paths:
-            yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays)
+            yield len(buf_paths), _score(detector, buf_paths, buf_status, buf_arrays, neighbors)
     finally:
         decoded.close()
 
 
 def _score(detector: "Detector", paths: list[str], status: list[str | None],
-           arrays: list[np.ndarray]) -> list[Row]:
+           arrays: list[np.ndarray], neighbors: int) -> list[Row]:
     images = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    batch = detector.score_arrays(images)
-    return make_rows(paths, status, batch, detector.class_names, detector.model_version)
+    batch = detector.score_arrays(images, neighbors)
+    return make_rows(paths, status, batch, detector.class_names, detector.model_version,
+                     detector.describe_neighbors if neighbors else None)
 
 
 # Engines: name -> "module:function" with iter_local's signature, imported when used (so that
@@ -210,7 +214,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
                  workers: int | None = None, device: str = "auto", resume: bool = False,
                  force: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, drift_alpha: float | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, neighbors: int = 0,
+                 drift_alpha: float | None = None,
                  search_params: dict[str, int] | None = None) -> ScoreSummary:
     """Score every image file of `inputs` with `bundle` into the table `out`.
 
@@ -223,7 +228,9 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     and score only the other files; force: replace an existing `out` (without resume or force,
     an existing `out` or partial file is refused); plot: also save a histogram of all scores in
     `out` with the threshold line (needs matplotlib); engine: a key of `ENGINES`; progress: show
-    a tqdm bar (files/s, running OOD rate); drift_alpha: significance level (0, 0.5] of the drift
+    a tqdm bar (files/s, running OOD rate); neighbors: add to each row its N nearest bank rows
+    (0 <= N <= the bundle's K; `score_table` says how each format holds them);
+    drift_alpha: significance level (0, 0.5] of the drift
     test that ends every run (`ScoreSummary.drift.drifted` says if it found drift; without it the
     test is reported, never decided). The test compares every score in `out` (resumed rows too)
     with the bundle's calibration scores (`detector_server.drift`); it is skipped, with
@@ -245,12 +252,14 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
         check_number(drift_alpha, "fail_on_drift", above=0.0, maximum=0.5)
     run = _engine(engine)
     b = _load_bundle(bundle)
+    check_int(neighbors, "neighbors", minimum=0,   # no bank rows behind a mahalanobis score
+              maximum=b.manifest.k if b.manifest.scorer == "knn" else 0)
     version = b.manifest.model_version
     exclude = [out, partial_path(out)] + ([Path(plot)] if plot is not None else [])
     named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     t_listing = time.perf_counter()
     found = collect_inputs(named, files_from, recursive, exclude)
-    prior = prior_rows(out, resume, version)
+    prior = prior_rows(out, resume, version, neighbors > 0)
     done = {r.path for r in prior}
     todo = [p for p in found.paths if p not in done]
     journal = Journal(out, prior)
@@ -258,7 +267,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     try:
         batches = run(b, Path(found.root), todo, batch_size=batch_size, workers=workers,
                       device=device, max_pixels=max_pixels,
-                      search_params=search_params) if todo else iter(())
+                      search_params=search_params, neighbors=neighbors) if todo else iter(())
         counts, (startup_s, scoring_s) = _consume(batches, journal, len(todo), progress)
         if journal.rows == 0:
             raise InputError(f"no image files among the {len(found.paths)} files of INPUT",

@@ -27,6 +27,7 @@ CPU, or one GPU as well with `--device cuda`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -78,22 +79,24 @@ class RayScorer:
     Input column `path`: file paths relative to `root`, as bytes (`os.fsencode`, so that names
     that are not UTF-8 survive Arrow). Output columns: `ROW_FIELDS` (with `path` as given) plus
     `is_image` (False for a file that is not an image, whose other columns are placeholders: it
-    gets no row).
+    gets no row) and, with `neighbors` > 0, `neighbors` (each row's list as a JSON string).
     """
 
     def __init__(self, bundle_dir: str, root: str, device: str, threads: int, max_pixels: int,
-                 search_params: dict[str, int] | None = None):
+                 search_params: dict[str, int] | None = None, neighbors: int = 0):
         self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels,
                                  search_params=search_params)
         self.root = root
         self.max_pixels = max_pixels
+        self.neighbors = neighbors
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         det = self.detector
         paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
         images, status = decode_files(self.root, paths, det.spec, self.max_pixels)
-        scored = det.score_arrays(images) if len(images) else None
-        rows = iter(make_rows(paths, status, scored, det.class_names, det.model_version))
+        scored = det.score_arrays(images, self.neighbors) if len(images) else None
+        rows = iter(make_rows(paths, status, scored, det.class_names, det.model_version,
+                              det.describe_neighbors if self.neighbors else None))
         placeholder = Row("", float("nan"), None, "", -1, "", det.model_version)
         full = [next(rows) if st is not None else placeholder._replace(path=p)
                 for p, st in zip(paths, status)]
@@ -105,12 +108,16 @@ class RayScorer:
         cols["is_ood"] = np.array([bool(r.is_ood) for r in full], dtype=bool)  # error: see _row
         cols["predicted_class"] = np.array([r.predicted_class for r in full], dtype=np.int64)
         cols["is_image"] = np.array([st is not None for st in status], dtype=bool)
+        if self.neighbors:
+            cols["neighbors"] = np.array([json.dumps(r.neighbors or []) for r in full],
+                                         dtype=object)
         return cols
 
 
 def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: int,
              workers: int | None, device: str, max_pixels: int,
-             search_params: dict[str, int] | None = None) -> Iterator[tuple[int, list[Row]]]:
+             search_params: dict[str, int] | None = None,
+             neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
     """The ray engine, with `score_folder.iter_local`'s contract: yields (0, []) once Ray is up,
     then (files consumed, their rows) per batch, in no particular order. See the module
     docstring for the cluster set-up."""
@@ -122,7 +129,7 @@ def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: in
         if paths:
             yield 0, []                 # start-up over: the cluster is up (actors load lazily)
             yield from _run(ray, bundle, root, paths, batch_size, workers, device, max_pixels,
-                            search_params or {})
+                            search_params or {}, neighbors)
     finally:
         if started:
             ray.shutdown()
@@ -130,7 +137,7 @@ def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: in
 
 def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size: int,
          workers: int | None, device: str, max_pixels: int,
-         search_params: dict[str, int]) -> Iterator[tuple[int, list[Row]]]:
+         search_params: dict[str, int], neighbors: int) -> Iterator[tuple[int, list[Row]]]:
     ray.data.DataContext.get_current().enable_progress_bars = False   # the driver has its own
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths])
@@ -139,7 +146,8 @@ def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size:
                         fn_constructor_kwargs=dict(bundle_dir=str(bundle.path.resolve()),
                                                    root=os.path.abspath(root), device=device,
                                                    threads=1, max_pixels=max_pixels,
-                                                   search_params=search_params),
+                                                   search_params=search_params,
+                                                   neighbors=neighbors),
                         num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     seen: set[str] = set()
     for cols in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -149,11 +157,13 @@ def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size:
     missing = [p for p in paths if p not in seen]      # read by no task: report, never drop
     if missing:
         yield len(missing), [Row(p, float("nan"), None, "", -1, "not read by the ray engine",
-                                 bundle.manifest.model_version) for p in missing]
+                                 bundle.manifest.model_version, [] if neighbors else None)
+                             for p in missing]
 
 
 def _row(cols: dict[str, np.ndarray], i: int) -> Row:
     error = str(cols["error"][i])
+    near = json.loads(cols["neighbors"][i]) if "neighbors" in cols else None
     return Row(os.fsdecode(bytes(cols["path"][i])), float(cols["score"][i]),
                None if error else bool(cols["is_ood"][i]), str(cols["predicted_label"][i]),
-               int(cols["predicted_class"][i]), error, str(cols["model_version"][i]))
+               int(cols["predicted_class"][i]), error, str(cols["model_version"][i]), near)

@@ -8,8 +8,11 @@ Rows (`Row`, columns `ROW_FIELDS`): path (relative to INPUT when it is one folde
 named; "/"-separated), score (float; empty / null on error), is_ood (empty / null on error: an
 image that was not scored is neither ID nor OOD), predicted_label, predicted_class (-1 on
 error), error ("" when scored), model_version. CSV writes booleans as true/false; Parquet needs
-pyarrow (`OUTPUT_FORMATS`). Test: tests/runtime/test_score_folder.py,
-tests/runtime/test_score_inputs.py.
+pyarrow (`OUTPUT_FORMATS`). With `rwood-score --neighbors N` a last column `neighbors` holds each
+image's N nearest bank rows (`NEIGHBOR_FIELDS`; [] on error): a list of objects in JSONL, a list
+of structs in Parquet, one JSON array in a CSV cell; without it the table has no such column.
+Test: tests/runtime/test_score_folder.py, tests/runtime/test_score_inputs.py,
+tests/runtime/test_score_neighbors.py.
 
 File names that are not valid UTF-8 survive every format, so --resume finds their rows: CSV
 writes their bytes as they are, JSONL as \\udcXX escapes, and Parquet (whose strings must be
@@ -27,7 +30,9 @@ A real SIGKILL: tests/reliability/test_faults_score.py.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -44,13 +49,14 @@ from .errors import InputError
 if TYPE_CHECKING:
     from .detector import ScoreBatch
 
-__all__ = ["ROW_FIELDS", "Row", "make_rows", "OutputFormat", "OUTPUT_FORMATS", "output_format",
-           "read_rows", "partial_path", "Journal", "prior_rows"]
+__all__ = ["ROW_FIELDS", "NEIGHBOR_FIELDS", "Row", "make_rows", "OutputFormat", "OUTPUT_FORMATS",
+           "output_format", "read_rows", "partial_path", "Journal", "prior_rows"]
 
 log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("path", "score", "is_ood", "predicted_label", "predicted_class", "error",
               "model_version")
+NEIGHBOR_FIELDS = ("row", "class_index", "label", "similarity", "source", "source_index")
 _PARQUET_ROWS = 65536           # rows per Parquet row group when finishing
 _PARQUET_RAW_NAMES = "reweightood.raw_paths"    # key-value metadata: {row: hex of the name}
 _FSYNC_S = 2.0                  # most seconds between fsyncs of the partial file
@@ -66,21 +72,27 @@ class Row(NamedTuple):
     predicted_class: int        # majority vote of the K neighbours; -1 on error
     error: str                  # "" when scored
     model_version: str          # the bundle's model_version
+    neighbors: Sequence[dict[str, Any]] | None = None  # with --neighbors: NEIGHBOR_FIELDS each
 
 
 def make_rows(paths: Sequence[str], status: Sequence[str | None], batch: "ScoreBatch | None",
-              class_names: Sequence[str], model_version: str) -> list[Row]:
+              class_names: Sequence[str], model_version: str,
+              describe: Callable[..., Any] | None = None) -> list[Row]:
     """Rows for `paths` in order: scored ones take the next entry of `batch` (the decoded images
-    in order), error ones get nan/-1, and status None (not an image) gets no row."""
+    in order), error ones get nan/-1, and status None (not an image) gets no row. With
+    `describe` (`Detector.describe_neighbors`; the batch scored with neighbours) every row has a
+    `neighbors` list (empty on error)."""
     # Imported here, not at the top: decode processes re-import the CLI's main module, which
     # imports this one, and must not load ONNX Runtime and FAISS (detector imports the bundle).
     from .detector import merge_results
 
     kept = [(p, st) for p, st in zip(paths, status) if st is not None]
     results = merge_results([p for p, _ in kept], [st or None for _, st in kept], batch,
-                            class_names)
+                            class_names, describe)
     return [Row(r.id, r.score, None if r.error else r.is_ood, r.predicted_label,
-                r.predicted_class, r.error, model_version) for r in results]
+                r.predicted_class, r.error, model_version,
+                None if describe is None else [dataclasses.asdict(n) for n in r.neighbors])
+            for r in results]
 
 
 # ---------------------------------------------------------------- output formats
@@ -89,6 +101,8 @@ def _row_to_json(row: Row) -> str:
     d = row._asdict()
     if math.isnan(row.score):
         d["score"] = None
+    if row.neighbors is None:
+        del d["neighbors"]
     return json.dumps(d)   # ASCII: a file name that is not UTF-8 survives as \udcXX escapes
 
 
@@ -97,15 +111,28 @@ def _row_from_dict(d: dict[str, Any]) -> Row:
     is_ood = d["is_ood"]
     if isinstance(is_ood, str):
         is_ood = is_ood.lower() == "true"
+    neighbors = d.get("neighbors")
+    if isinstance(neighbors, str):                          # a CSV cell
+        neighbors = json.loads(neighbors) if neighbors else []
     return _checked(Row(str(d["path"]), math.nan if score in (None, "") else float(score),
                         is_ood, str(d["predicted_label"] or ""), int(d["predicted_class"]),
-                        str(d["error"] or ""), str(d["model_version"])))
+                        str(d["error"] or ""), str(d["model_version"]),
+                        None if neighbors is None else list(neighbors)))
 
 
 def _checked(row: Row) -> Row:
     """`row` with is_ood None on error and a bool otherwise (tables written before is_ood was
     left empty on error said false)."""
     return row._replace(is_ood=None if row.error else bool(row.is_ood))
+
+
+def _peek(rows: Iterable[Row]) -> tuple[bool, Iterator[Row]]:
+    """(whether the table has a neighbors column: its first row has one, the rows unchanged)."""
+    it = iter(rows)
+    first = next(it, None)
+    if first is None:
+        return False, iter(())
+    return first.neighbors is not None, itertools.chain([first], it)
 
 
 def _write_jsonl(rows: Iterable[Row], f: io.BufferedWriter) -> None:
@@ -137,11 +164,13 @@ def _read_journal(path: Path) -> Iterator[Row]:
 def _write_csv(rows: Iterable[Row], f: io.BufferedWriter) -> None:
     text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
     w = csv.writer(text)
-    w.writerow(ROW_FIELDS)
+    with_neighbors, rows = _peek(rows)
+    w.writerow(ROW_FIELDS + (("neighbors",) if with_neighbors else ()))
     for r in rows:
         w.writerow((r.path, "" if math.isnan(r.score) else repr(r.score),
                     "" if r.is_ood is None else "true" if r.is_ood else "false",
-                    r.predicted_label, r.predicted_class, r.error, r.model_version))
+                    r.predicted_label, r.predicted_class, r.error, r.model_version)
+                   + ((json.dumps(list(r.neighbors or ())),) if with_neighbors else ()))
     text.flush()
     text.detach()
 
@@ -164,9 +193,14 @@ def _pyarrow() -> Any:
 
 def _write_parquet(rows: Iterable[Row], f: io.BufferedWriter) -> None:
     pa = _pyarrow()
+    with_neighbors, rows = _peek(rows)
+    neighbor = pa.struct([("row", pa.int64()), ("class_index", pa.int64()), ("label", pa.string()),
+                          ("similarity", pa.float64()), ("source", pa.string()),
+                          ("source_index", pa.int64())])
     schema = pa.schema([("path", pa.string()), ("score", pa.float64()), ("is_ood", pa.bool_()),
                         ("predicted_label", pa.string()), ("predicted_class", pa.int64()),
-                        ("error", pa.string()), ("model_version", pa.string())])
+                        ("error", pa.string()), ("model_version", pa.string())]
+                       + ([("neighbors", pa.list_(neighbor))] if with_neighbors else []))
     raw_names: dict[int, str] = {}          # row number -> hex bytes of a non-UTF-8 path
     with pa.parquet.ParquetWriter(f, schema) as w:
         chunk: list[Row] = []
@@ -191,13 +225,16 @@ def _has_surrogates(name: str) -> bool:
 
 
 def _arrow_table(pa: Any, schema: Any, rows: list[Row]) -> Any:
-    cols = list(zip(*rows)) if rows else [[] for _ in ROW_FIELDS]
+    cols = list(zip(*rows)) if rows else [[] for _ in Row._fields]
     scores = [None if math.isnan(s) else s for s in cols[1]]
     # Parquet strings are UTF-8: the bytes of a non-UTF-8 file name are shown as \xNN here and
     # kept exactly in the metadata (_PARQUET_RAW_NAMES).
     paths = [p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
              for p in cols[0]]
-    return pa.table([paths, scores, *cols[2:]], schema=schema)
+    rest = list(cols[2:len(ROW_FIELDS)])
+    if "neighbors" in schema.names:
+        rest.append([list(n or ()) for n in cols[len(ROW_FIELDS)]])
+    return pa.table([paths, scores, *rest], schema=schema)
 
 
 def _read_parquet(path: Path) -> Iterator[Row]:
@@ -305,9 +342,10 @@ def _write_to(path: str, write: Callable[[Iterable[Row], io.BufferedWriter], Non
         write(rows, f)
 
 
-def prior_rows(out: Path, resume: bool, model_version: str) -> list[Row]:
+def prior_rows(out: Path, resume: bool, model_version: str, neighbors: bool = False) -> list[Row]:
     """The rows to keep: with `resume`, those of `out` and of its partial file, once per path.
-    Raises InputError (naming `out`) when they were written by another model."""
+    Raises InputError (naming `out`) when they were written by another model, or with(out)
+    neighbours when this run wants the other (`neighbors`: whether it asks for them)."""
     partial = partial_path(out)
     if not resume:
         if partial.exists():
@@ -323,4 +361,8 @@ def prior_rows(out: Path, resume: bool, model_version: str) -> list[Row]:
     if other:
         raise InputError(f"rows were written by model {sorted(other)[0]!r}, the bundle is "
                          f"{model_version!r}: write to a new --out or drop --resume", path=out)
+    if any((r.neighbors is not None) != neighbors for r in kept.values()):
+        raise InputError(f"rows were written {'without' if neighbors else 'with'} --neighbors: "
+                         "resume with the same --neighbors setting, or write to a new --out",
+                         path=out)
     return list(kept.values())

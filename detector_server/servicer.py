@@ -60,39 +60,58 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 def _to_response(results: Sequence[ItemResult], model_version: str, request_id: str,
                  limit: int) -> pb.ScoreResponse:
-    response = pb.ScoreResponse(
-        results=[pb.Result(id=r.id, score=r.score, is_ood=r.is_ood, error=r.error,
-                           predicted_class=r.predicted_class, predicted_label=r.predicted_label)
-                 for r in results],
-        model_version=model_version, request_id=request_id)
+    response = pb.ScoreResponse(results=[_result(r) for r in results],
+                                model_version=model_version, request_id=request_id)
     if response.ByteSize() > limit:   # response_bound is wrong: a bug, never a client's doing
         raise RuntimeError(f"a response of {response.ByteSize()} bytes is over the limit of {limit}")
     return response
 
 
+def _result(r: ItemResult) -> pb.Result:
+    out = pb.Result(id=r.id, score=r.score, is_ood=r.is_ood, error=r.error,
+                    predicted_class=r.predicted_class, predicted_label=r.predicted_label)
+    if r.neighbors:
+        out.neighbors.extend(pb.Neighbor(row=n.row, class_index=n.class_index, label=n.label,
+                                         similarity=n.similarity, source=n.source,
+                                         source_index=n.source_index) for n in r.neighbors)
+    return out
+
+
 # Serialized size of one Result besides its id, error and label: its key and length in the
 # response (6), the id's key and length (6), score (5), is_ood (2), predicted_class (-1: 11).
 _RESULT_FIXED = 30
+# Serialized size of one Neighbor besides its label and source: its key and length in the Result
+# (4), row and source_index (int64: 11 each), class_index (int32: 11), similarity (5), the keys
+# and lengths of label and source (4 each).
+_NEIGHBOR_FIXED = 50
 # A response besides its results: model_version, request_id keys and lengths, error_code, error.
 _RESPONSE_FIXED = 32 + MAX_ERROR_CHARS
 
 
 def response_bound(ids: Sequence[str], request_id: str, detector: Detector,
-                   per_image: int | None = None) -> int:
+                   per_image: int | None = None, neighbors: int = 0) -> int:
     """The most bytes the ScoreResponse to a request with these image ids can take: ids and
     request_id echoed, and per image either an error (at most MAX_ERROR_CHARS, ASCII) or a label
-    of the model's (`per_image`: `per_image_bound(detector)`, computed when not given). Fields
-    added to Result must be added here."""
+    of the model's and `neighbors` neighbours (`per_image`: `per_image_bound(detector,
+    neighbors)`, computed when not given). Fields added to Result must be added here."""
     if per_image is None:
-        per_image = per_image_bound(detector)
+        per_image = per_image_bound(detector, neighbors)
     return (sum(len(i.encode()) for i in ids) + per_image * len(ids)
             + len(request_id.encode()) + len(detector.model_version.encode()) + _RESPONSE_FIXED)
 
 
-def per_image_bound(detector: Detector) -> int:
-    """The most bytes one Result takes besides its id (see `response_bound`)."""
+def per_image_bound(detector: Detector, neighbors: int = 0) -> int:
+    """The most bytes one Result with `neighbors` neighbours takes besides its id (see
+    `response_bound`)."""
+    base, per_neighbor = _image_bounds(detector)
+    return base + neighbors * per_neighbor
+
+
+def _image_bounds(detector: Detector) -> tuple[int, int]:
+    """(bytes of a Result without neighbours besides its id, bytes of one Neighbor)."""
     label = max((len(c.encode()) for c in detector.class_names), default=0)
-    return _RESULT_FIXED + 3 + max(MAX_ERROR_CHARS, label)
+    source = detector.sources.max_describe_bytes()
+    return _RESULT_FIXED + 3 + max(MAX_ERROR_CHARS, label), _NEIGHBOR_FIXED + label + source
 
 
 class _ImageData(collections.abc.Sequence):
@@ -177,7 +196,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         `rwood-worker` trailing metadata of unary calls (which worker answered)."""
         self._host, self._cfg, self._metrics = host, config, metrics
         self._trailers = () if worker is None else (("rwood-worker", str(worker)),)
-        self._bound: tuple[Detector | None, int] = (None, 0)   # per_image_bound of a model
+        # (model, _image_bounds of it): computed once per model served
+        self._bound: tuple[Detector | None, tuple[int, int]] = (None, (0, 0))
 
     @_observed("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
@@ -187,24 +207,28 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     async def _score(self, request: pb.ScoreRequest, deadline: float | None,
                      bytes_held: bool = False) -> pb.ScoreResponse:
         ids = [im.id for im in request.images]
-        self._check_response_size(ids, request.request_id)
+        self._check_response_size(ids, request.request_id, request.neighbors)
         results, version = await self._host.score(ids, _ImageData(request.images), deadline,
-                                                  request.ByteSize(), bytes_held=bytes_held)
+                                                  request.ByteSize(), bytes_held=bytes_held,
+                                                  neighbors=request.neighbors)
         return _to_response(results, version, request.request_id, self._cfg.max_message_bytes)
 
-    def _check_response_size(self, ids: list[str], request_id: str) -> None:
-        """InputError when the response to these ids could exceed the message limit."""
+    def _check_response_size(self, ids: list[str], request_id: str, neighbors: int) -> None:
+        """InputError when the response to these ids (with `neighbors` neighbours each) could
+        exceed the message limit."""
         detector = self._host.detector
-        if detector is None or not ids:
+        if detector is None or not ids or not 0 <= neighbors <= detector.max_neighbors:
             return                      # ModelHost refuses these itself
         if self._bound[0] is not detector:             # once per model served
-            self._bound = (detector, per_image_bound(detector))
-        need = response_bound(ids, request_id, detector, self._bound[1])
+            self._bound = (detector, _image_bounds(detector))
+        base, per_neighbor = self._bound[1]
+        need = response_bound(ids, request_id, detector, base + neighbors * per_neighbor)
         limit = self._cfg.max_message_bytes
         if need > limit:
             raise InputError(f"the response to {len(ids)} images with these ids could take "
                              f"{need} bytes, over the message limit of {limit}; send fewer "
-                             "images (or shorter ids) per request", field="images")
+                             "images (or shorter ids, or fewer neighbors) per request",
+                             field="images")
 
     @_observed("GetInfo")
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext

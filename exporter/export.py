@@ -9,8 +9,10 @@ behind, see detector_server.bundle.write_bundle):
    `Embedder`): for knn, index.faiss + labels.npy, the index chosen, its search parameters set
    and checked against exact search by `detector_server.index_choice.choose_index` (refused
    below `min_recall` or when a query gets fewer than K neighbours; the numbers go into the
-   manifest); for mahalanobis, mahalanobis_means.npy and mahalanobis_precision.npy (class
-   means, shared precision);
+   manifest), sources.json (each row's training-set index, and file for a folder dataset) and
+   the calibration embeddings as calibration_embeddings.npy (so `rwood-bank` can score them
+   again after a bank edit); for mahalanobis, mahalanobis_means.npy and
+   mahalanobis_precision.npy (class means, shared precision);
 4. the threshold: those embeddings scored by a `Detector` on the staged bundle (the runtime's
    exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
    calibration_scores.npy, the reference of the runtime's drift test and score histogram;
@@ -34,8 +36,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from detector_server.bank_sources import TRAIN_ORIGIN, BankSources
 from detector_server.bundle import (
     FEATURE_OUTPUTS,
+    BankInfo,
     Bundle,
     IndexInfo,
     MahalanobisInfo,
@@ -62,12 +66,14 @@ from .config import ExportConfig
 from .onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 from .quantize import QUANTIZED_FILES, get_quantizer
 
-__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE"]
+__all__ = ["export_bundle", "MODEL_FILE", "INDEX_FILE", "LABELS_FILE", "CALIBRATION_FILE",
+           "SOURCES_FILE", "CALIBRATION_EMBEDDINGS_FILE"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE, INDEX_FILE, LABELS_FILE = "model.onnx", "index.faiss", "labels.npy"
 CALIBRATION_FILE = "calibration_scores.npy"
+SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE = "sources.json", "calibration_embeddings.npy"
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
@@ -108,6 +114,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
         dim = int(emb.shape[1])
+        if knn:
+            indices, files = run.bank_sources()
+            BankSources.of(TRAIN_ORIGIN, indices, files).write(stage / SOURCES_FILE)
         manifest = Manifest(
             model_version=name,             # write_bundle appends the decision digest
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
@@ -117,11 +126,13 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
             model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
             labels_file=LABELS_FILE, quantization=quant,
             training=_training_metadata(run.path, info), created=_now(), scorer=cfg.scorer,
-            mahalanobis=None if knn else MahalanobisInfo(dim, len(labels), feature=cfg.feature))
+            mahalanobis=None if knn else MahalanobisInfo(dim, len(labels), feature=cfg.feature),
+            bank=BankInfo(SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE) if knn else None)
         embedder = Embedder(stage / served, manifest, device="cpu",
                             threads=resolve_threads(cfg.threads))
         calib = embedder.embed(images)
         if knn:
+            np.save(stage / CALIBRATION_EMBEDDINGS_FILE, calib, allow_pickle=False)
             ood_emb = {set_name: embedder.embed(x) for set_name, x in ood.items()}
             manifest = _stage_index(stage, emb, labels, calib, ood_emb, manifest, cfg)
         else:

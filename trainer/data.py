@@ -61,6 +61,8 @@ class ImageArrays:
     labels: np.ndarray         # int64 [N], in [0, len(class_names))
     class_names: list[str]     # index = label
     source: str                # where the pixels came from (path or package)
+    files: tuple[str, ...] | None = None  # each image's file relative to the folder root
+                                          # ("/"-separated; folder datasets only)
 
 
 # (path, split, size or None = choose_image_size's rule, download, max_classes)
@@ -323,7 +325,8 @@ def read_folder(root: str | Path, size: int | None) -> ImageArrays:
         except InputError as e:
             raise DataError(e.message, path=str(f)) from None
     labels = np.asarray([label for label, _ in listed], dtype=np.int64)
-    return ImageArrays(np.stack(images), labels, classes, str(root))
+    return ImageArrays(np.stack(images), labels, classes, str(root),
+                       tuple(rel for _, rel in listed))
 
 
 def _shorter_side(f: Path) -> int:
@@ -380,8 +383,9 @@ def select_classes(d: ImageArrays, keep: list[int]) -> ImageArrays:
     remap = np.full(len(d.class_names), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))
     mask = remap[d.labels] >= 0
+    files = None if d.files is None else tuple(f for f, m in zip(d.files, mask) if m)
     return ImageArrays(d.images[mask], remap[d.labels[mask]], [d.class_names[c] for c in keep],
-                       d.source)
+                       d.source, files)
 
 
 def dataset_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -10,7 +10,8 @@ the run's bank rows with the postprocessor: "knn" is `detector_server.knn.KNNSco
 deployed runtime's scorer, so these numbers are the deployed scores) and "mahalanobis" is
 `trainer.mahalanobis.MahalanobisScorer`; metrics come from `detector_server.metrics`. ID accuracy:
 KNN vote on the bank (always), the postprocessor's prediction, and the linear head when the model
-has one. Embedding quality of both bank features (paper 4.1).
+has one. Embedding quality of both bank features (paper 4.1). The evidence behind the KNN scores
+(`trainer.evidence`): the extreme images of each set with their nearest bank images.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from detector_server.metrics import fpr_at_tpr_ood_positive, ood_metrics, thresh
 from detector_server.validate import check_int
 
 from .embedding_quality import QUALITY_NOTE, embedding_quality
+from .evidence import Evidence, collect_evidence
 from .mahalanobis import MahalanobisScorer
 from .ood_sets import load_image_set, parse_set_arg
 from .run_dir import BANK_FILE, CALIBRATION_FILE, MODEL_FILE, RunDir, RunInfo
@@ -55,8 +57,13 @@ def _register(fn: Callable[..., Scorer]) -> Callable[..., Scorer]:
 
 @_register
 def knn(bank: np.ndarray, labels: np.ndarray, k: int, num_classes: int, device: str) -> Scorer:
+    return _knn_scorer(bank, labels, k, num_classes, device).score
+
+
+def _knn_scorer(bank: np.ndarray, labels: np.ndarray, k: int, num_classes: int,
+                device: str) -> KNNScorer:
     index = index_to_device(build_index(bank), "cpu" if device == "cpu" else "auto")
-    return KNNScorer(index, labels, k=k, num_classes=num_classes).score
+    return KNNScorer(index, labels, k=k, num_classes=num_classes)
 
 
 @_register
@@ -78,6 +85,7 @@ class Evaluation:
     embeddings: dict[str, np.ndarray]        # same keys -> float32 [N, D], the scored feature
     id_labels: np.ndarray                    # int64 [N_id], -1 where unknown
     class_names: list[str] = field(default_factory=list)
+    evidence: Evidence | None = None         # extreme images and their nearest bank rows (KNN)
 
 
 def _resolve_device(device: str) -> str:
@@ -188,10 +196,11 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
     log.info("ID test %s: %d images", id_name, len(id_images))
     id_out = _embed(model, id_images, id_name, batch_size, device, progress)
     embeddings = {"id": id_out[output]}
+    images = {"id": id_images}
     for name, path in (ood or {}).items():
-        images, _ = load_image_set(name, path, info.preprocess)
-        log.info("OOD %s: %d images", name, len(images))
-        embeddings[name] = _embed(model, images, name, batch_size, device, progress)[output]
+        images[name], _ = load_image_set(name, path, info.preprocess)
+        log.info("OOD %s: %d images", name, len(images[name]))
+        embeddings[name] = _embed(model, images[name], name, batch_size, device, progress)[output]
     accuracy: dict[str, float | None] = {
         "knn": None, "linear_head": (_accuracy(id_out["logits"].argmax(1), id_labels,
                                                len(class_names)) if "logits" in id_out else None)}
@@ -204,17 +213,26 @@ def evaluate_many(run_dir: str | Path, id_test: str | None = None,
                                     class_names=class_names)
                for f in run.bank_features()}
 
-    # score with the KNN scorer (always: its vote is the reported KNN accuracy) and the others
+    # score with the KNN scorer (always: its vote is the reported KNN accuracy, its neighbours
+    # the evidence) and the others
+    knn_scorer = _knn_scorer(bank_emb, bank_labels, k, len(class_names), device)
     results: dict[str, Evaluation] = {}
+    evidence = None
     for post in ("knn", *[p for p in postprocessors if p != "knn"]):
-        scorer = _POSTPROCESSORS[post](bank_emb, bank_labels, k, len(class_names), device)
+        scorer = (knn_scorer.score if post == "knn"
+                  else _POSTPROCESSORS[post](bank_emb, bank_labels, k, len(class_names), device))
         scored = {n: scorer(e) for n, e in embeddings.items()}
+        if post == "knn":
+            evidence = collect_evidence(run, info, knn_scorer, {n: s for n, (s, _) in scored.items()},
+                                        embeddings, images)
         accuracy[post] = _accuracy(scored["id"][1], id_labels, len(class_names))
         if post in postprocessors:
             scores = {n: s for n, (s, _) in scored.items()}
             report = _report(run.path, {"postprocessor": post, **settings}, info, scores,
                              dict(accuracy), quality)
-            results[post] = Evaluation(report, scores, embeddings, id_labels, class_names)
+            report["evidence"] = evidence.summary()
+            results[post] = Evaluation(report, scores, embeddings, id_labels, class_names,
+                                       evidence)
     return results
 
 

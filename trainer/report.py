@@ -14,6 +14,8 @@ backend state is touched; report.md links exactly the plots written:
 - embedding_2d.png: PCA (numpy SVD, fitted on the ID test embeddings), one colour and legend
   entry per class name (`class_colours`, no greys), OOD sets as lighter grey/black markers drawn
   underneath and subsampled.
+- neighbors.png (when the bank images can be read back, `trainer.evidence`): the best-scored ID
+  and the worst- and best-scored OOD images, each next to its nearest bank images.
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ import numpy as np
 from detector_server.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 from .evaluate import Evaluation, evaluate
+from .evidence import SHEET, contact_sheet
 
 __all__ = ["evaluate_run", "write_report", "render_markdown", "detection_table", "quality_table",
            "detection_summary", "PLOTS", "pca_2d", "histogram_bins", "class_colours"]
 
-PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")
+PLOTS = ("score_histograms.png", "roc.png", "embedding_2d.png")   # the plots of every report
 _MAX_ID_POINTS, _MAX_OOD_POINTS = 2000, 500   # points drawn in the 2-D projection
 
 
@@ -59,7 +62,9 @@ def write_report(ev: Evaluation, out_dir: str | Path) -> list[Path]:
     figures = {"embedding_2d.png": _embedding_figure}
     if len(ev.scores) > 1:  # histograms and ROC compare ID with OOD sets: none without them
         figures.update({"score_histograms.png": _histogram_figure, "roc.png": _roc_figure})
-    plots = [name for name in PLOTS if name in figures]
+    if ev.evidence is not None and ev.evidence.bank_images is not None:
+        figures[SHEET] = lambda e: contact_sheet(e.evidence)
+    plots = [name for name in (*PLOTS, SHEET) if name in figures]
     for name in plots:
         buf = io.BytesIO()
         figures[name](ev).savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -157,8 +162,18 @@ def render_markdown(report: dict[str, Any], plots: list[str] | tuple[str, ...] =
         if isinstance(q, dict):
             lines.append(f"| {feat} | {q['mean_radius']:.4f} | {q['dispersion']:.4f} |")
     lines += ["", report["embedding_quality"]["note"]]
-    if plots:
-        lines += ["", "## Plots", "", *(f"![{p[:-4]}]({p})" for p in plots)]
+    figures = [p for p in plots if p != SHEET]
+    if figures:
+        lines += ["", "## Plots", "", *(f"![{p[:-4]}]({p})" for p in figures)]
+    if SHEET in plots or report.get("evidence", {}).get("note"):
+        lines += ["", "## Evidence: the nearest bank images", "",
+                  "The best-scored ID images and each OOD set's worst- and best-scored images, "
+                  "each next to the bank rows behind its KNN score (class, similarity, source: "
+                  "`train#i` is row i of the training set)."
+                  " For a bundle with this feature and a Flat index, `rwood-serve` returns "
+                  "these rows for `neighbors`.", ""]
+        lines.append(f"![neighbors]({SHEET})" if SHEET in plots
+                     else f"No contact sheet: {report['evidence']['note']}.")
     return "\n".join(lines) + "\n"
 
 

@@ -187,6 +187,23 @@ class RunDir:
                                   path=path, field="labels")
         return emb, labels.astype(np.int64)
 
+    def bank_sources(self) -> tuple[np.ndarray, list[str] | None]:
+        """Where the bank rows came from: (int64 [N] rows of the training set, the image files
+        relative to the dataset folder for folder datasets, else None). CheckpointError naming
+        bank.npz and the array when one is missing or does not match the labels."""
+        self.require(BANK_FILE)
+        path = self.file(BANK_FILE)
+        with _open_npz(path, CheckpointError) as f:
+            labels, indices = (_array(f, key, path, CheckpointError) for key in ("labels", "indices"))
+            files = _array(f, "files", path, CheckpointError) if "files" in f.files else None
+        if indices.dtype.kind not in "iu" or indices.shape != labels.shape:
+            raise CheckpointError(f"expected integer indices {labels.shape}, got {indices.dtype} "
+                                  f"{indices.shape}", path=path, field="indices")
+        if files is not None and (files.dtype.kind != "U" or files.shape != labels.shape):
+            raise CheckpointError(f"expected file names {labels.shape}, got {files.dtype} "
+                                  f"{files.shape}", path=path, field="files")
+        return indices.astype(np.int64), None if files is None else [str(f) for f in files]
+
     def calibration(self, instead: str) -> tuple[np.ndarray, np.ndarray]:
         """The held-out split: (uint8 [M, S, S, 3] at model input, int64 [M] labels), M >= 1.
 
@@ -294,14 +311,18 @@ def write_run_info(run_dir: str | Path, info: RunInfo) -> Path:
 
 
 def write_bank(run_dir: str | Path, embeddings: dict[str, np.ndarray], labels: np.ndarray,
-               indices: np.ndarray, class_names: list[str]) -> Path:
+               indices: np.ndarray, class_names: list[str],
+               files: list[str] | None = None) -> Path:
     """Write RUN_DIR/bank.npz atomically.
 
     embeddings: model output name -> float32 [N, D] unit rows (`embed_arrays`' result), stored
     under the feature names of FEATURE_OUTPUTS; labels, indices (rows of the training set):
-    int [N]. Returns the path.
+    int [N]; files: each row's image file relative to the dataset folder (folder datasets).
+    Returns the path.
     """
     arrays = {name: embeddings[out].astype(np.float32) for name, out in FEATURE_OUTPUTS.items()}
+    if files is not None:
+        arrays["files"] = np.asarray(files, dtype=str)
     return _write_npz(Path(run_dir) / BANK_FILE, **arrays, labels=labels.astype(np.int64),
                       indices=indices.astype(np.int64),
                       class_names=np.asarray(class_names, dtype=str))

@@ -388,7 +388,8 @@ def _finish(run_dir: Path, net: nn.Module, model_args: dict, spec: PreprocessSpe
     deploy = DeployModel(net, spec.mean, spec.std).to(device).eval()
     emb = embed_arrays(deploy, full.images[train_idx], batch_size=batch, device=device,
                        progress=True, desc="embedding bank")
-    write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names)
+    files = None if full.files is None else [full.files[i] for i in train_idx]
+    write_bank(run_dir, emb, full.labels[train_idx], train_idx, full.class_names, files)
     write_image_hashes(run_dir, full.images[train_idx])   # rwood-export refuses them as calibration
     if len(cal_idx):  # none at calibration_fraction 0: every image is trained on and banked
         write_calibration(run_dir, full.images[cal_idx], full.labels[cal_idx], cal_idx)

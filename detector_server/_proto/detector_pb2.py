@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rwood/v1/detector.proto\x12\x08rwood.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"C\n\x0cScoreRequest\x12\x1f\n\x06images\x18\x01 \x03(\x0b\x32\x0f.rwood.v1.Image\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"t\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06is_ood\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x17\n\x0fpredicted_class\x18\x05 \x01(\x05\x12\x17\n\x0fpredicted_label\x18\x06 \x01(\t\"\x80\x01\n\rScoreResponse\x12!\n\x07results\x18\x01 \x03(\x0b\x32\x10.rwood.v1.Result\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x98\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\x05\x12\x0e\n\x06resize\x18\x06 \x01(\t\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nmax_images\x18\t \x01(\x05\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x12\n\nmax_pixels\x18\x0b \x01(\x03\x12\x11\n\tmax_batch\x18\x0c \x01(\x05\x12$\n\x06scorer\x18\r \x01(\x0b\x32\x14.rwood.v1.ScorerInfo\"\xa3\x02\n\nScorerInfo\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12=\n\rsearch_params\x18\x07 \x03(\x0b\x32&.rwood.v1.ScorerInfo.SearchParamsEntry\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x66loat16\x18\t \x01(\x08\x12\x0f\n\x07queries\x18\n \x01(\x03\x12\x15\n\rshort_queries\x18\x0b \x01(\x03\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc2\x01\n\x08\x44\x65tector\x12\x38\n\x05Score\x12\x16.rwood.v1.ScoreRequest\x1a\x17.rwood.v1.ScoreResponse\x12\x42\n\x0bScoreStream\x12\x16.rwood.v1.ScoreRequest\x1a\x17.rwood.v1.ScoreResponse(\x01\x30\x01\x12\x38\n\x07GetInfo\x12\x18.rwood.v1.GetInfoRequest\x1a\x13.rwood.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rwood/v1/detector.proto\x12\x08rwood.v1\"!\n\x05Image\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"V\n\x0cScoreRequest\x12\x1f\n\x06images\x18\x01 \x03(\x0b\x32\x0f.rwood.v1.Image\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x11\n\tneighbors\x18\x03 \x01(\x05\"u\n\x08Neighbor\x12\x0b\n\x03row\x18\x01 \x01(\x03\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x02\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0csource_index\x18\x06 \x01(\x03\"\x9b\x01\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0e\n\x06is_ood\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x17\n\x0fpredicted_class\x18\x05 \x01(\x05\x12\x17\n\x0fpredicted_label\x18\x06 \x01(\t\x12%\n\tneighbors\x18\x07 \x03(\x0b\x32\x12.rwood.v1.Neighbor\"\x80\x01\n\rScoreResponse\x12!\n\x07results\x18\x01 \x03(\x0b\x32\x10.rwood.v1.Result\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x10\n\x0eGetInfoRequest\"\x98\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\x05\x12\x0e\n\x06resize\x18\x06 \x01(\t\x12\x11\n\tproviders\x18\x07 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x12\n\nmax_images\x18\t \x01(\x05\x12\x19\n\x11max_message_bytes\x18\n \x01(\x03\x12\x12\n\nmax_pixels\x18\x0b \x01(\x03\x12\x11\n\tmax_batch\x18\x0c \x01(\x05\x12$\n\x06scorer\x18\r \x01(\x0b\x32\x14.rwood.v1.ScorerInfo\"\xa3\x02\n\nScorerInfo\x12\x0e\n\x06scorer\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12=\n\rsearch_params\x18\x07 \x03(\x0b\x32&.rwood.v1.ScorerInfo.SearchParamsEntry\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x66loat16\x18\t \x01(\x08\x12\x0f\n\x07queries\x18\n \x01(\x03\x12\x15\n\rshort_queries\x18\x0b \x01(\x03\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc2\x01\n\x08\x44\x65tector\x12\x38\n\x05Score\x12\x16.rwood.v1.ScoreRequest\x1a\x17.rwood.v1.ScoreResponse\x12\x42\n\x0bScoreStream\x12\x16.rwood.v1.ScoreRequest\x1a\x17.rwood.v1.ScoreResponse(\x01\x30\x01\x12\x38\n\x07GetInfo\x12\x18.rwood.v1.GetInfoRequest\x1a\x13.rwood.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=37
   _globals['_IMAGE']._serialized_end=70
   _globals['_SCOREREQUEST']._serialized_start=72
-  _globals['_SCOREREQUEST']._serialized_end=139
-  _globals['_RESULT']._serialized_start=141
-  _globals['_RESULT']._serialized_end=257
-  _globals['_SCORERESPONSE']._serialized_start=260
-  _globals['_SCORERESPONSE']._serialized_end=388
-  _globals['_GETINFOREQUEST']._serialized_start=390
-  _globals['_GETINFOREQUEST']._serialized_end=406
-  _globals['_MODELINFO']._serialized_start=409
-  _globals['_MODELINFO']._serialized_end=689
-  _globals['_SCORERINFO']._serialized_start=692
-  _globals['_SCORERINFO']._serialized_end=983
-  _globals['_SCORERINFO_SEARCHPARAMSENTRY']._serialized_start=932
-  _globals['_SCORERINFO_SEARCHPARAMSENTRY']._serialized_end=983
-  _globals['_DETECTOR']._serialized_start=986
-  _globals['_DETECTOR']._serialized_end=1180
+  _globals['_SCOREREQUEST']._serialized_end=158
+  _globals['_NEIGHBOR']._serialized_start=160
+  _globals['_NEIGHBOR']._serialized_end=277
+  _globals['_RESULT']._serialized_start=280
+  _globals['_RESULT']._serialized_end=435
+  _globals['_SCORERESPONSE']._serialized_start=438
+  _globals['_SCORERESPONSE']._serialized_end=566
+  _globals['_GETINFOREQUEST']._serialized_start=568
+  _globals['_GETINFOREQUEST']._serialized_end=584
+  _globals['_MODELINFO']._serialized_start=587
+  _globals['_MODELINFO']._serialized_end=867
+  _globals['_SCORERINFO']._serialized_start=870
+  _globals['_SCORERINFO']._serialized_end=1161
+  _globals['_SCORERINFO_SEARCHPARAMSENTRY']._serialized_start=1110
+  _globals['_SCORERINFO_SEARCHPARAMSENTRY']._serialized_end=1161
+  _globals['_DETECTOR']._serialized_start=1164
+  _globals['_DETECTOR']._serialized_end=1358
 # @@protoc_insertion_point(module_scope)

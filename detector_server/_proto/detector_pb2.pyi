@@ -15,28 +15,48 @@ class Image(_message.Message):
     def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("images", "request_id")
+    __slots__ = ("images", "request_id", "neighbors")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     request_id: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    neighbors: int
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., request_id: _Optional[str] = ..., neighbors: _Optional[int] = ...) -> None: ...
+
+class Neighbor(_message.Message):
+    __slots__ = ("row", "class_index", "label", "similarity", "source", "source_index")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    class_index: int
+    label: str
+    similarity: float
+    source: str
+    source_index: int
+    def __init__(self, row: _Optional[int] = ..., class_index: _Optional[int] = ..., label: _Optional[str] = ..., similarity: _Optional[float] = ..., source: _Optional[str] = ..., source_index: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "score", "is_ood", "error", "predicted_class", "predicted_label")
+    __slots__ = ("id", "score", "is_ood", "error", "predicted_class", "predicted_label", "neighbors")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IS_OOD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CLASS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LABEL_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     is_ood: bool
     error: str
     predicted_class: int
     predicted_label: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_ood: _Optional[bool] = ..., error: _Optional[str] = ..., predicted_class: _Optional[int] = ..., predicted_label: _Optional[str] = ...) -> None: ...
+    neighbors: _containers.RepeatedCompositeFieldContainer[Neighbor]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., is_ood: _Optional[bool] = ..., error: _Optional[str] = ..., predicted_class: _Optional[int] = ..., predicted_label: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "model_version", "request_id", "error_code", "error")

@@ -32,10 +32,18 @@ def id_pool(id_images: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def custom_bundle(tiny_run: Path, id_pool: np.ndarray, tmp_path_factory) -> Path:
     """Non-default options in one export: projection index, k=20, int8, 378 user calibration
-    images (the first half of the unseen digits; never in the bank)."""
+    images (the first half of the unseen digits; never in the bank), and a bank whose rows name
+    their files (as a folder dataset's do)."""
     root = tmp_path_factory.mktemp("custom")
     np.savez(root / "calib.npz", images=id_pool[:N_CAL])
-    return export_bundle(tiny_run, root / "bundle", feature="projection", k=20,
+    run = root / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    with np.load(run / "bank.npz") as f:
+        bank = {k: f[k] for k in f.files}
+    bank["files"] = np.array([f"{bank['class_names'][c]}/{i:04d}.png"
+                              for c, i in zip(bank["labels"], bank["indices"])])
+    np.savez(run / "bank.npz", **bank)
+    return export_bundle(run, root / "bundle", feature="projection", k=20,
                          calibration=root / "calib.npz", quantize="int8", threads=2)
 
 
@@ -61,6 +69,15 @@ def test_default_bundle_contents(tiny_run: Path, tiny_bundle: Path) -> None:
     index = faiss.read_index(str(tiny_bundle / "index.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal), bank["penultimate"])
     np.testing.assert_array_equal(np.load(tiny_bundle / "labels.npy"), bank["labels"])
+    # Every row's source is its training-set index; the calibration embeddings are kept.
+    b = load_bundle(tiny_bundle)
+    sources = b.sources()
+    np.testing.assert_array_equal(sources.index, bank["indices"])
+    assert sources.describe(0) == f"train#{bank['indices'][0]}" and sources.counts() == {
+        "train": index.ntotal}
+    det = Detector(b, device="cpu", threads=2)
+    calibration = np.load(tiny_run / "calibration.npz")["images"]
+    np.testing.assert_allclose(b.calibration_embeddings(), det.embed(calibration), atol=1e-5)
 
 
 def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
@@ -69,7 +86,8 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     assert m.index.feature == "projection" and m.k == 20
     assert m.served_file == "model.int8.onnx" and m.quantization["type"] == "int8"
     assert set(m.files) == {"model.onnx", "model.int8.onnx", "index.faiss", "labels.npy",
-                            "calibration_scores.npy"}
+                            "calibration_scores.npy", "sources.json",
+                            "calibration_embeddings.npy"}
     assert m.model_version == derive_model_version(tiny_run.name, m.to_dict())
     t = m.threshold
     assert t.source.startswith("npz:") and t.n_samples == N_CAL
@@ -85,6 +103,10 @@ def test_custom_bundle_threshold_and_int8(custom_bundle: Path, tiny_run: Path,
     index = faiss.read_index(str(custom_bundle / "index.faiss"))
     np.testing.assert_array_equal(index.reconstruct_n(0, index.ntotal),
                                   np.load(tiny_run / "bank.npz")["projection"])
+    sources, bank = load_bundle(custom_bundle).sources(), np.load(tiny_run / "bank.npz")
+    np.testing.assert_array_equal(sources.index, bank["indices"])
+    c, i = bank["class_names"][bank["labels"][5]], bank["indices"][5]
+    assert sources.describe(5) == f"train/{c}/{i:04d}.png" and sources.path[5] == f"{c}/{i:04d}.png"
 
 
 def test_int8_model_close_to_float(custom_bundle: Path, id_pool: np.ndarray) -> None:

@@ -48,11 +48,11 @@ def noisy_copies(x: np.ndarray, copies: int, noise: float = 0.01, seed: int = 0)
 
 
 def publish(src: Path, out: Path, manifest: Manifest, replace: dict | None = None) -> Path:
-    """A bundle at `out`: `src`'s model files plus `replace` {name: writer(path)}, `manifest`."""
+    """A bundle at `out`: `manifest`'s payload files from `src` (models, calibration scores,
+    bank sources) but those of `replace` {name: writer(path)}, which are written instead."""
     with staging_dir(out) as stage:
-        for name in dict.fromkeys((manifest.model_file, manifest.served_file,
-                                   manifest.calibration_file)):
-            if name is not None:
+        for name in manifest.payload_files:
+            if name not in (replace or {}) and (src / name).is_file():
                 shutil.copy(src / name, stage / name)
         for name, write in (replace or {}).items():
             write(stage / name)

@@ -25,8 +25,10 @@ from detector_server.bundle import (
     write_bundle,
 )
 from detector_server.errors import BundleError
+from detector_server.manifest import DESCRIPTIVE_BANK_FIELDS
 
-PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "calibration_scores.npy")
+PAYLOAD = ("model.onnx", "index.faiss", "labels.npy", "calibration_scores.npy", "sources.json",
+           "calibration_embeddings.npy")
 
 
 @pytest.fixture()
@@ -274,8 +276,15 @@ def test_decision_digest_follows_every_field_but_the_descriptive_ones(tiny_bundl
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = _changed(value)
-        counts = path[0] not in DESCRIPTIVE_FIELDS
+        counts = path[0] not in DESCRIPTIVE_FIELDS and path[:2] not in [
+            ("bank", f) for f in DESCRIPTIVE_BANK_FIELDS]
         assert (decision_digest(edited) != base) == counts, path
+    # the bank's edit history is descriptive; where its files are is not
+    edited = json.loads(json.dumps(raw))
+    edited["bank"]["lineage"] = [{"op": "add", "parent": "x", "when": "2026-01-01T00:00:00"}]
+    assert decision_digest(edited) == base
+    edited["bank"]["sources_file"] = "other.json"
+    assert decision_digest(edited) != base
     with pytest.raises(ValueError, match="files"):
         decision_digest({**raw, "files": {}})
 

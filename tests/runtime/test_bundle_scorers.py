@@ -20,6 +20,8 @@ from ann_data import ivf_bundle, publish
 from click.testing import CliRunner
 from PIL import Image
 
+from detector_server.bank_edit import remove_rows
+from detector_server.bank_info import bank_info
 from detector_server.bundle import (
     MANIFEST_FILE,
     IndexInfo,
@@ -114,7 +116,7 @@ def _mahalanobis_bundle(tiny_run: Path, tiny_bundle: Path, out: Path,
     m = load_bundle(tiny_bundle, verify_model=False).manifest
     with np.load(tiny_run / "bank.npz") as f:
         means, precision = fit_mahalanobis(f["penultimate"], f["labels"], len(m.class_names))
-    mm = dataclasses.replace(m, scorer="mahalanobis", index=None, k=None,
+    mm = dataclasses.replace(m, scorer="mahalanobis", index=None, k=None, bank=None,
                              mahalanobis=MahalanobisInfo(m.index.dim, m.index.ntotal))
     files = {"mahalanobis_means.npy": lambda p: np.save(p, means),
              "mahalanobis_precision.npy": lambda p: np.save(p, precision), **(write or {})}
@@ -139,6 +141,19 @@ def test_mahalanobis_bundle_scores_with_the_nearest_mean(tiny_run: Path, tiny_bu
     assert s["scorer"] == s["kind"] == "mahalanobis" and s["rows"] == 10 and det.k is None
     with pytest.raises(InputError, match="no search parameters"):
         Detector(b, device="cpu", threads=1, search_params={"nprobe": 1})
+    # no bank rows behind a mahalanobis score: no neighbours, nothing for rwood-bank to edit
+    assert det.max_neighbors == 0
+    with pytest.raises(InputError, match=r"neighbors.*\[0, 0\]"):
+        det.score_arrays(images, neighbors=1)
+    with pytest.raises(BundleError, match="no bank rows") as e:
+        bank_info(out)
+    assert e.value.field == "scorer"
+    with pytest.raises(BundleError, match="no bank rows"):
+        remove_rows(out, tmp_path / "edited", label="0")
+    assert not (tmp_path / "edited").exists()
+    with pytest.raises(BundleError, match="must be null for the mahalanobis scorer") as e:
+        dataclasses.replace(b.manifest, bank=load_bundle(tiny_bundle).manifest.bank)
+    assert e.value.field == "bank"
 
 
 def test_mahalanobis_manifest_and_file_refusals(tiny_run: Path, tiny_bundle: Path,

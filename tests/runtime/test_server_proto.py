@@ -76,9 +76,11 @@ def test_pyproject_bounds_admit_only_compatible_runtimes():
 # The wire contract: a changed number breaks every deployed client. Add fields, never renumber.
 WIRE = {
     "Image": {"id": 1, "data": 2},
-    "ScoreRequest": {"images": 1, "request_id": 2},
+    "ScoreRequest": {"images": 1, "request_id": 2, "neighbors": 3},
     "Result": {"id": 1, "score": 2, "is_ood": 3, "error": 4, "predicted_class": 5,
-               "predicted_label": 6},
+               "predicted_label": 6, "neighbors": 7},
+    "Neighbor": {"row": 1, "class_index": 2, "label": 3, "similarity": 4, "source": 5,
+                 "source_index": 6},
     "ScoreResponse": {"results": 1, "model_version": 2, "request_id": 3, "error_code": 4,
                       "error": 5},
     "GetInfoRequest": {},

@@ -189,6 +189,11 @@ def test_folder_loader_reads_real_pngs_sorted_by_class_name(tmp_path, d300):
     assert d.images.shape == (12, 32, 32, 3) and d.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     for label, name in enumerate(d.class_names):
         np.testing.assert_array_equal(d.images[d.labels == label], expected[name])
+    assert d.files[:2] == ("seven/000.png", "seven/001.png") and len(d.files) == 12
+    kept = select_classes(d, [2, 0])                  # each image keeps its file
+    assert kept.files == d.files[:4] + d.files[8:]     # dataset order, classes 0 and 2
+    for image, f in zip(kept.images, kept.files):
+        np.testing.assert_array_equal(image, d.images[d.files.index(f)])
 
 
 def test_folder_loader_resizes_other_sizes_and_modes(tmp_path, ood_images):

@@ -116,8 +116,54 @@ def test_report_without_ood_sets_links_only_the_plots_written(tiny_run, tmp_path
     res = CliRunner().invoke(eval_main, [str(tiny_run), "--device", "cpu", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (tmp_path / "report.md").read_text())
-    assert links == ["embedding_2d.png"] and (tmp_path / "embedding_2d.png").is_file()
+    assert links == ["embedding_2d.png", "neighbors.png"] and (tmp_path / "embedding_2d.png").is_file()
     assert not (tmp_path / "roc.png").exists() and not (tmp_path / "score_histograms.png").exists()
+
+
+def test_evidence_is_the_scorers_neighbours_with_the_training_images(tiny_run, small_sets,
+                                                                      tmp_path):
+    """The contact sheet: ID best-scored, each OOD set's worst and best, their nearest bank rows
+    as KNNScorer finds them, and the bank images read back from the run's training npz."""
+    from trainer.report import write_report
+
+    ev = evaluate(tiny_run, id_test=small_sets["id"], ood={"photos": small_sets["photos"]},
+                  device="cpu")
+    rows = ev.evidence.rows
+    assert [r.group for r in rows] == ["ID, best-scored"] * 3 + ["photos, worst-scored"] * 3 + [
+        "photos, best-scored"] * 3
+    assert [r.score for r in rows[:3]] == pytest.approx(np.sort(ev.scores["id"])[::-1][:3])
+    assert [r.score for r in rows[3:6]] == pytest.approx(np.sort(ev.scores["photos"])[:3])
+    with np.load(tiny_run / "bank.npz") as f:
+        scorer = KNNScorer(build_index(f["penultimate"]), f["labels"], k=10)
+        indices = f["indices"]
+    top = np.argsort(ev.scores["id"])[::-1][:3]
+    _, _, _, ids = scorer.score_neighbors(ev.embeddings["id"][top], 5)
+    np.testing.assert_array_equal(np.stack([r.rows for r in rows[:3]]), ids)
+    train = np.load(Path(json.loads((tiny_run / "config.json").read_text())["config"]["data"]))
+    for row, image in ev.evidence.bank_images.items():
+        np.testing.assert_array_equal(image, train["images"][indices[row]])
+    summary = ev.report["evidence"]
+    assert summary["note"] == "" and summary["images"][0]["neighbors"][0]["source"] == \
+        f"train#{indices[ids[0, 0]]}"
+    written = write_report(ev, tmp_path / "report")
+    assert tmp_path / "report" / "neighbors.png" in written
+    assert "![neighbors](neighbors.png)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_no_contact_sheet_when_the_training_data_is_gone(tiny_run, small_sets, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["config"]["data"] = str(tmp_path / "moved.npz")
+    (run / "config.json").write_text(json.dumps(cfg))
+    ev = evaluate(run, id_test=small_sets["id"], device="cpu")
+    assert ev.evidence.bank_images is None and "moved.npz" in ev.evidence.note
+    from trainer.report import write_report
+    written = write_report(ev, tmp_path / "report")
+    assert not any(p.name == "neighbors.png" for p in written)
+    assert "No contact sheet: the bank images cannot be read back" in (
+        tmp_path / "report" / "report.md").read_text()
+    assert ev.report["evidence"]["images"][0]["neighbors"]     # the rows are still listed
 
 
 def test_mahalanobis_matches_brute_force(bank):

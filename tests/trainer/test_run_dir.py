@@ -76,6 +76,29 @@ def test_writers_round_trip(tmp_path: Path) -> None:
         assert f["images"].shape == (2, 8, 8, 3) and f["indices"].dtype == np.int64
 
 
+def test_bank_sources(tiny_run: Path, tmp_path: Path) -> None:
+    indices, files = RunDir(tiny_run).bank_sources()
+    with np.load(tiny_run / BANK_FILE) as f:
+        np.testing.assert_array_equal(indices, f["indices"])
+    assert files is None                               # an npz dataset has rows, not files
+    emb = {"feature": np.eye(2, 4, dtype=np.float32), "projection": np.eye(2, 2, dtype=np.float32)}
+    write_bank(tmp_path, emb, np.array([0, 1]), np.array([3, 9]), ["a", "b"],
+               ["a/x.png", "b/y.jpg"])
+    shutil.copy(tiny_run / CONFIG_FILE, tmp_path / CONFIG_FILE)
+    indices, files = RunDir(tmp_path).bank_sources()
+    assert indices.tolist() == [3, 9] and files == ["a/x.png", "b/y.jpg"]
+    with np.load(tmp_path / BANK_FILE) as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(tmp_path / BANK_FILE, **{**arrays, "files": arrays["files"][:1]})
+    with pytest.raises(CheckpointError, match="file names") as e:
+        RunDir(tmp_path).bank_sources()
+    assert e.value.field == "files" and e.value.path == str(tmp_path / BANK_FILE)
+    np.savez(tmp_path / BANK_FILE, **{**arrays, "indices": arrays["indices"][:1]})
+    with pytest.raises(CheckpointError, match="integer indices") as e:
+        RunDir(tmp_path).bank_sources()
+    assert e.value.field == "indices"
+
+
 def test_choose_k(run: Path) -> None:
     r = RunDir(run)
     n = len(r.bank("penultimate")[1])
