@@ -97,6 +97,16 @@ def current_search_params(index: Any) -> SearchParams:
     return {k: out[k] for k in _REPORTED if k in out}
 
 
+def served_version(manifest: Any, override: SearchParams) -> str:
+    """The model version results carry when `override` (checked search parameters) is set over
+    a bundle's (`manifest`): the bundle's version, plus "+name=value" for each parameter that
+    differs from the recorded one ("run-3f9a0c1d2e4b+nprobe=64"). So score tables (`--resume`),
+    metrics and GetInfo never mix results of two search settings; no override, the bundle's."""
+    recorded = manifest.index.search_params if manifest.index is not None else {}
+    changed = [f"{k}={v}" for k, v in sorted(override.items()) if recorded.get(k) != v]
+    return manifest.model_version + "".join(f"+{c}" for c in changed)
+
+
 def check_search_params(params: Any, field: str = "search_params") -> SearchParams:
     """`params` as a {name: positive int} dict (a copy, names sorted); InputError naming `field`."""
     if params is None:

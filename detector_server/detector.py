@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import runtime
+from . import ann, runtime
 from .bundle import Bundle, load_bundle
 from .drift import calibration_rank, expected_ood_rate
 from .embedder import Embedder
@@ -119,7 +119,8 @@ class Detector:
         device: "auto" (CUDA if onnxruntime-gpu sees one, else CPU), "cpu", "cuda" or "cuda:N".
             The FAISS index follows: on the GPU when the model is and faiss has GPU support.
         search_params: override of the bundle's index search parameters, e.g. {"nprobe": 64}
-            (logged as a warning; the threshold was calibrated with the bundle's).
+            (logged as a warning; the threshold was calibrated with the bundle's); the results'
+            `model_version` then names it (`ann.served_version`).
         threads: CPU threads for ONNX Runtime and for FAISS (default: all cores available).
         max_pixels: decoded images larger than this are refused (decompression-bomb guard).
         max_batch: images per model call inside `embed` (default from the input size: 256 at
@@ -156,6 +157,9 @@ class Detector:
         index_device = runtime.faiss_device(device, self.device)
         self._scorer = open_scorer(bundle, device=index_device, search_params=search_params)
         self.index_device = self._scorer.device
+        # an operator's search parameters make other scores: the version says so
+        self.model_version = ann.served_version(m, ann.check_search_params(search_params,
+                                                                          "search"))
         self.sources = bundle.sources()
         # the most neighbours a request may ask for: K, none without a bank (mahalanobis)
         self.max_neighbors = self.k if m.scorer == "knn" else 0

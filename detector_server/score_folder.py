@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import score_plot
-from .ann import check_search_params
+from .ann import check_search_params, served_version
 from .drift import MIN_SCORES, DriftReport, drift_test
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -254,7 +254,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     b = _load_bundle(bundle)
     check_int(neighbors, "neighbors", minimum=0,   # no bank rows behind a mahalanobis score
               maximum=b.manifest.k if b.manifest.scorer == "knn" else 0)
-    version = b.manifest.model_version
+    version = served_version(b.manifest, search_params)    # what the rows will carry
     exclude = [out, partial_path(out)] + ([Path(plot)] if plot is not None else [])
     named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     t_listing = time.perf_counter()

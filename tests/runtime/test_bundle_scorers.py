@@ -252,8 +252,8 @@ def _saved(a: np.ndarray) -> bytes:
 def test_rwood_score_search_overrides_the_bundle_and_names_the_flag(tiny_bundle: Path,
                                                                   tmp_path: Path) -> None:
     """rwood-score --search reaches the index: the bundle's nprobe 1 leaves every query short of
-    K = 100 neighbours (score -2), nprobe 64 (every cell) scores them all. The rows keep the
-    bundle's model_version: an override is logged, not a new model."""
+    K = 100 neighbours (score -2), nprobe 64 (every cell) scores them all. The rows of the
+    override carry the bundle's version plus the override, so --resume never mixes the two."""
     out = ivf_bundle(tiny_bundle, tmp_path / "b", "IVF64,Flat", {"nprobe": 1}, k=100)
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -267,9 +267,18 @@ def test_rwood_score_search_overrides_the_bundle_and_names_the_flag(tiny_bundle:
         assert res.exit_code == 0, res.output
         rows = read_rows(table)
         assert len(rows) == 6 and not any(r.error for r in rows)
-        assert {r.model_version for r in rows} == {load_bundle(out).manifest.model_version}
+        version = load_bundle(out).manifest.model_version + ("+nprobe=64" if extra else "")
+        assert {r.model_version for r in rows} == {version}
         scores[name] = np.array([r.score for r in rows])
     assert (scores["bundle"] == -2).all() and (scores["override"] > -2).all()
+    res = CliRunner().invoke(score_main, [str(out), str(folder), "--out",
+                                          str(tmp_path / "override.csv"), "--resume",
+                                          "--no-progress", "--search", "nprobe=32"])
+    assert res.exit_code == 2 and "+nprobe=64" in res.output and "+nprobe=32" in res.output
+    res = CliRunner().invoke(score_main, [str(out), str(folder), "--out",   # the recorded value
+                                          str(tmp_path / "bundle.csv"), "--resume",
+                                          "--no-progress", "--search", "nprobe=1"])
+    assert res.exit_code == 0, res.output
     res = CliRunner().invoke(score_main, [str(out), str(folder), "--out", str(tmp_path / "x.csv"),
                                           "--search", "nprobe"])
     assert res.exit_code == 2 and "error: --search: expected NAME=INTEGER" in res.output
