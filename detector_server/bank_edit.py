@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bank_index
+from . import ann, bank_index
 from ._faiss import faiss
 from .bank_sources import TRAIN_ORIGIN, BankSources
 from .bundle import (
@@ -190,6 +190,7 @@ def _open(bundle: str | os.PathLike, out: str | os.PathLike, overwrite: bool,
         if check_number(tpr, "tpr", above=0.0) >= 1.0:
             raise InputError(f"expected a number in (0, 1), got {tpr!r}", field="tpr")
     b = load_bundle(bundle)
+    bank_index.require_bank(b.manifest, b.path)
     if Path(out).exists() and not overwrite:
         raise BundleError("already exists; pass --force to replace it (it may be the bundle "
                           "itself: rwood-serve then reloads it)", path=out)
@@ -213,8 +214,15 @@ def _publish(b: Bundle, det: Detector, index: faiss.Index, labels: np.ndarray,
     """Stage index, labels, sources, the calibration embeddings and scores and the unchanged
     payload files, decide the threshold, write the manifest through `write_bundle`, verify."""
     m = b.manifest
+    ann.apply_search_params(index, m.index.search_params, "index.search_params")
     scorer = KNNScorer(index, labels, m.k, num_classes=len(class_names))
     cal = _threshold(b, det, scorer, calibration, tpr, exact)
+    if scorer.short_queries:            # export refuses such an index; so does an edit
+        raise BundleError(
+            f"{scorer.short_queries} of {scorer.queries} calibration images get fewer than "
+            f"K={m.k} neighbours from the edited {m.index.factory} index at its search "
+            f"parameters {m.index.search_params} (they would score -2): remove fewer rows, or "
+            "export again (rwood-export --search)", path=out, field="index.search_params")
     entry["threshold"] = cal.record
     bank = m.bank or BankInfo()
     emb_file = bank.calibration_embeddings_file or CALIBRATION_EMBEDDINGS_FILE

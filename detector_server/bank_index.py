@@ -6,6 +6,7 @@ Use it from `detector_server.bank_edit` (rwood-bank). Every index the exporter c
 - remove: Flat and PQ (`IndexFlatCodes`) compact their rows in order; an IVF index removes the
   rows from its lists and renumbers the ids left so they stay bank rows 0..N-1 in order; an index
   that cannot remove rows (HNSW) is rebuilt with its factory string from its stored vectors;
+- `require_bank`: only a KNN bundle has bank rows (a mahalanobis one scores with class means);
 - `ivf_fit`: for IVF indexes, the similarity of rows to their nearest coarse centroid, compared
   with the calibration embeddings' (in-distribution rows the centroids were trained for): rows
   far from every centroid land in lists that a small nprobe may not visit.
@@ -14,6 +15,7 @@ Numpy + faiss only. Test: tests/runtime/test_bank_edit.py.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -21,12 +23,22 @@ import numpy as np
 from ._faiss import faiss
 from .errors import BundleError
 from .knn import build_index
+from .manifest import Manifest
 
-__all__ = ["add_rows", "remove_rows", "ivf_fit", "FAR_FRACTION_WARN"]
+__all__ = ["add_rows", "remove_rows", "ivf_fit", "require_bank", "FAR_FRACTION_WARN"]
 
 log = logging.getLogger(__name__)
 
 FAR_FRACTION_WARN = 0.25    # warn when more added rows than this are "far" (5% expected in-distribution)
+
+
+def require_bank(m: Manifest, path: str | os.PathLike) -> None:
+    """BundleError (naming `path` and the field `scorer`) unless the bundle scores with KNN over
+    a bank: a mahalanobis bundle keeps class means and a precision matrix, no rows to edit."""
+    if m.scorer != "knn":
+        raise BundleError(f"scores with the {m.scorer} class means and has no bank rows: "
+                          "rwood-bank edits KNN bundles (rwood-export --scorer knn)", path=path,
+                          field="scorer")
 
 
 def add_rows(index: faiss.Index, emb: np.ndarray) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .bank_index import FAR_FRACTION_WARN
+from .ann import describe_index
+from .bank_index import FAR_FRACTION_WARN, require_bank
 from .bundle import load_bundle
 
 __all__ = ["bank_info", "describe_info"]
@@ -22,11 +23,13 @@ __all__ = ["bank_info", "describe_info"]
 
 def bank_info(bundle: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able summary of the bank of `bundle` (verified as `load_bundle` does, without the
-    model check): model_version, rows, index factory, k, threshold, classes (name -> rows),
+    model check): model_version, rows, index factory, its faiss type and bytes in memory, the
+    search parameters it is served with, k, threshold, classes (name -> rows),
     sources (origin -> rows, "" = unknown), lineage (the manifest's entries, each with the
     `version` it produced), warnings."""
     b = load_bundle(bundle, verify_model=False)
     m = b.manifest
+    require_bank(m, b.path)
     counts = np.bincount(b.labels, minlength=len(m.class_names))
     sources = b.sources()
     lineage = list(m.bank.lineage) if m.bank else []
@@ -45,8 +48,11 @@ def bank_info(bundle: str | os.PathLike) -> dict[str, Any]:
                             f"{e['from']} ({e['version']}) are farther from the trained IVF "
                             f"centroids than 95% of the calibration images; a small nprobe may "
                             f"miss them (re-export to retrain the index)")
+    index = describe_index(b.read_index())
     return {"bundle": str(b.path), "model_version": m.model_version, "rows": m.index.ntotal,
-            "index": m.index.factory, "k": m.k, "threshold": m.threshold.value,
+            "index": m.index.factory, "index_type": index["type"], "index_bytes": index.get("bytes"),
+            "search_params": dict(m.index.search_params), "k": m.k,
+            "threshold": m.threshold.value,
             "classes": {name: int(n) for name, n in zip(m.class_names, counts)},
             "sources": sources.counts(), "lineage": lineage, "warnings": warnings}
 
@@ -55,7 +61,9 @@ def describe_info(info: dict[str, Any]) -> str:
     """`bank_info`'s summary as the text `rwood-bank info` prints."""
     lines = [f"bundle     {info['bundle']}", f"version    {info['model_version']}",
              f"bank       {info['rows']} rows, index {info['index']!r}, K={info['k']}, "
-             f"threshold {info['threshold']:.6g}", "", "rows per class:"]
+             f"threshold {info['threshold']:.6g}",
+             f"index      {info['index_type']}, {_mib(info['index_bytes'])} in memory, search "
+             f"parameters {info['search_params'] or 'none (exact)'}", "", "rows per class:"]
     width = max(len(c) for c in info["classes"])
     lines += [f"  {c:<{width}}  {n}" for c, n in info["classes"].items()]
     lines += ["", "rows per source:"]
@@ -70,3 +78,7 @@ def describe_info(info: dict[str, Any]) -> str:
                          f"{t.get('mode', '?')} at {t.get('value', float('nan')):.6g}")
     lines += [f"warning: {w}" for w in info["warnings"]]
     return "\n".join(lines)
+
+
+def _mib(nbytes: int | None) -> str:
+    return "? MiB" if nbytes is None else f"{nbytes / 2**20:.1f} MiB"

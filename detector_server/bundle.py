@@ -2,19 +2,22 @@
 
 Use `load_bundle(dir)` to open and verify a bundle (torch-free), `write_bundle(staging, manifest,
 out)` to publish one atomically (the exporter), and `check_model_io` to check an ONNX Runtime
-session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `ThresholdInfo`,
-`manifest_digest`, `derive_model_version`, `FORMAT*`, `FEATURE_OUTPUTS`) is defined in
-`detector_server.manifest` and re-exported here, so `from detector_server.bundle import ...`
-gives every name of the format.
+session against a manifest. The manifest itself (`Manifest`, `IndexInfo`, `MahalanobisInfo`,
+`ThresholdInfo`, `manifest_digest`, `derive_model_version`, `FORMAT*`, `FEATURE_OUTPUTS`) is
+defined in `detector_server.manifest` and re-exported here, so
+`from detector_server.bundle import ...` gives every name of the format.
 A bundle is one flat directory:
 
     manifest.json     `Manifest.to_dict()` as JSON (format, version, threshold, K, checksums, ...)
     model.onnx        input `image` uint8 [N, S, S, 3]; outputs `feature`, `projection`
                       float32 [N, D]
     model.int8.onnx   optional quantised copy (`Manifest.served_file` says which is served)
-    index.faiss       faiss.write_index of the indexed feature's bank rows (inner product)
-    labels.npy        int64 [ntotal], the class of each indexed row (np.load(allow_pickle=False))
-    calibration_scores.npy  float32 [M], the KNN scores of the M calibration images that set the
+    index.faiss       KNN scorer: faiss.write_index of the indexed feature's bank rows (inner
+                      product; search parameters in the manifest)
+    labels.npy        KNN scorer: int64 [ntotal], the class of each indexed row
+    mahalanobis_means.npy      Mahalanobis scorer, instead of the two above: the class means,
+    mahalanobis_precision.npy  float64 [C, D], and the shared precision matrix, float64 [D, D]
+    calibration_scores.npy  float32 [M], the scores of the M calibration images that set the
                       threshold: the reference of the drift test and of the server's score
                       histogram (`Manifest.calibration_file`; absent from older bundles)
     sources.json      optional (`manifest.bank`): where each indexed row came from
@@ -57,8 +60,11 @@ from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    READABLE_VERSIONS,
+    SCORERS,
     BankInfo,
     IndexInfo,
+    MahalanobisInfo,
     Manifest,
     ThresholdInfo,
     check_file_name,
@@ -69,10 +75,11 @@ from .manifest import (
 )
 from .preprocess import PreprocessSpec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "BankInfo", "Manifest", "Bundle", "load_bundle", "write_bundle",
-           "staging_dir", "check_model_io", "file_sha256", "manifest_digest", "require_bundle_dir",
-           "DESCRIPTIVE_FIELDS", "decision_digest", "derive_model_version", "version_name"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "BankInfo", "Manifest",
+           "Bundle", "load_bundle", "write_bundle", "staging_dir", "check_model_io",
+           "file_sha256", "manifest_digest", "require_bundle_dir", "DESCRIPTIVE_FIELDS",
+           "decision_digest", "derive_model_version", "version_name"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +88,13 @@ log = logging.getLogger(__name__)
 class Bundle:
     """A verified bundle on disk: its manifest, directory and the labels of the indexed rows.
 
-    The ONNX session and the FAISS index are opened by the `Detector` (or `read_index`), not here.
+    The ONNX session and the scorer's data (`read_index`, `read_mahalanobis`) are opened by the
+    `Detector`, not here.
     """
 
     path: Path
     manifest: Manifest
-    labels: np.ndarray                  # int64 [ntotal]
+    labels: np.ndarray | None           # int64 [ntotal] (KNN scorer); None for mahalanobis
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -138,21 +146,43 @@ class Bundle:
             raise BundleError("index metric is not inner product", path=path)
         return index
 
+    def read_mahalanobis(self) -> tuple[np.ndarray, np.ndarray]:
+        """(means float64 [C, D], precision float64 [D, D]) of a mahalanobis bundle, read with
+        `bundle_files.read_npy` (dtype and shape checked from the header against the manifest:
+        C = the class names, D = the feature width) and finite; BundleError naming the file."""
+        info, c = self.manifest.mahalanobis, len(self.manifest.class_names)
+        out = []
+        for name, shape in ((info.means_file, (c, info.dim)),
+                            (info.precision_file, (info.dim, info.dim))):
+            path = self.path / name
+            try:
+                a = read_npy(self.path, name, np.float64, shape)
+            except OSError as e:
+                raise BundleError(f"cannot read the Mahalanobis parameters: {e.strerror or e}",
+                                  path=path) from None
+            if not np.isfinite(a).all():
+                raise BundleError(f"expected finite float64 {list(shape)}, got NaN or infinity",
+                                  path=path)
+            out.append(a)
+        return out[0], out[1]
+
     def sources(self) -> BankSources:
         """Where each indexed row came from; all unknown for a bundle without `manifest.bank`."""
         m = self.manifest
-        if m.bank is None:
-            return BankSources.unknown(m.index.ntotal)
+        rows = m.index.ntotal if m.index is not None else 0    # a mahalanobis bundle: no rows
+        if m.bank is None or m.index is None:
+            return BankSources.unknown(rows)
         return BankSources.read(self.path, m.bank.sources_file, m.index.ntotal)
 
     def calibration_embeddings(self) -> np.ndarray | None:
-        """float32 [M, index.dim] embeddings of the calibration images, None when not stored."""
+        """float32 [M, D] embeddings (the scored feature) of the calibration images, None when
+        not stored."""
         m = self.manifest
         if m.bank is None or m.bank.calibration_embeddings_file is None:
             return None
         name = m.bank.calibration_embeddings_file
         try:
-            return read_npy(self.path, name, np.float32, (None, m.index.dim))
+            return read_npy(self.path, name, np.float32, (None, m.dim))
         except OSError as e:
             raise BundleError(f"cannot read calibration embeddings: {e.strerror or e}",
                               path=self.path / name) from None
@@ -233,7 +263,7 @@ def _load(root: Path, verify_model: bool) -> Bundle:
         raise BundleError("manifest was edited after export (manifest_sha256 does not match its "
                           "content); export again to change settings", path=mpath)
     _verify_files(root, manifest)
-    labels = _load_labels(root, manifest)
+    labels = _load_labels(root, manifest) if manifest.scorer == "knn" else None
     bundle = Bundle(path=root, manifest=manifest, labels=labels)
     if verify_model:
         for name in dict.fromkeys((manifest.model_file, manifest.served_file)):

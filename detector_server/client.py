@@ -21,7 +21,7 @@ import io
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -65,6 +65,15 @@ class ServerInfo:
     max_message_bytes: int
     max_pixels: int
     max_batch: int
+    scorer: dict[str, Any] = field(default_factory=dict)   # ScorerInfo: scorer, kind, type,
+    # factory, rows, bytes, search_params, device, float16, queries, short_queries
+
+
+def _scorer_info(s: pb.ScorerInfo) -> dict[str, Any]:
+    """ModelInfo.scorer as a plain dict (search_params a dict of ints)."""
+    out = {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}
+    out["search_params"] = {k: int(v) for k, v in s.search_params.items()}
+    return out
 
 
 def _pem(value: bytes | str | os.PathLike | None, field: str) -> bytes | None:
@@ -201,7 +210,8 @@ class DetectorClient:
                           class_names=tuple(m.class_names), input_size=m.input_size,
                           resize=m.resize, providers=tuple(m.providers), device=m.device,
                           max_images=m.max_images, max_message_bytes=m.max_message_bytes,
-                          max_pixels=m.max_pixels, max_batch=m.max_batch)
+                          max_pixels=m.max_pixels, max_batch=m.max_batch,
+                          scorer=_scorer_info(m.scorer))
 
     def _send(self, request: pb.ScoreRequest, deadline: float) -> grpc.Future:
         return self._stub.Score.future(request, timeout=max(deadline - time.monotonic(), 0.001),

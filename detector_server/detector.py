@@ -1,20 +1,23 @@
-"""The deployed detector: a bundle's ONNX model + KNN scorer + threshold, torch-free.
+"""The deployed detector: a bundle's ONNX model + its scorer (KNN or Mahalanobis) + threshold.
 
 Use `Detector(bundle_dir)` wherever images must be scored as the bundle says: the gRPC server,
 `rwood-score`, and the exporter's own threshold calibration (so the deployed decision is exactly
 the calibrated one). Two levels:
 - arrays: `embed` / `score_arrays` take uint8 [N, S, S, 3] model input and raise InputError on
-  anything else;
+  anything else (`score_embeddings` scores rows `embed` returned);
 - items: `prepare` decodes and resizes one item (encoded bytes, PIL image or uint8 array) by the
   bundle's preprocessing; `score_images` scores a list of them with per-item errors.
-Every scoring call takes `neighbors=N` (0 <= N <= K): the N nearest bank rows behind each score
-(row, class, similarity, source), from the very search that gave the score.
-ONNX Runtime and FAISS run on CUDA when present (see `runtime` for device and thread policy).
-The methods may be called from any thread; the server runs one batch at a time.
+The model half is an `embedder.Embedder`, the scorer comes from `scorer.open_scorer` (which sets
+the index's search parameters). Every scoring call takes `neighbors=N` (0 <= N <= K; KNN
+bundles only): the N nearest bank rows behind each score (row, class, similarity, source), from
+the very search that gave the score. ONNX Runtime and FAISS run on CUDA when present (see
+`runtime` for device and thread policy). The methods may be called from any thread; the server
+runs one batch at a time. Torch-free.
 Test: tests/runtime/test_detector.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,12 +29,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import runtime
-from .bundle import Bundle, check_model_io, load_bundle
+from . import ann, runtime
+from .bundle import Bundle, load_bundle
 from .drift import calibration_rank, expected_ood_rate
+from .embedder import Embedder
 from .errors import InputError
-from .knn import KNNScorer, index_to_device
+from .knn import KNNScorer
 from .preprocess import DEFAULT_MAX_PIXELS, decode_image, prepare_arrays, to_model_array
+from .scorer import open_scorer
 from .validate import check_int
 
 __all__ = ["Detector", "ItemResult", "Neighbor", "ScoreBatch", "merge_results",
@@ -57,9 +62,9 @@ class ItemResult:
     """The verdict on one item of `score_images`; on error: score nan, is_ood False, class -1."""
 
     id: str
-    score: float                # KNN score, higher = more in-distribution
+    score: float                # the scorer's score, higher = more in-distribution
     is_ood: bool                # score < threshold
-    predicted_class: int        # majority vote of the K neighbours
+    predicted_class: int        # KNN: majority vote of the K neighbours; Mahalanobis: nearest mean
     predicted_label: str        # class_names[predicted_class]
     error: str                  # "" when scored
     neighbors: tuple[Neighbor, ...] = field(default=(), kw_only=True)  # nearest first; () unless asked
@@ -72,6 +77,7 @@ class ScoreBatch:
     scores: np.ndarray          # float32 [N]
     is_ood: np.ndarray          # bool [N], scores < threshold
     predicted: np.ndarray       # int64 [N]
+    short: np.ndarray           # bool [N], KNN queries that got fewer than K neighbours (-2)
     neighbor_sims: np.ndarray | None = None   # float32 [N, n], the n nearest rows' similarities
     neighbor_ids: np.ndarray | None = None    # int64 [N, n], their bank rows (-1 = missing)
 
@@ -112,21 +118,25 @@ class Detector:
         bundle: a `Bundle` from `load_bundle`, or the bundle directory (loaded and verified here).
         device: "auto" (CUDA if onnxruntime-gpu sees one, else CPU), "cpu", "cuda" or "cuda:N".
             The FAISS index follows: on the GPU when the model is and faiss has GPU support.
+        search_params: override of the bundle's index search parameters, e.g. {"nprobe": 64}
+            (logged as a warning; the threshold was calibrated with the bundle's); the results'
+            `model_version` then names it (`ann.served_version`).
         threads: CPU threads for ONNX Runtime and for FAISS (default: all cores available).
         max_pixels: decoded images larger than this are refused (decompression-bomb guard).
         max_batch: images per model call inside `embed` (default from the input size: 256 at
             32x32, fewer for larger inputs); bounds memory for large arrays.
-    Attributes: bundle, manifest, spec, model_version, threshold, k, class_names, providers,
-        device ("cuda" or "cpu", where the model runs), index_device, threads, max_pixels,
-        calibration (the bundle's calibration scores sorted, float32 [M], or None for a bundle
-        without them), expected_ood_ratio (share of them below the threshold; else
-        1 - the manifest's achieved TPR).
+    Attributes: bundle, manifest, spec, model_version, threshold, k (None for Mahalanobis),
+        class_names, providers, device ("cuda" or "cpu", where the model runs), index_device
+        (where the scorer runs), threads, max_pixels, max_batch, calibration (the bundle's
+        calibration scores sorted, float32 [M], or None for a bundle without them),
+        expected_ood_ratio (share of them below the threshold; else 1 - the manifest's
+        achieved TPR).
     Raises BundleError for a bundle that fails verification, InputError for bad options.
     """
 
     def __init__(self, bundle: "Bundle | str | os.PathLike", *, device: str = "auto",
                  threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, search_params: dict[str, int] | None = None):
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, verify_model=False)  # the session is checked below
         m = bundle.manifest
@@ -138,75 +148,84 @@ class Detector:
                                    else expected_ood_rate(calibration, self.threshold))
         self.class_names: tuple[str, ...] = m.class_names
         self.max_pixels = check_int(max_pixels, "max_pixels", minimum=1)
-        s = self.spec.size
-        self.max_batch = (check_int(max_batch, "max_batch", minimum=1) if max_batch is not None
-                          else max(16, min(256, 256 * 32 * 32 // (s * s))))
         self.threads = runtime.resolve_threads(threads)
-        path = bundle.served_model_path
-        self._session, self.device = runtime.open_session(path, device, self.threads)
-        self.providers: list[str] = list(self._session.get_providers())
-        check_model_io(self._session, m, path)
-        self._output, self._dim = m.indexed_output, m.index.dim
+        self._embedder = Embedder(bundle.served_model_path, m, device=device,
+                                  threads=self.threads, max_batch=max_batch)
+        self.device, self.providers = self._embedder.device, self._embedder.providers
+        self.max_batch = self._embedder.max_batch
         runtime.set_faiss_threads(self.threads)
         index_device = runtime.faiss_device(device, self.device)
-        use_gpu = index_device != "cpu"
-        self.index_device = "cuda" if use_gpu else "cpu"
-        index = index_to_device(bundle.read_index(), index_device)
-        self._scorer = KNNScorer(index, bundle.labels, m.k, num_classes=len(self.class_names))
+        self._scorer = open_scorer(bundle, device=index_device, search_params=search_params)
+        self.index_device = self._scorer.device
+        # an operator's search parameters make other scores: the version says so
+        self.model_version = ann.served_version(m, ann.check_search_params(search_params,
+                                                                          "search"))
         self.sources = bundle.sources()
-        self._gpu_lock = threading.Lock() if use_gpu else None  # GPU resources are not thread-safe
-        log.info("detector %s: model on %s, index on %s (%d x %d, %s), k=%d, threshold=%.6g",
-                 self.model_version, self.device, self.index_device, m.index.ntotal, m.index.dim,
-                 m.index.feature, self.k, self.threshold)
+        # the most neighbours a request may ask for: K, none without a bank (mahalanobis)
+        self.max_neighbors = self.k if m.scorer == "knn" else 0
+        # GPU resources are not thread-safe
+        self._gpu_lock = threading.Lock() if self.index_device == "cuda" else None
+        d = self._scorer.info()
+        log.info("detector %s: model on %s, %s scorer on %s (%s, %d rows, %.1f MiB, %s %s), k=%s, "
+                 "threshold=%.6g", self.model_version, self.device, m.scorer, self.index_device,
+                 d["type"], d["rows"], d.get("bytes", 0) / 2**20, m.feature,
+                 d.get("search_params", {}), self.k, self.threshold)
 
     def info(self) -> dict[str, Any]:
-        """What a client may want to know (the server's GetInfo)."""
+        """What a client may want to know (the server's GetInfo). "scorer": kind, type, factory,
+        rows, bytes, device, float16, search_params and the short-query counts (KNN)."""
         return {"model_version": self.model_version, "threshold": self.threshold, "k": self.k,
                 "class_names": list(self.class_names), "input_size": self.spec.size,
-                "feature": self.manifest.index.feature, "device": self.device,
-                "providers": self.providers, "served_file": self.manifest.served_file}
+                "feature": self.manifest.feature, "device": self.device,
+                "providers": self.providers, "served_file": self.manifest.served_file,
+                "scorer": self._scorer.info()}
+
+    def reset_counts(self) -> None:
+        """Zero the scorer's query counters of `info()` (the server does, after its warm-up)."""
+        scorer = self._scorer.scorer
+        if hasattr(scorer, "short_queries"):
+            scorer.queries = scorer.short_queries = 0
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] RGB model input -> float32 [N, D] unit rows (the indexed feature)."""
-        x = self._check_images(images)
-        if x.shape[0] == 0:
-            return np.empty((0, self._dim), dtype=np.float32)
-        name = self.manifest.input_name
-        parts = [self._session.run([self._output], {name: x[i:i + self.max_batch]})[0]
-                 for i in range(0, x.shape[0], self.max_batch)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        """uint8 [N, S, S, 3] RGB model input -> float32 [N, D] unit rows (the scored feature)."""
+        return self._embedder.embed(images)
 
     def score_arrays(self, images: np.ndarray, neighbors: int = 0) -> ScoreBatch:
-        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted, and
-        with `neighbors` = n > 0 the n nearest bank rows of each image (neighbor_sims/ids)."""
+        """uint8 [N, S, S, 3] -> ScoreBatch: scores, is_ood (score < threshold), predicted,
+        short, and with `neighbors` = n > 0 the n nearest bank rows of each image
+        (neighbor_sims/ids)."""
         return self.score_embeddings(self.embed(images), neighbors)
 
     def score_embeddings(self, emb: np.ndarray, neighbors: int = 0) -> ScoreBatch:
         """`score_arrays` from embeddings (float32 [N, D], `embed`'s output).
 
-        InputError naming `neighbors` unless 0 <= neighbors <= K."""
-        n = check_int(neighbors, "neighbors", minimum=0, maximum=self.k)
+        InputError naming `neighbors` unless 0 <= neighbors <= `max_neighbors` (K; 0 for a
+        mahalanobis bundle, which has no bank rows)."""
+        n = check_int(neighbors, "neighbors", minimum=0, maximum=self.max_neighbors)
         if emb.shape[0] == 0:
             return ScoreBatch(np.empty(0, np.float32), np.empty(0, bool), np.empty(0, np.int64),
+                              np.empty(0, bool),
                               *((np.empty((0, n), np.float32), np.empty((0, n), np.int64))
                                 if n else (None, None)))
         runtime.bind_faiss_threads(self.threads)   # OpenMP's count is per calling thread
-        if self._gpu_lock is None:
-            scores, predicted, sims, ids = self._scorer.score_neighbors(emb, n)
-        else:
-            with self._gpu_lock:
-                scores, predicted, sims, ids = self._scorer.score_neighbors(emb, n)
-        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted,
+        scorer = self._scorer.scorer
+        with self._gpu_lock or contextlib.nullcontext():
+            if isinstance(scorer, KNNScorer):
+                scores, predicted, short, sims, ids = scorer.score_detailed(emb, n)
+            else:
+                (scores, predicted), short = scorer.score(emb), np.zeros(len(emb), bool)
+        return ScoreBatch(scores, scores < np.float32(self.threshold), predicted, short,
                           *((sims, ids) if n else (None, None)))
 
     def describe_neighbors(self, sims: np.ndarray, ids: np.ndarray) -> tuple[Neighbor, ...]:
         """One image's neighbours (a row of ScoreBatch.neighbor_sims / neighbor_ids) as
         `Neighbor`s with class, label and source; missing ones (id -1) are left out."""
+        labels = self._scorer.scorer.labels
         out = []
         for sim, row in zip(sims.tolist(), ids.tolist()):
             if row < 0:
                 continue
-            c = int(self._scorer.labels[row])
+            c = int(labels[row])
             out.append(Neighbor(row, c, self.class_names[c], float(sim),
                                 self.sources.describe(row), int(self.sources.index[row])))
         return tuple(out)
@@ -254,7 +273,7 @@ class Detector:
         False, predicted_class -1, label ""); the others are still scored. `ids` default to
         "0", "1", ...; a length mismatch raises InputError naming `ids`.
         """
-        check_int(neighbors, "neighbors", minimum=0, maximum=self.k)
+        check_int(neighbors, "neighbors", minimum=0, maximum=self.max_neighbors)
         if (isinstance(items, (bytes, bytearray, str))
                 or not isinstance(items, (Sequence, np.ndarray))):
             raise InputError(f"expected a sequence of items, got {type(items).__name__}",
@@ -281,15 +300,6 @@ class Detector:
                 errors.append(str(e))
         batch = self.score_arrays(np.stack(arrays), neighbors) if arrays else None
         return merge_results(ids, errors, batch, self.class_names, self.describe_neighbors)
-
-    def _check_images(self, images: Any) -> np.ndarray:
-        s = self.spec.size
-        if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
-                or images.shape[1:] != (s, s, 3)):
-            raise InputError(f"expected uint8 [N, {s}, {s}, 3] model input, got "
-                             f"{getattr(images, 'dtype', type(images).__name__)} "
-                             f"{getattr(images, 'shape', '')}", field="images")
-        return np.ascontiguousarray(images)
 
     def _check_pixels(self, w: int, h: int) -> None:
         if w * h > self.max_pixels:

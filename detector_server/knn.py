@@ -9,6 +9,10 @@ squared Euclidean distance is `2 - 2 * cos`, so an inner-product index ranks nei
 L2 index would. The score is the negated Euclidean distance to the K-th nearest bank row:
 `-sqrt(max(0, 2 - 2 * s_K))`, higher = more in-distribution.
 
+An approximate index (IVF, HNSW) must be searched with the parameters it was checked with at
+export (`detector_server.ann`, `detector_server.index_choice`); a query that still gets fewer
+than K neighbours scores -2 and is counted by `KNNScorer.short_queries` and logged, never silent.
+
 Numpy + faiss only (no torch); thin functions, no module state, progress to the module logger.
 """
 from __future__ import annotations
@@ -18,17 +22,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import ann
 from ._faiss import faiss
 from .errors import InputError
 
 __all__ = ["build_index", "knn_score_from_similarities", "index_to_device", "KNNScorer",
-           "DEFAULT_CHUNK_ROWS", "default_k", "SMALL_BANK_SHARE"]
+           "DEFAULT_CHUNK_ROWS", "TRAIN_ROWS_PER_CELL", "default_k", "SMALL_BANK_SHARE"]
 
 log = logging.getLogger(__name__)
 
 SMALL_BANK_SHARE = 2 / 3   # default_k: a K above this share of the smallest class is too big
 DEFAULT_CHUNK_ROWS = 4096  # query rows per faiss search call: bounds the [rows, K] result arrays
 _UNIT_TOL = 1e-3           # |norm - 1| allowed for a row given to build_index
+# An IVF's k-means trains on at most this many rows per cell (faiss's default, 256, takes 4x the
+# time: 20 s instead of 5 for 512 cells on 2 cores); faiss warns below 39.
+TRAIN_ROWS_PER_CELL = 64
 
 
 def default_k(num_classes: int, bank_size: int, class_sizes: Sequence[int] | None = None) -> int:
@@ -80,7 +88,9 @@ def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
     embeddings: float32 [N, D], finite, every row L2-normalised (|norm - 1| <= 1e-3).
     factory: a `faiss.index_factory` string ("Flat" = exact search, the default; "IVF64,Flat",
         "IVF64,PQ16", "HNSW32", ...). Indexes that need training (IVF, PQ) are trained on
-        `embeddings` themselves before the rows are added.
+        `embeddings` themselves (an IVF's cells on a random sample of TRAIN_ROWS_PER_CELL rows
+        per cell) before the rows are added. Search parameters stay faiss's defaults: set them
+        with `ann.apply_search_params`.
     Returns an index with `ntotal == N`, `d == D`, metric `METRIC_INNER_PRODUCT`.
     Raises InputError naming `embeddings` or `factory` when the input or the factory is unusable.
     """
@@ -94,6 +104,9 @@ def build_index(embeddings: np.ndarray, factory: str = "Flat") -> faiss.Index:
         raise InputError(f"expected a faiss index_factory string, got {factory!r}", field="factory")
     try:
         index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.cp.max_points_per_centroid = TRAIN_ROWS_PER_CELL
         if not index.is_trained:
             log.info("training faiss index %r on %d rows", factory, x.shape[0])
             index.train(x)
@@ -126,7 +139,9 @@ def index_to_device(index: faiss.Index, device: str = "auto") -> faiss.Index:
     sees one, else CPU). Use it once after loading/building, before scoring many queries.
 
     A GPU needs a faiss build with GPU support (`faiss.get_num_gpus() > 0`); "cuda" without one
-    raises InputError naming `device`. Logs which device is used.
+    raises InputError naming `device`. Large indexes are stored as float16 there
+    (`ann.gpu_cloner_options`); the index's search parameters are set again on the GPU copy; an
+    index faiss cannot put on a GPU (HNSW) stays on the CPU, with a warning. Logs the device.
     """
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device == "auto":
@@ -141,10 +156,16 @@ def index_to_device(index: faiss.Index, device: str = "auto") -> faiss.Index:
     if gpu >= ngpu:
         raise InputError(f"faiss sees {ngpu} GPU(s); cannot use {device!r} (install faiss-gpu "
                          "or use --device cpu)", field="device")
+    if ann.index_kind(index) == "hnsw":
+        log.warning("faiss has no GPU HNSW: the %d-row index stays on the CPU", index.ntotal)
+        return index
+    options, fp16 = ann.gpu_cloner_options(index)
     res = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(res, gpu, index)
+    gpu_index = faiss.index_cpu_to_gpu(res, gpu, index, options)
     gpu_index.referenced_objects = [res]  # keep the resources alive as long as the index
-    log.info("faiss index on GPU %d (%d rows)", gpu, index.ntotal)
+    ann.apply_search_params(gpu_index, ann.current_search_params(index))
+    log.info("faiss index on GPU %d (%d rows, %s)", gpu, index.ntotal,
+             "float16" if fp16 else "float32")
     return gpu_index
 
 
@@ -161,7 +182,9 @@ class KNNScorer:
     The predicted class is the majority vote of the K neighbours' labels; a tie in votes goes to
     the class with the larger summed similarity over its voting neighbours, then to the smaller
     label. Missing neighbours (faiss returns id -1, possible with IVF and a small nprobe) do not
-    vote; a query with no neighbour at all predicts class 0 and scores -2.
+    vote; a query with no neighbour at all predicts class 0 and scores -2. A query short of K
+    neighbours scores -2 (never in-distribution): `queries` and `short_queries` count all queries
+    scored and those short of K, and the first short one (then each doubling) is logged.
     """
 
     def __init__(self, index: faiss.Index, labels: np.ndarray, k: int,
@@ -189,6 +212,8 @@ class KNNScorer:
         self.index, self.k, self.num_classes = index, int(k), int(num_classes)
         self.labels = labels.astype(np.int64)
         self.chunk_rows = int(chunk_rows)
+        self.queries = 0
+        self.short_queries = 0
 
     def search(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw neighbours: (sims float32 [N, k] sorted decreasing, ids int64 [N, k], -1 = missing)."""
@@ -205,8 +230,7 @@ class KNNScorer:
         `knn_score_from_similarities`; predicted int64 [N], the neighbours' vote, see the class doc).
         Queries are searched `chunk_rows` at a time, so memory stays O(chunk_rows * (k + C)).
         """
-        scores, predicted, _, _ = self.score_neighbors(emb, 0)
-        return scores, predicted
+        return self.score_detailed(emb)[:2]
 
     def score_neighbors(self, emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray,
                                                                   np.ndarray, np.ndarray]:
@@ -214,21 +238,42 @@ class KNNScorer:
         search: (scores float32 [N], predicted int64 [N], sims float32 [N, n] decreasing,
         ids int64 [N, n] bank rows, -1 = missing). InputError naming `neighbors` for a bad n.
         """
+        scores, predicted, _, sims, ids = self.score_detailed(emb, n)
+        return scores, predicted, sims, ids
+
+    def score_detailed(self, emb: np.ndarray, n: int = 0) -> tuple[
+            np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`score_neighbors` plus short bool [N]: (scores, predicted, short, sims, ids), where
+        `short` marks the queries that got fewer than K neighbours (scored -2; counted)."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 <= n <= self.k:
             raise InputError(f"expected an integer in [0, {self.k}] (K), got {n!r}",
                              field="neighbors")
         x = _check_embeddings(emb, "emb", dim=self.index.d)
         scores = np.empty(x.shape[0], dtype=np.float32)
         predicted = np.empty(x.shape[0], dtype=np.int64)
+        short = np.empty(x.shape[0], dtype=bool)
         top_sims = np.empty((x.shape[0], n), dtype=np.float32)
         top_ids = np.empty((x.shape[0], n), dtype=np.int64)
         for i in range(0, x.shape[0], self.chunk_rows):
             sims, ids = self.index.search(x[i:i + self.chunk_rows], self.k)
             scores[i:i + len(sims)] = knn_score_from_similarities(sims)
             predicted[i:i + len(sims)] = self._vote(sims, ids)
+            short[i:i + len(sims)] = ids[:, -1] < 0        # faiss pads missing neighbours last
             top_sims[i:i + len(sims)] = sims[:, :n]
             top_ids[i:i + len(sims)] = ids[:, :n]
-        return scores, predicted, top_sims, top_ids
+        self._count(int(short.sum()), len(short))
+        return scores, predicted, short, top_sims, top_ids
+
+    def _count(self, short: int, n: int) -> None:
+        before = self.short_queries
+        self.queries += n
+        self.short_queries += short
+        if short and (before == 0 or before.bit_length() != self.short_queries.bit_length()):
+            log.warning("%d of %d queries so far got fewer than K=%d neighbours from the %s and "
+                        "scored -2 (the largest distance): its search parameters %s are too low",
+                        self.short_queries, self.queries, self.k,
+                        type(faiss.downcast_index(self.index)).__name__,
+                        ann.current_search_params(self.index))
 
     def _vote(self, sims: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Majority vote per row; ties -> larger summed similarity -> smaller label."""

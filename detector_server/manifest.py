@@ -1,12 +1,17 @@
 """The bundle manifest: the one definition of `manifest.json`, what a bundle holds and promises.
 
-Use `Manifest` (with `IndexInfo`, `ThresholdInfo`) to build the manifest the exporter writes or
-to validate one a loader read (`Manifest.from_dict` raises a BundleError naming the field),
-`manifest_digest` for the checksum that protects it, and `derive_model_version` for the bundle's
-version (`write_bundle` sets it: it changes with anything that changes a score or a decision).
-Reading and writing bundle directories (checksums of the files, the ONNX model check, the atomic
-publish) is `detector_server.bundle`, which re-exports every name here: import them from there.
-No ONNX Runtime or FAISS.
+Use `Manifest` (with `IndexInfo` or `MahalanobisInfo`, and `ThresholdInfo`) to build the manifest
+the exporter writes or to validate one a loader read (`Manifest.from_dict` raises a BundleError
+naming the field), `manifest_digest` for the checksum that protects it, and `derive_model_version`
+for the bundle's version (`write_bundle` sets it: it changes with anything that changes a score or
+a decision, the scorer and the index's search parameters included). Reading and writing bundle
+directories (checksums of the files, the ONNX model check, the atomic publish) is
+`detector_server.bundle`, which re-exports every name here: import them from there. No ONNX
+Runtime or FAISS.
+
+Versions: 2 adds the scorer ("knn" with an index, or "mahalanobis" with class means and a
+precision matrix instead) and, for the index, its search parameters and the export-time check
+against exact search. Version 1 manifests (KNN, no search parameters: Flat needs none) still load.
 Test: tests/runtime/test_bundle.py.
 """
 from __future__ import annotations
@@ -26,18 +31,21 @@ from .errors import BundleError, InputError
 from .preprocess import PreprocessSpec
 from .validate import is_int
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "FEATURE_OUTPUTS", "IndexInfo",
-           "ThresholdInfo", "BankInfo", "Manifest", "manifest_digest", "check_file_name",
-           "DESCRIPTIVE_FIELDS", "DESCRIPTIVE_BANK_FIELDS", "decision_digest",
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST_FILE", "FEATURE_OUTPUTS",
+           "SCORERS", "IndexInfo", "MahalanobisInfo", "ThresholdInfo", "BankInfo", "Manifest",
+           "manifest_digest", "check_file_name", "DESCRIPTIVE_FIELDS", "DESCRIPTIVE_BANK_FIELDS",
+           "decision_digest",
            "derive_model_version", "version_name"]
 
 FORMAT = "reweightood-bundle"
-FORMAT_VERSION = 1                      # bump on any incompatible change; loaders refuse others
+FORMAT_VERSION = 2                      # what the exporter writes; bump on incompatible changes
+READABLE_VERSIONS = (1, 2)              # what this runtime loads (1: KNN without search params)
 MANIFEST_FILE = "manifest.json"
 # The one table of indexable features: feature name (bank.npz key, --feature, index.feature)
 # -> the model output holding it (ONNX output, DeployModel output, embed_arrays key).
 FEATURE_OUTPUTS: dict[str, str] = {"penultimate": "feature", "projection": "projection"}
 METRICS = ("inner_product",)            # unit rows: inner product ranks like L2 (DESIGN section 2)
+SCORERS = ("knn", "mahalanobis")
 # The manifest fields that describe a bundle but never change a score or a decision. The model
 # version leaves out these and nothing else: every other field counts, new ones included, so a
 # field added later (a scorer setting, a search parameter) changes the version by construction.
@@ -57,13 +65,31 @@ class IndexInfo:
     feature: str = "penultimate"        # a key of FEATURE_OUTPUTS
     factory: str = "Flat"               # the faiss.index_factory string it was built with
     metric: str = "inner_product"
+    search_params: dict[str, int] = field(default_factory=dict)  # set at load: nprobe, efSearch
+    choice: dict[str, Any] | None = None  # how export chose it: requested, reason, check, trials
+    check: dict[str, Any] | None = None   # ann_check.SearchCheck.to_dict() (non-Flat only)
+
+
+@dataclass(frozen=True)
+class MahalanobisInfo:
+    """The Mahalanobis scorer's parameters: class means and the shared precision matrix."""
+
+    dim: int                            # feature width D
+    n_bank: int                         # bank rows they were fitted on
+    means_file: str = "mahalanobis_means.npy"            # float64 [C, D], C = len(class_names)
+    precision_file: str = "mahalanobis_precision.npy"    # float64 [D, D], symmetric
+    feature: str = "penultimate"        # a key of FEATURE_OUTPUTS
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return self.means_file, self.precision_file
 
 
 @dataclass(frozen=True)
 class ThresholdInfo:
     """The decision threshold (score < value means OOD) and how it was calibrated."""
 
-    value: float                        # KNN score threshold
+    value: float                        # score threshold (KNN or Mahalanobis, as the scorer)
     target_tpr: float                   # TPR asked for (0.95)
     achieved_tpr: float                 # fraction of calibration scores >= value
     n_samples: int                      # calibration images used
@@ -111,9 +137,9 @@ class Manifest:
     input_size: int                     # S: input is uint8 [N, S, S, 3]
     outputs: dict[str, int]             # ONNX output -> width: {"feature": Dp, "projection": 128}
     preprocess: dict[str, Any]          # PreprocessSpec.to_dict()
-    index: IndexInfo
+    index: IndexInfo | None             # the KNN scorer's index (None for mahalanobis)
     class_names: tuple[str, ...]
-    k: int                              # neighbours for the KNN score
+    k: int | None                       # neighbours for the KNN score (None for mahalanobis)
     threshold: ThresholdInfo
     model_file: str = "model.onnx"      # the float32 model
     served_file: str = "model.onnx"     # the model the runtime runs (model_file or the int8 one)
@@ -127,21 +153,23 @@ class Manifest:
     bank: BankInfo | None = None        # row sources, calibration embeddings, edit lineage
     files: dict[str, str] = field(default_factory=dict)
     manifest_sha256: str = ""           # SHA-256 of the other fields (see manifest_digest)
+    scorer: str = "knn"                 # one of SCORERS
+    mahalanobis: MahalanobisInfo | None = None   # the mahalanobis scorer's parameters
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.format != FORMAT:
             raise BundleError(f"expected {FORMAT!r}, got {self.format!r}", field="format")
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise BundleError(f"unknown format version {self.format_version!r}; this runtime reads "
-                              f"version {FORMAT_VERSION} (re-export with a matching rwood-export)",
-                              field="format_version")
+                              f"versions {READABLE_VERSIONS} (re-export with a matching "
+                              "rwood-export)", field="format_version")
         for name in ("model_file", "served_file", "labels_file"):
             check_file_name(getattr(self, name), name)
         if self.calibration_file is not None:
             check_file_name(self.calibration_file, "calibration_file")
-        check_file_name(self.index.file, "index.file")
+        _check_scorer(self)
         try:
             spec = PreprocessSpec.from_dict(self.preprocess)
         except InputError as e:
@@ -149,7 +177,6 @@ class Manifest:
         if spec.size != self.input_size:
             raise BundleError(f"preprocess size {spec.size} != input_size {self.input_size}",
                               field="input_size")
-        _check_index(self)
         _check_threshold(self.threshold)
         if (isinstance(self.class_names, str) or not self.class_names
                 or not all(isinstance(c, str) for c in self.class_names)):
@@ -166,17 +193,29 @@ class Manifest:
         return PreprocessSpec.from_dict(self.preprocess)
 
     @property
-    def payload_files(self) -> tuple[str, ...]:
-        """The files the bundle must hold besides manifest.json (each once)."""
-        names = (self.model_file, self.served_file, self.index.file, self.labels_file,
-                 self.calibration_file)
-        return tuple(dict.fromkeys(n for n in names + (self.bank.files if self.bank else ())
-                                   if n is not None))
+    def feature(self) -> str:
+        """The scored feature (a key of FEATURE_OUTPUTS), whichever the scorer."""
+        return self.index.feature if self.scorer == "knn" else self.mahalanobis.feature
+
+    @property
+    def dim(self) -> int:
+        """Width of the scored feature."""
+        return self.index.dim if self.scorer == "knn" else self.mahalanobis.dim
 
     @property
     def indexed_output(self) -> str:
-        """Name of the ONNX output whose rows are in the index ("feature" or "projection")."""
-        return FEATURE_OUTPUTS[self.index.feature]
+        """Name of the ONNX output the scorer reads ("feature" or "projection")."""
+        return FEATURE_OUTPUTS[self.feature]
+
+    @property
+    def payload_files(self) -> tuple[str, ...]:
+        """The files the bundle must hold besides manifest.json (each once)."""
+        models = (self.model_file, self.served_file)
+        calibration = () if self.calibration_file is None else (self.calibration_file,)
+        scorer = ((self.index.file, self.labels_file) if self.scorer == "knn"
+                  else self.mahalanobis.files)
+        bank = self.bank.files if self.bank else ()
+        return tuple(dict.fromkeys(models + scorer + calibration + bank))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -193,10 +232,12 @@ class Manifest:
         if not isinstance(d, dict):
             raise BundleError(f"expected a JSON object, got {type(d).__name__}", path=path)
         try:
-            if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            if d.get("format") != FORMAT or d.get("format_version") not in READABLE_VERSIONS:
                 return cls._check_version_only(d)  # raises with a clear message
             kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-            kw["index"] = IndexInfo(**_sub(d, "index", IndexInfo))
+            for key, sub in (("index", IndexInfo), ("mahalanobis", MahalanobisInfo)):
+                if d.get(key) is not None:
+                    kw[key] = sub(**_sub(d, key, sub))
             kw["threshold"] = ThresholdInfo(**_sub(d, "threshold", ThresholdInfo))
             if d.get("bank") is not None:
                 kw["bank"] = BankInfo(**_sub(d, "bank", BankInfo))
@@ -217,7 +258,7 @@ class Manifest:
             raise BundleError(f"not a reweightood bundle: expected {FORMAT!r}, got "
                               f"{d.get('format')!r}", field="format")
         raise BundleError(f"unknown format version {d.get('format_version')!r}; this runtime "
-                          f"reads version {FORMAT_VERSION}", field="format_version")
+                          f"reads versions {READABLE_VERSIONS}", field="format_version")
 
 
 def _sub(d: dict[str, Any], key: str, cls: type) -> dict[str, Any]:
@@ -240,29 +281,68 @@ def check_file_name(name: Any, fld: str) -> None:
         raise BundleError(f"{MANIFEST_FILE} cannot be a payload file", field=fld)
 
 
-def _check_index(m: Manifest) -> None:
+def _check_scorer(m: Manifest) -> None:
+    """The scorer and its own section: index + k for knn, mahalanobis parameters otherwise."""
+    if m.scorer not in SCORERS:
+        raise BundleError(f"expected one of {SCORERS}, got {m.scorer!r}", field="scorer")
+    knn = m.scorer == "knn"
+    for name, present in (("index", knn), ("mahalanobis", not knn)):
+        wanted = IndexInfo if name == "index" else MahalanobisInfo
+        value = getattr(m, name)
+        if present and not isinstance(value, wanted):
+            raise BundleError(f"the {m.scorer} scorer needs this section", field=name)
+        if not present and value is not None:
+            raise BundleError(f"must be null for the {m.scorer} scorer", field=name)
+    if not knn:
+        for name in ("k", "bank"):     # no neighbours, no bank rows
+            if getattr(m, name) is not None:
+                raise BundleError("must be null for the mahalanobis scorer", field=name)
+        mh = m.mahalanobis
+        check_file_name(mh.means_file, "mahalanobis.means_file")
+        check_file_name(mh.precision_file, "mahalanobis.precision_file")
+        if mh.means_file == mh.precision_file:
+            raise BundleError(f"means and precision need two files, got {mh.means_file!r} twice",
+                              field="mahalanobis.precision_file")
+        if not (is_int(mh.n_bank) and mh.n_bank >= 1):
+            raise BundleError(f"expected a positive integer, got {mh.n_bank!r}",
+                              field="mahalanobis.n_bank")
+        _check_feature(m, mh.feature, mh.dim, "mahalanobis")
+        return
+    ix = m.index
+    check_file_name(ix.file, "index.file")
+    _check_feature(m, ix.feature, ix.dim, "index")
+    if ix.metric not in METRICS:
+        raise BundleError(f"expected one of {METRICS}, got {ix.metric!r}", field="index.metric")
+    if not (is_int(m.k) and m.k >= 1) or not (is_int(ix.ntotal) and ix.ntotal >= 1) or m.k > ix.ntotal:
+        raise BundleError(f"expected 1 <= k <= ntotal, got k={m.k!r}, ntotal={ix.ntotal!r}",
+                          field="k")
+    sp = ix.search_params
+    if not isinstance(sp, dict) or not all(isinstance(n, str) and n.isidentifier() and is_int(v)
+                                           and v >= 1 for n, v in sp.items()):
+        raise BundleError(f"expected parameter name -> positive integer, got {sp!r}",
+                          field="index.search_params")
+    for name in ("choice", "check"):
+        if not isinstance(getattr(ix, name), (dict, type(None))):
+            raise BundleError("expected an object or null", field=f"index.{name}")
+
+
+def _check_feature(m: Manifest, feature: Any, dim: Any, section: str) -> None:
+    """`feature` names a model output of width `dim` (BundleError on `section`.feature/.dim)."""
     if not isinstance(m.outputs, dict) or not m.outputs or not all(
             isinstance(k, str) and (is_int(v) and v >= 1) for k, v in m.outputs.items()):
         raise BundleError(f"expected output name -> positive width, got {m.outputs!r}",
                           field="outputs")
-    ix = m.index
-    if not (is_int(ix.dim) and ix.dim >= 1):
-        raise BundleError(f"expected a positive integer, got {ix.dim!r}", field="index.dim")
-    if ix.feature not in FEATURE_OUTPUTS:
-        raise BundleError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {ix.feature!r}",
-                          field="index.feature")
-    if ix.metric not in METRICS:
-        raise BundleError(f"expected one of {METRICS}, got {ix.metric!r}", field="index.metric")
-    if FEATURE_OUTPUTS[ix.feature] not in m.outputs:
-        raise BundleError(f"expected an entry for {FEATURE_OUTPUTS[ix.feature]!r}, got "
-                          f"{m.outputs!r}", field="outputs")
-    if m.outputs[FEATURE_OUTPUTS[ix.feature]] != ix.dim:
-        out = FEATURE_OUTPUTS[ix.feature]
-        raise BundleError(f"index dim {ix.dim} != width of output {out!r} ({m.outputs[out]})",
-                          field="index.dim")
-    if not (is_int(m.k) and m.k >= 1) or not (is_int(ix.ntotal) and ix.ntotal >= 1) or m.k > ix.ntotal:
-        raise BundleError(f"expected 1 <= k <= ntotal, got k={m.k!r}, ntotal={ix.ntotal!r}",
-                          field="k")
+    if not (is_int(dim) and dim >= 1):
+        raise BundleError(f"expected a positive integer, got {dim!r}", field=f"{section}.dim")
+    if feature not in FEATURE_OUTPUTS:
+        raise BundleError(f"expected one of {sorted(FEATURE_OUTPUTS)}, got {feature!r}",
+                          field=f"{section}.feature")
+    out = FEATURE_OUTPUTS[feature]
+    if out not in m.outputs:
+        raise BundleError(f"expected an entry for {out!r}, got {m.outputs!r}", field="outputs")
+    if m.outputs[out] != dim:
+        raise BundleError(f"{section} dim {dim} != width of output {out!r} ({m.outputs[out]})",
+                          field=f"{section}.dim")
 
 
 def _check_threshold(t: ThresholdInfo) -> None:

@@ -148,7 +148,8 @@ class ModelHost:
             stamp = bundle_stamp(self.bundle_path)
             try:
                 det = Detector(self.bundle_path, device=self._cfg.device,
-                               threads=self._cfg.threads, max_pixels=self._cfg.max_pixels)
+                               threads=self._cfg.threads, max_pixels=self._cfg.max_pixels,
+                               search_params=self._cfg.search_params)
             except BundleError:
                 if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(self.bundle_path) != stamp:
                     continue
@@ -160,6 +161,7 @@ class ModelHost:
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
+        det.reset_counts()                                 # GetInfo counts served queries only
         return det
 
     async def load(self) -> Detector:
@@ -278,7 +280,7 @@ class ModelHost:
         if shed and self._held_bytes and self._held_bytes + nbytes > self._cfg.max_inflight_bytes:
             raise ModelUnavailable(f"overloaded: {self._held_bytes / 2**20:.1f} MiB of requests "
                                    "in progress; retry later")
-        check_int(neighbors, "neighbors", minimum=0, maximum=det.k)
+        check_int(neighbors, "neighbors", minimum=0, maximum=det.max_neighbors)
         self._metrics.images.inc(n_images)
         return det
 
@@ -289,6 +291,7 @@ class ModelHost:
             n_ood = int(np.count_nonzero(batch.is_ood))
             self._metrics.ood_decisions.labels("ood").inc(n_ood)
             self._metrics.ood_decisions.labels("id").inc(len(ok) - n_ood)
+            self._metrics.short_queries.inc(int(np.count_nonzero(batch.short)))
             ranks = det.calibration_rank(batch.scores)
             if ranks is not None:
                 self._metrics.observe_ranks(det.model_version, ranks)

@@ -23,6 +23,7 @@ import sys
 
 import click
 
+from .ann import parse_search_params
 from .cli_common import Command, run_cli, setup_logging
 from .preprocess import DEFAULT_MAX_PIXELS
 from .score_folder import DEFAULT_BATCH_SIZE, ENGINES, score_folder
@@ -65,10 +66,13 @@ __all__ = ["score_main"]
               help="Exit with status 3 when the drift test (two-sample Kolmogorov-Smirnov of the "
                    "scores against the bundle's calibration scores) has a p-value below ALPHA "
                    "(in (0, 0.5], e.g. 0.01), for pipelines. Without it the test is reported only.")
+@click.option("--search", multiple=True, metavar="NAME=VALUE",
+              help="Override a search parameter of the bundle's index (repeatable; e.g. "
+                   "nprobe=64): logged, since the threshold was calibrated with the bundle's.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def score_main(bundle: str, inputs: tuple[str, ...], out: str, verbose: bool,
-               **options: object) -> None:
+               search: tuple[str, ...], **options: object) -> None:
     """Score every image file of INPUT (folders and files) with the detector in BUNDLE into one
     table.
 
@@ -77,7 +81,8 @@ def score_main(bundle: str, inputs: tuple[str, ...], out: str, verbose: bool,
     with the scoring rate in files per second.
     """
     setup_logging(verbose)
-    summary = run_cli(score_folder, bundle, list(inputs), out, **options)
+    params = run_cli(parse_search_params, search)
+    summary = run_cli(score_folder, bundle, list(inputs), out, search_params=params, **options)
     click.echo(summary.describe())
     if summary.drift is not None and summary.drift.drifted:
         sys.exit(3)

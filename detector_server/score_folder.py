@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import score_plot
+from .ann import check_search_params, served_version
 from .drift import MIN_SCORES, DriftReport, drift_test
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
@@ -136,6 +137,7 @@ def _rounded_parts(parts: list[float]) -> list[float]:
 
 def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size: int,
                workers: int | None, device: str, max_pixels: int,
+               search_params: dict[str, int] | None = None,
                neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
     """The local engine: yields (files consumed, their rows) per scored batch, in file order,
     after a first (0, []) once the model is loaded and the first chunk is decoded (the end of the
@@ -156,7 +158,8 @@ def iter_local(bundle: "Bundle", root: Path, paths: Sequence[str], *, batch_size
     decoded = DecodeAhead(str(root), chunks, bundle.spec, max_pixels,
                           min(n_workers, len(chunks)), depth=max(2, 2 * batch_size // size))
     try:
-        detector = Detector(bundle, device=device, max_pixels=max_pixels)
+        detector = Detector(bundle, device=device, max_pixels=max_pixels,
+                            search_params=search_params)
         ahead = iter(decoded)
         first = next(ahead, None)
         yield 0, []
@@ -212,7 +215,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
                  force: bool = False, plot: str | os.PathLike | None = None,
                  engine: str = "local", progress: bool = True,
                  max_pixels: int = DEFAULT_MAX_PIXELS, neighbors: int = 0,
-                 drift_alpha: float | None = None) -> ScoreSummary:
+                 drift_alpha: float | None = None,
+                 search_params: dict[str, int] | None = None) -> ScoreSummary:
     """Score every image file of `inputs` with `bundle` into the table `out`.
 
     bundle: a bundle directory (or a loaded `Bundle`); inputs: a folder, a file, or a list of
@@ -230,7 +234,8 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     test that ends every run (`ScoreSummary.drift.drifted` says if it found drift; without it the
     test is reported, never decided). The test compares every score in `out` (resumed rows too)
     with the bundle's calibration scores (`detector_server.drift`); it is skipped, with
-    `drift_note` saying why, for a bundle exported without them.
+    `drift_note` saying why, for a bundle exported without them. search_params: override of the
+    bundle's index search parameters, e.g. {"nprobe": 64} (logged; see `Detector`).
     Raises InputError (bad option, missing input, no files or no image at all, existing output,
     missing pyarrow/matplotlib/ray, resume over another model's rows) or BundleError, naming the
     path or field; bad image files never raise (they get error rows).
@@ -242,12 +247,14 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
         raise InputError("the folder of the output file does not exist", path=out.parent)
     _check_output(out, resume, force)
     _check_options(batch_size, workers, plot, max_pixels)
+    search_params = check_search_params(search_params, "search")
     if drift_alpha is not None:
         check_number(drift_alpha, "fail_on_drift", above=0.0, maximum=0.5)
     run = _engine(engine)
     b = _load_bundle(bundle)
-    check_int(neighbors, "neighbors", minimum=0, maximum=b.manifest.k)
-    version = b.manifest.model_version
+    check_int(neighbors, "neighbors", minimum=0,   # no bank rows behind a mahalanobis score
+              maximum=b.manifest.k if b.manifest.scorer == "knn" else 0)
+    version = served_version(b.manifest, search_params)    # what the rows will carry
     exclude = [out, partial_path(out)] + ([Path(plot)] if plot is not None else [])
     named = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     t_listing = time.perf_counter()
@@ -260,7 +267,7 @@ def score_folder(bundle: "str | os.PathLike | Bundle",
     try:
         batches = run(b, Path(found.root), todo, batch_size=batch_size, workers=workers,
                       device=device, max_pixels=max_pixels,
-                      neighbors=neighbors) if todo else iter(())
+                      search_params=search_params, neighbors=neighbors) if todo else iter(())
         counts, (startup_s, scoring_s) = _consume(batches, journal, len(todo), progress)
         if journal.rows == 0:
             raise InputError(f"no image files among the {len(found.paths)} files of INPUT",

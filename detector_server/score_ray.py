@@ -83,8 +83,9 @@ class RayScorer:
     """
 
     def __init__(self, bundle_dir: str, root: str, device: str, threads: int, max_pixels: int,
-                 neighbors: int = 0):
-        self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels)
+                 search_params: dict[str, int] | None = None, neighbors: int = 0):
+        self.detector = Detector(bundle_dir, device=device, threads=threads, max_pixels=max_pixels,
+                                 search_params=search_params)
         self.root = root
         self.max_pixels = max_pixels
         self.neighbors = neighbors
@@ -115,6 +116,7 @@ class RayScorer:
 
 def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: int,
              workers: int | None, device: str, max_pixels: int,
+             search_params: dict[str, int] | None = None,
              neighbors: int = 0) -> Iterator[tuple[int, list[Row]]]:
     """The ray engine, with `score_folder.iter_local`'s contract: yields (0, []) once Ray is up,
     then (files consumed, their rows) per batch, in no particular order. See the module
@@ -127,7 +129,7 @@ def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: in
         if paths:
             yield 0, []                 # start-up over: the cluster is up (actors load lazily)
             yield from _run(ray, bundle, root, paths, batch_size, workers, device, max_pixels,
-                            neighbors)
+                            search_params or {}, neighbors)
     finally:
         if started:
             ray.shutdown()
@@ -135,7 +137,7 @@ def iter_ray(bundle: Bundle, root: Path, paths: Sequence[str], *, batch_size: in
 
 def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size: int,
          workers: int | None, device: str, max_pixels: int,
-         neighbors: int) -> Iterator[tuple[int, list[Row]]]:
+         search_params: dict[str, int], neighbors: int) -> Iterator[tuple[int, list[Row]]]:
     ray.data.DataContext.get_current().enable_progress_bars = False   # the driver has its own
     actors = workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
     ds = ray.data.from_items([{"path": os.fsencode(p)} for p in paths])
@@ -144,6 +146,7 @@ def _run(ray: Any, bundle: Bundle, root: Path, paths: Sequence[str], batch_size:
                         fn_constructor_kwargs=dict(bundle_dir=str(bundle.path.resolve()),
                                                    root=os.path.abspath(root), device=device,
                                                    threads=1, max_pixels=max_pixels,
+                                                   search_params=search_params,
                                                    neighbors=neighbors),
                         num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     seen: set[str] = set()

@@ -48,6 +48,9 @@ _D = ServeConfig()  # the defaults, from the one definition
                    "session and its share of --threads; a dead one is restarted. More than 1 when "
                    "one process cannot keep the cores busy (small models, single-image calls).")
 @click.option("--decode-threads", type=int, default=_D.decode_threads, help="Image decoding threads.")
+@click.option("--search", "search_params", multiple=True, metavar="NAME=VALUE",
+              help="Override a search parameter of the bundle's index (repeatable; e.g. "
+                   "nprobe=64): logged, since the threshold was calibrated with the bundle's.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="PEM certificate chain: serve TLS (with --tls-key).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key.")

@@ -5,8 +5,10 @@ keyword arguments); `serve_cli` takes its defaults from here, so a default lives
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+from .ann import check_search_params, parse_search_params
 from .errors import InputError
 from .preprocess import DEFAULT_MAX_PIXELS
 from .validate import check_int, check_number
@@ -29,6 +31,9 @@ class ServeConfig:
     threads: int | None = None          # ONNX Runtime/FAISS threads in all (split over the workers);
                                         # None = the cores this process may use
     workers: int = 1                    # server processes sharing the port (1: this process serves)
+    search_params: dict[str, int] = field(default_factory=dict)  # override of the bundle's index
+                                        # search parameters (nprobe, efSearch); logged. Also
+                                        # given as --search's "NAME=VALUE" strings
     decode_threads: int = 2             # image decode pool
     stream_window: int = 32             # requests in flight per ScoreStream
     tls_cert: str | None = None         # PEM server certificate chain (with tls_key)
@@ -53,6 +58,10 @@ class ServeConfig:
     reload_timeout_s: float = 120.0     # a bundle (re)load taking longer is abandoned
 
     def __post_init__(self) -> None:
+        sp = self.search_params
+        sp = (sp if isinstance(sp, Mapping) or sp is None
+              else parse_search_params(sp, "search_params"))    # --search's NAME=VALUE strings
+        object.__setattr__(self, "search_params", check_search_params(sp, "search_params"))
         for name in ("max_batch", "max_images", "max_queue_images", "decode_threads",
                      "stream_window", "workers", "max_calls", "max_streams_per_connection",
                      "max_health_watches"):

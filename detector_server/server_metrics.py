@@ -13,6 +13,7 @@ metrics added. Metric names (all prefixed `rwood_`):
 | `rwood_images_total` | counter | | images received in Score/ScoreStream requests |
 | `rwood_image_errors_total` | counter | kind | images not scored: empty, undecodable, too_large |
 | `rwood_ood_decisions_total` | counter | decision | scored images by decision (ood, id); `rate()`: OOD rate |
+| `rwood_short_queries_total` | counter | | KNN queries short of K neighbours (scored -2): search too narrow |
 | `rwood_score_rank` | histogram | model_version | scored images by calibration percentile (below) |
 | `rwood_expected_ood_ratio` | gauge | model_version | calibration scores below the threshold (~ 1 - TPR) |
 | `rwood_batch_size` | histogram | | images per model batch |
@@ -139,6 +140,8 @@ class ServerMetrics(_Endpoint, _Reloads):
                                     registry=r)
         self.ood_decisions = Counter("rwood_ood_decisions", "Scored images by decision",
                                      ["decision"], registry=r)
+        self.short_queries = Counter("rwood_short_queries", "KNN queries with fewer than K "
+                                     "neighbours (scored -2)", registry=r)
         self.score_rank = Histogram(
             "rwood_score_rank", "Scored images by their place among the calibration scores",
             ["model_version"], buckets=RANK_BUCKETS, registry=r)

@@ -217,7 +217,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         """InputError when the response to these ids (with `neighbors` neighbours each) could
         exceed the message limit."""
         detector = self._host.detector
-        if detector is None or not ids or not 0 <= neighbors <= detector.k:
+        if detector is None or not ids or not 0 <= neighbors <= detector.max_neighbors:
             return                      # ModelHost refuses these itself
         if self._bound[0] is not detector:             # once per model served
             self._bound = (detector, _image_bounds(detector))
@@ -234,12 +234,18 @@ class DetectorServicer(pb_grpc.DetectorServicer):
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
                       ) -> pb.ModelInfo:
         det, c = self._host.info(), self._cfg
+        s = det.info()["scorer"]
+        scorer = pb.ScorerInfo(
+            scorer=s["scorer"], kind=s["kind"], type=s["type"], factory=s["factory"],
+            rows=s["rows"], bytes=s.get("bytes", 0), search_params=s.get("search_params", {}),
+            device=s["device"], float16=s["float16"], queries=s.get("queries", 0),
+            short_queries=s.get("short_queries", 0))
         return pb.ModelInfo(model_version=det.model_version, threshold=float(det.threshold),
-                            k=int(det.k), class_names=list(det.class_names),
+                            k=int(det.k or 0), class_names=list(det.class_names),
                             input_size=det.spec.size, resize=det.spec.resize,
                             providers=list(det.providers), device=str(det.device),
                             max_images=c.max_images, max_message_bytes=c.max_message_bytes,
-                            max_pixels=c.max_pixels, max_batch=c.max_batch)
+                            max_pixels=c.max_pixels, max_batch=c.max_batch, scorer=scorer)
 
     async def ScoreStream(self, request_iterator: Any, context: grpc.aio.ServicerContext):
         """Requests are scored concurrently (up to stream_window at once), answered in order; the

@@ -6,11 +6,13 @@ one to one onto its fields. Functions downstream take explicit arguments, never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from detector_server.bundle import FEATURE_OUTPUTS
+from detector_server.ann import check_search_params
+from detector_server.bundle import FEATURE_OUTPUTS, SCORERS
 from detector_server.errors import InputError
-from detector_server.validate import check_int, is_int
+from detector_server.index_choice import AUTO, DEFAULT_MIN_RECALL
+from detector_server.validate import check_int, check_number, is_int
 
 __all__ = ["ExportConfig", "DEFAULT_OPSET", "MIN_OPSET"]
 
@@ -28,7 +30,15 @@ class ExportConfig:
     tpr: float = 0.95                  # the threshold keeps this fraction of calibration ID images
     calibration: str | None = None     # .npz (key images) or image folder of held-out ID images;
                                        # None = the run's calibration.npz
-    index_factory: str = "Flat"        # faiss.index_factory string; "Flat" = exact search
+    scorer: str = "knn"                # knn (index of the bank) | mahalanobis (class Gaussians)
+    index_factory: str = AUTO          # "auto" (detector_server.index_choice) or a faiss
+                                       # index_factory string; "Flat" = exact search
+    search_params: dict[str, int] = field(default_factory=dict)  # fixed nprobe / efSearch; empty
+                                       # = tuned at export (approximate indexes)
+    min_recall: float = DEFAULT_MIN_RECALL  # least K-th-neighbour recall an approximate index
+                                       # may have on the calibration images
+    index_memory_mib: float | None = None  # memory limit of an "auto" index (None: none)
+    check_ood: tuple[str, ...] = ()    # NAME=PATH OOD sets for the index check's FPR figures
     quantize: str | None = None        # None | a name of exporter.quantize.list_quantizers()
     opset: int = DEFAULT_OPSET         # ONNX opset of model.onnx (>= MIN_OPSET)
     overwrite: bool = False            # replace an existing bundle at the output path
@@ -44,9 +54,23 @@ class ExportConfig:
         if (not isinstance(self.tpr, (int, float)) or not math.isfinite(self.tpr)
                 or not 0 < self.tpr < 1):
             raise InputError(f"expected a number in (0, 1), got {self.tpr!r}", field="tpr")
+        if self.scorer not in SCORERS:
+            raise InputError(f"expected one of {SCORERS}, got {self.scorer!r}", field="scorer")
         if not isinstance(self.index_factory, str) or not self.index_factory.strip():
-            raise InputError(f"expected a faiss index_factory string, got {self.index_factory!r}",
-                             field="index")
+            raise InputError(f"expected 'auto' or a faiss index_factory string, got "
+                             f"{self.index_factory!r}", field="index")
+        object.__setattr__(self, "search_params", check_search_params(self.search_params,
+                                                                      "search"))
+        check_number(self.min_recall, "min_recall", above=0, maximum=1)
+        if self.index_memory_mib is not None:
+            check_number(self.index_memory_mib, "index_memory", above=0)
+            if self.index_factory != AUTO:
+                raise InputError("applies to --index auto only (a given factory string fixes "
+                                 "the storage)", field="index_memory")
+        if self.scorer == "mahalanobis" and (self.index_factory != AUTO or self.search_params
+                                             or self.check_ood):
+            raise InputError("--index, --search and --check-ood apply to the knn scorer only",
+                             field="scorer")
         if self.quantize is not None and self.quantize not in list_quantizers():
             raise InputError(f"expected one of {list_quantizers()}, got {self.quantize!r}",
                              field="quantize")

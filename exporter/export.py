@@ -5,13 +5,17 @@ Steps, in a hidden staging directory beside the output (an interrupted export le
 behind, see detector_server.bundle.write_bundle):
 1. model.onnx: the run's DeployModel traced by `export_onnx`;
 2. optionally the int8 model (`quantize`), which is then the served file;
-3. index.faiss + labels.npy: the bank rows of the chosen feature through `knn.build_index`, and
-   sources.json: each row's training-set index (and file, for a folder dataset);
-4. the threshold: the calibration images scored by a `Detector` on the staged bundle (the
-   runtime's exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
-   calibration_scores.npy, the reference of the runtime's drift test and score histogram, and
-   their embeddings as calibration_embeddings.npy (so `rwood-bank` can score them again after a
-   bank edit);
+3. the scorer, from the calibration images embedded by the served model (the runtime's
+   `Embedder`): for knn, index.faiss + labels.npy, the index chosen, its search parameters set
+   and checked against exact search by `detector_server.index_choice.choose_index` (refused
+   below `min_recall` or when a query gets fewer than K neighbours; the numbers go into the
+   manifest), sources.json (each row's training-set index, and file for a folder dataset) and
+   the calibration embeddings as calibration_embeddings.npy (so `rwood-bank` can score them
+   again after a bank edit); for mahalanobis, mahalanobis_means.npy and
+   mahalanobis_precision.npy (class means, shared precision);
+4. the threshold: those embeddings scored by a `Detector` on the staged bundle (the runtime's
+   exact code path), then `metrics.threshold_at_tpr`; their scores are kept as
+   calibration_scores.npy, the reference of the runtime's drift test and score histogram;
 5. manifest + checksums, atomic rename, and a final `load_bundle` of the result. The model
    version is the run name plus the digest of everything that decides a score
    (`detector_server.manifest.derive_model_version`): another K, TPR, feature or index gives
@@ -38,6 +42,7 @@ from detector_server.bundle import (
     BankInfo,
     Bundle,
     IndexInfo,
+    MahalanobisInfo,
     Manifest,
     ThresholdInfo,
     load_bundle,
@@ -45,9 +50,14 @@ from detector_server.bundle import (
     write_bundle,
 )
 from detector_server.detector import Detector
-from detector_server.errors import BundleError, CheckpointError
-from detector_server.knn import build_index
+from detector_server.embedder import Embedder
+from detector_server.errors import BundleError, CheckpointError, InputError
+from detector_server.index_choice import AUTO, DEFAULT_MIN_RECALL, choose_index
+from detector_server.mahalanobis import fit_mahalanobis
+from detector_server.preprocess import PreprocessSpec
+from detector_server.runtime import resolve_threads
 from trainer.checkpoint import load_model
+from trainer.ood_sets import load_image_set, parse_set_arg
 from trainer.run_dir import BANK_FILE, RunDir, RunInfo
 from trainer.run_dir import MODEL_FILE as RUN_MODEL_FILE
 
@@ -68,17 +78,24 @@ SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE = "sources.json", "calibration_embeddi
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penultimate",
                   k: int | None = None, tpr: float = 0.95, calibration: str | Path | None = None,
-                  index_factory: str = "Flat", quantize: str | None = None,
+                  scorer: str = "knn", index_factory: str = AUTO,
+                  search_params: dict[str, int] | None = None,
+                  min_recall: float = DEFAULT_MIN_RECALL, index_memory_mib: float | None = None,
+                  check_ood: tuple[str, ...] = (), quantize: str | None = None,
                   opset: int = ExportConfig.opset, overwrite: bool = False,
                   threads: int | None = None) -> Path:
     """Export RUN_DIR as a bundle at `out`; returns `out`. Options: see `ExportConfig`.
 
     Raises CheckpointError for a run without model.pt or bank.npz (or with an inconsistent
-    bank), DataError for unusable calibration data, InputError for bad options (k beyond the
-    bank too), BundleError when `out` exists (without `overwrite`) or the result fails
+    bank), DataError for unusable calibration or --check-ood data, InputError for bad options (k
+    beyond the bank too) and for an index configuration the check refuses (field `index` or
+    `search`), BundleError when `out` exists (without `overwrite`) or the result fails
     verification. K, when not given: the run's k, else `detector_server.knn.default_k`.
     """
-    cfg = ExportConfig(feature=feature, k=k, tpr=tpr, index_factory=index_factory,
+    cfg = ExportConfig(feature=feature, k=k, tpr=tpr, scorer=scorer,
+                       index_factory=index_factory, search_params=dict(search_params or {}),
+                       min_recall=min_recall, index_memory_mib=index_memory_mib,
+                       check_ood=tuple(check_ood),
                        calibration=None if calibration is None else str(calibration),
                        quantize=quantize, opset=opset, overwrite=overwrite, threads=threads)
     run, out = RunDir(run_dir), Path(out)
@@ -89,33 +106,45 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, feature: str = "penul
     spec, class_names = info.preprocess, list(info.class_names)
     emb, labels = run.bank(cfg.feature)
     _check_bank_width(model, spec.size, cfg.feature, emb.shape[1], run.file(BANK_FILE))
-    k = run.choose_k(cfg.k, len(labels))
+    knn = cfg.scorer == "knn"
+    k = run.choose_k(cfg.k, len(labels)) if knn else None
     images, source = load_calibration_images(run.path, cfg.calibration, spec)
+    ood = _load_ood(cfg.check_ood, spec, class_names)
     name = run.path.resolve().name
     with staging_dir(out) as stage:
         widths, served, quant = _stage_models(stage, model, spec.size, images, cfg)
-        _stage_index(stage, emb, labels, cfg.index_factory)
-        indices, files = run.bank_sources()
-        BankSources.of(TRAIN_ORIGIN, indices, files).write(stage / SOURCES_FILE)
+        dim = int(emb.shape[1])
+        if knn:
+            indices, files = run.bank_sources()
+            BankSources.of(TRAIN_ORIGIN, indices, files).write(stage / SOURCES_FILE)
         manifest = Manifest(
             model_version=name,             # write_bundle appends the decision digest
             input_size=spec.size, outputs=widths, preprocess=spec.to_dict(),
-            index=IndexInfo(ntotal=len(labels), dim=int(emb.shape[1]), file=INDEX_FILE,
-                            feature=cfg.feature, factory=cfg.index_factory),
+            index=IndexInfo(len(labels), dim, INDEX_FILE, cfg.feature) if knn else None,
             class_names=tuple(class_names), k=k,
             threshold=ThresholdInfo(0.0, cfg.tpr, 0.0, 0, "uncalibrated"),
             model_file=MODEL_FILE, served_file=served, input_name=INPUT_NAME,
             labels_file=LABELS_FILE, quantization=quant,
-            training=_training_metadata(run.path, info), created=_now(),
-            bank=BankInfo(sources_file=SOURCES_FILE,
-                          calibration_embeddings_file=CALIBRATION_EMBEDDINGS_FILE))
+            training=_training_metadata(run.path, info), created=_now(), scorer=cfg.scorer,
+            mahalanobis=None if knn else MahalanobisInfo(dim, len(labels), feature=cfg.feature),
+            bank=BankInfo(SOURCES_FILE, CALIBRATION_EMBEDDINGS_FILE) if knn else None)
+        embedder = Embedder(stage / served, manifest, device="cpu",
+                            threads=resolve_threads(cfg.threads))
+        calib = embedder.embed(images)
+        if knn:
+            np.save(stage / CALIBRATION_EMBEDDINGS_FILE, calib, allow_pickle=False)
+            ood_emb = {set_name: embedder.embed(x) for set_name, x in ood.items()}
+            manifest = _stage_index(stage, emb, labels, calib, ood_emb, manifest, cfg)
+        else:
+            _stage_mahalanobis(stage, emb, labels, manifest)
+        del embedder
         log.info("[4/5] calibrating the threshold at TPR %.3f on %d images", cfg.tpr, len(images))
-        detector = Detector(Bundle(stage, manifest, labels), device="cpu", threads=cfg.threads)
-        calibration = detector.embed(images)
-        np.save(stage / CALIBRATION_EMBEDDINGS_FILE, calibration, allow_pickle=False)
-        scores = detector.score_embeddings(calibration).scores
+        detector = Detector(Bundle(stage, manifest, labels if knn else None), device="cpu",
+                            threads=cfg.threads)
+        scores = detector.score_embeddings(calib).scores
         threshold = calibrate_threshold(scores, cfg.tpr, source)
         del detector
+        _check_threshold(manifest, threshold)
         np.save(stage / CALIBRATION_FILE, scores.astype(np.float32), allow_pickle=False)
         log.info("[5/5] writing the bundle")
         write_bundle(stage, dataclasses.replace(manifest, threshold=threshold,
@@ -147,11 +176,55 @@ def _stage_models(stage: Path, model: torch.nn.Module, size: int, images: np.nda
     return widths, served, quant
 
 
-def _stage_index(stage: Path, emb: np.ndarray, labels: np.ndarray, factory: str) -> None:
-    """Step 3: index.faiss over the bank rows and labels.npy."""
-    log.info("[3/5] building faiss index %r over %d x %d bank rows", factory, *emb.shape)
-    faiss.write_index(build_index(emb, factory), str(stage / INDEX_FILE))
+def _stage_index(stage: Path, emb: np.ndarray, labels: np.ndarray, calib: np.ndarray,
+                 ood: dict[str, np.ndarray], manifest: Manifest, cfg: ExportConfig) -> Manifest:
+    """Step 3 (knn): index.faiss over the bank rows, labels.npy; returns the manifest with the
+    index's factory, search parameters, choice and check."""
+    log.info("[3/5] choosing the faiss index (%s) for %d x %d bank rows, K=%d", cfg.index_factory,
+             *emb.shape, manifest.k)
+    choice = choose_index(emb, calib, manifest.k, factory=cfg.index_factory,
+                          search_params=cfg.search_params, min_recall=cfg.min_recall,
+                          memory_mib=cfg.index_memory_mib, tpr=cfg.tpr, ood_queries=ood)
+    if ood and choice.check is None:
+        log.info("--check-ood: %s is exact search, nothing to compare", choice.factory)
+    faiss.write_index(choice.index, str(stage / INDEX_FILE))
     np.save(stage / LABELS_FILE, labels, allow_pickle=False)
+    index = dataclasses.replace(
+        manifest.index, factory=choice.factory, search_params=choice.search_params,
+        choice=choice.to_manifest(), check=None if choice.check is None else choice.check.to_dict())
+    return dataclasses.replace(manifest, index=index)
+
+
+def _stage_mahalanobis(stage: Path, emb: np.ndarray, labels: np.ndarray,
+                       manifest: Manifest) -> None:
+    """Step 3 (mahalanobis): class means and shared precision of the bank rows, one .npy each
+    (the files `manifest.mahalanobis` names)."""
+    log.info("[3/5] fitting class means and the shared precision on %d x %d bank rows", *emb.shape)
+    means, precision = fit_mahalanobis(emb, labels, len(manifest.class_names))
+    np.save(stage / manifest.mahalanobis.means_file, means, allow_pickle=False)
+    np.save(stage / manifest.mahalanobis.precision_file, precision, allow_pickle=False)
+
+
+def _check_threshold(manifest: Manifest, threshold: ThresholdInfo) -> None:
+    """The index check calibrated its own threshold on the same scores: it must be the same."""
+    check = manifest.index.check if manifest.index is not None else None
+    if check is not None and not np.isclose(check["threshold"], threshold.value, atol=1e-6):
+        raise BundleError(f"the index check's threshold {check['threshold']} differs from the "
+                          f"calibrated {threshold.value}: the Detector did not score as the check",
+                          field="index.check")
+
+
+def _load_ood(sets: tuple[str, ...], spec: PreprocessSpec,
+              class_names: list[str]) -> dict[str, np.ndarray]:
+    """--check-ood NAME=PATH sets at model input: {name: uint8 [N, S, S, 3]}."""
+    out = {}
+    for text in sets:
+        try:
+            name, path = parse_set_arg(text)
+        except InputError as e:
+            raise InputError(str(e).split(": ", 1)[-1], field="check_ood") from None
+        out[name] = load_image_set(name, path, spec, class_names)[0]
+    return out
 
 
 @torch.no_grad()

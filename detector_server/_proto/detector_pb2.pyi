@@ -77,7 +77,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "threshold", "k", "class_names", "input_size", "resize", "providers", "device", "max_images", "max_message_bytes", "max_pixels", "max_batch")
+    __slots__ = ("model_version", "threshold", "k", "class_names", "input_size", "resize", "providers", "device", "max_images", "max_message_bytes", "max_pixels", "max_batch", "scorer")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class ModelInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SCORER_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     threshold: float
     k: int
@@ -102,4 +103,38 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     max_pixels: int
     max_batch: int
-    def __init__(self, model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., resize: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_images: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    scorer: ScorerInfo
+    def __init__(self, model_version: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., resize: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., max_images: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch: _Optional[int] = ..., scorer: _Optional[_Union[ScorerInfo, _Mapping]] = ...) -> None: ...
+
+class ScorerInfo(_message.Message):
+    __slots__ = ("scorer", "kind", "type", "factory", "rows", "bytes", "search_params", "device", "float16", "queries", "short_queries")
+    class SearchParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SCORER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    FACTORY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    SHORT_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    scorer: str
+    kind: str
+    type: str
+    factory: str
+    rows: int
+    bytes: int
+    search_params: _containers.ScalarMap[str, int]
+    device: str
+    float16: bool
+    queries: int
+    short_queries: int
+    def __init__(self, scorer: _Optional[str] = ..., kind: _Optional[str] = ..., type: _Optional[str] = ..., factory: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., search_params: _Optional[_Mapping[str, int]] = ..., device: _Optional[str] = ..., float16: _Optional[bool] = ..., queries: _Optional[int] = ..., short_queries: _Optional[int] = ...) -> None: ...

@@ -13,7 +13,8 @@ def test_help_lists_every_option() -> None:
     res = CliRunner().invoke(cli.export_main, ["--help"])
     assert res.exit_code == 0
     for opt in ("--out", "--feature", "--k", "--tpr", "--calibration", "--index", "--quantize",
-                "--opset", "--force"):
+                "--opset", "--force", "--scorer", "--search", "--min-recall", "--index-memory",
+                "--check-ood"):
         assert opt in res.output
 
 
@@ -28,10 +29,14 @@ def test_flags_reach_export_bundle(monkeypatch, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.export_main, [
         "runs/x", "--out", str(tmp_path / "b"), "--feature", "projection", "--k", "7",
         "--tpr", "0.9", "--calibration", "cal.npz", "--index", "IVF16,Flat", "--quantize",
-        "int8", "--opset", "19", "--force", "--threads", "1"])
+        "int8", "--opset", "19", "--force", "--threads", "1", "--search", "nprobe=4",
+        "--min-recall", "0.95", "--index-memory", "512", "--check-ood", "a=x.npz",
+        "--check-ood", "b=y"])
     assert res.exit_code == 0, res.output
     assert seen == dict(run_dir=Path("runs/x"), out=tmp_path / "b", feature="projection", k=7,
-                        tpr=0.9, calibration=Path("cal.npz"), index_factory="IVF16,Flat",
+                        tpr=0.9, calibration=Path("cal.npz"), scorer="knn",
+                        index_factory="IVF16,Flat", search_params={"nprobe": 4},
+                        min_recall=0.95, index_memory_mib=512.0, check_ood=("a=x.npz", "b=y"),
                         quantize="int8", opset=19, overwrite=True, threads=1)
     assert res.output.strip().endswith(str(tmp_path / "b"))
 

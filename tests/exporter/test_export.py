@@ -127,7 +127,7 @@ def test_interrupted_export_leaves_nothing(tiny_run: Path, tmp_path: Path, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_mod, "export_onnx", fake_onnx)
-    monkeypatch.setattr(export_mod, "build_index", interrupt)
+    monkeypatch.setattr(export_mod, "Embedder", interrupt)      # after model.onnx is staged
     with pytest.raises(KeyboardInterrupt):
         export_bundle(tiny_run, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -251,18 +251,40 @@ def test_calibration_images_in_the_bank_are_refused(bundle, tmp_path, photos, di
 
 
 # ---- index types ----------------------------------------------------------------------------
-def _with_index(bundle: Path, out: Path, factory: str) -> Path:
-    """`bundle` with its rows in a `factory` index (written through write_bundle)."""
+def _with_index(bundle: Path, out: Path, factory: str, search_params: dict | None = None,
+                k: int | None = None) -> Path:
+    """`bundle` with its rows in a `factory` index (written through write_bundle), served with
+    `search_params` (none: faiss's defaults) and K = `k` (default: the bundle's)."""
     b = load_bundle(bundle)
     rows = b.read_index().reconstruct_n(0, b.manifest.index.ntotal)
     with staging_dir(out) as stage:
         for name in b.manifest.files:
             shutil.copy(bundle / name, stage / name)
         faiss.write_index(build_index(rows, factory), str(stage / b.manifest.index.file))
-        m = dataclasses.replace(b.manifest, index=dataclasses.replace(b.manifest.index,
-                                                                      factory=factory), files={})
+        index = dataclasses.replace(b.manifest.index, factory=factory,
+                                    search_params=search_params or {})
+        m = dataclasses.replace(b.manifest, index=index, k=k or b.manifest.k, files={})
         write_bundle(stage, m, out)
     return out
+
+
+def test_edits_keep_the_search_parameters_and_refuse_short_queries(bundle, tmp_path, photos):
+    """The edited bank is searched (and its calibration scored) with the bundle's own search
+    parameters, which the new bundle keeps; an edit whose index would leave calibration images
+    short of K neighbours is refused, as export refuses such an index."""
+    data = _npz(tmp_path / "photo.npz", photos[:20], ["photo"] * 20)
+    ok = _with_index(bundle, tmp_path / "ok", "IVF16,Flat", {"nprobe": 16}, k=50)
+    add_images(ok, data, tmp_path / "ok2")
+    edited = load_bundle(tmp_path / "ok2").manifest
+    assert edited.index.search_params == {"nprobe": 16} and edited.k == 50
+    info = bank_info(tmp_path / "ok2")
+    assert info["search_params"] == {"nprobe": 16} and info["index_type"] == "IndexIVFFlat"
+    assert info["index_bytes"] > 950 * 128 * 4
+    # nprobe 1 visits one cell of ~60 rows: many calibration images get fewer than K = 50
+    short = _with_index(bundle, tmp_path / "short", "IVF16,Flat", {"nprobe": 1}, k=50)
+    with pytest.raises(BundleError, match="fewer than K=50 neighbours") as e:
+        add_images(short, data, tmp_path / "short2")
+    assert e.value.field == "index.search_params" and not (tmp_path / "short2").exists()
 
 
 def test_ivf_add_keeps_the_quantiser_and_info_warns_about_far_rows(bundle, tmp_path, photos):

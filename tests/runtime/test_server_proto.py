@@ -86,7 +86,10 @@ WIRE = {
     "GetInfoRequest": {},
     "ModelInfo": {"model_version": 1, "threshold": 2, "k": 3, "class_names": 4, "input_size": 5,
                   "resize": 6, "providers": 7, "device": 8, "max_images": 9,
-                  "max_message_bytes": 10, "max_pixels": 11, "max_batch": 12},
+                  "max_message_bytes": 10, "max_pixels": 11, "max_batch": 12, "scorer": 13},
+    "ScorerInfo": {"scorer": 1, "kind": 2, "type": 3, "factory": 4, "rows": 5, "bytes": 6,
+                   "search_params": 7, "device": 8, "float16": 9, "queries": 10,
+                   "short_queries": 11},
 }
 
 
