@@ -166,10 +166,11 @@ class Detector:
         # GPU resources are not thread-safe
         self._gpu_lock = threading.Lock() if self.index_device == "cuda" else None
         d = self._scorer.info()
-        log.info("detector %s: model on %s, %s scorer on %s (%s, %d rows, %.1f MiB, %s %s), k=%s, "
-                 "threshold=%.6g", self.model_version, self.device, m.scorer, self.index_device,
-                 d["type"], d["rows"], d.get("bytes", 0) / 2**20, m.feature,
-                 d.get("search_params", {}), self.k, self.threshold)
+        params = d.get("search_params")
+        log.info("detector %s: model on %s, %s scorer on %s (%s, %d rows, %.1f MiB, %s, %s), "
+                 "k=%s, threshold=%.6g", self.model_version, self.device, m.scorer,
+                 self.index_device, d["type"], d["rows"], d.get("bytes", 0) / 2**20, m.feature,
+                 f"search {params}" if params else "exact", self.k, self.threshold)
 
     def info(self) -> dict[str, Any]:
         """What a client may want to know (the server's GetInfo). "scorer": kind, type, factory,
