@@ -23,12 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TINY_RUN_ROWS", "digits_split", "digits_round_robin", "digits_unseen", "digits_gray",
+__all__ = ["TINY_RUN_ROWS", "png_bytes", "digits_split", "digits_round_robin", "digits_unseen", "digits_gray",
            "photo_patches", "gray_photo_patches", "photo_jpegs", "PHOTO_CLASSES",
            "write_photo_classes"]
 
 TINY_RUN_ROWS = 1000        # the tiny run trains on (and holds out calibration from) these rows
 N_JPEGS = 100
+
+
+def png_bytes(a: np.ndarray) -> bytes:
+    """A uint8 image array ([H, W] or [H, W, 3]) as an encoded PNG file."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @functools.cache

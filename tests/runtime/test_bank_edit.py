@@ -9,7 +9,6 @@ error.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import shutil
 import subprocess
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 import real_images
 from click.testing import CliRunner
-from PIL import Image
 
 from detector_server import bank_index
 from detector_server._faiss import faiss
@@ -36,12 +34,6 @@ from detector_server.errors import BundleError, DataError, InputError
 from detector_server.knn import build_index
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +74,7 @@ def _folder(root: Path, per_class: dict[str, np.ndarray]) -> Path:
     for name, images in per_class.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         for i, a in enumerate(images):
-            (root / name / f"{i:03d}.png").write_bytes(_png(a))
+            (root / name / f"{i:03d}.png").write_bytes(real_images.png_bytes(a))
     return root
 
 
@@ -157,7 +149,7 @@ def test_add_flat_folder_with_label_twice_gets_unique_origins(bundle, tmp_path, 
     flat = tmp_path / "scans"
     flat.mkdir()
     for i, a in enumerate(photos[200:][:4]):
-        (flat / f"{i}.png").write_bytes(_png(a))
+        (flat / f"{i}.png").write_bytes(real_images.png_bytes(a))
     first = add_images(bundle, flat, tmp_path / "v1", label="crops")
     add_images(tmp_path / "v1", flat, tmp_path / "v2", label="crops")
     b = load_bundle(tmp_path / "v2")
@@ -375,7 +367,7 @@ def test_bundle_without_sources_loads_and_can_be_edited(bundle, tmp_path, photos
     src = load_bundle(tmp_path / "new").sources()
     assert src.describe(0) == "" and src.describe(len(src) - 1) == "photo#4"
     (r,) = Detector(tmp_path / "new", device="cpu", threads=1).score_images(
-        [_png(photos[4])], neighbors=1)
+        [real_images.png_bytes(photos[4])], neighbors=1)
     assert r.neighbors[0].source == "photo#4"
 
 
@@ -447,7 +439,7 @@ def test_documented_errors(bundle, tmp_path, photos):
         add_images(bundle, tmp_path / "nolabels.npz", tmp_path / "o")
     loose = tmp_path / "loose"
     loose.mkdir()
-    (loose / "a.png").write_bytes(_png(photos[0]))
+    (loose / "a.png").write_bytes(real_images.png_bytes(photos[0]))
     with pytest.raises(DataError, match="--label NAME"):
         add_images(bundle, loose, tmp_path / "o")
     (loose / "b.png").write_bytes(b"not an image")

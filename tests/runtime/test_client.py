@@ -2,7 +2,6 @@
 within the deadline, no retry of other errors, and its input errors."""
 from __future__ import annotations
 
-import io
 import math
 import time
 from concurrent import futures
@@ -12,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from real_images import png_bytes
 
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
@@ -38,12 +38,6 @@ def arrays(id_images: np.ndarray) -> np.ndarray:
     return id_images[:7]
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _ok_count(server) -> float:
     return server.server.metrics.registry.get_sample_value(
         "rwood_requests_total", {"method": "Score", "code": "OK"}) or 0.0
@@ -53,12 +47,12 @@ def test_every_input_kind_scores_like_the_detector(server, detector, arrays, pho
                                                     tmp_path):
     jpeg = photo_jpeg_files[0]
     png_path = tmp_path / "img.png"
-    png_path.write_bytes(_png(arrays[0]))
-    items = [jpeg, str(png_path), _png(arrays[1]), Image.fromarray(arrays[2]), arrays[3],
+    png_path.write_bytes(png_bytes(arrays[0]))
+    items = [jpeg, str(png_path), png_bytes(arrays[1]), Image.fromarray(arrays[2]), arrays[3],
              arrays[4].mean(axis=2).astype(np.uint8)]
     with DetectorClient(server.target) as client:
         results = client.score(items)
-    reference = detector.score_images([jpeg.read_bytes(), png_path.read_bytes(), _png(arrays[1]),
+    reference = detector.score_images([jpeg.read_bytes(), png_path.read_bytes(), png_bytes(arrays[1]),
                                        arrays[2], arrays[3], arrays[4].mean(axis=2).astype(np.uint8)])
     assert [r.id for r in results] == [str(jpeg), str(png_path), "2", "3", "4", "5"]
     for r, ref in zip(results, reference):
@@ -70,7 +64,7 @@ def test_every_input_kind_scores_like_the_detector(server, detector, arrays, pho
 
 
 def test_batches_into_requests_in_order_with_ids_and_per_item_errors(server, arrays):
-    data = [_png(a) for a in arrays] + [b"junk"]
+    data = [png_bytes(a) for a in arrays] + [b"junk"]
     ids = [f"img-{i}" for i in range(len(data))]
     before = _ok_count(server)
     with DetectorClient(server.target, max_batch=3) as client:

@@ -1,7 +1,6 @@
 """`Detector`: scores equal brute-force KNN over the bank, calibrated decision, items."""
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -24,12 +23,6 @@ def detector(tiny_bundle: Path) -> Detector:
 def test_images(id_images: np.ndarray, ood_images: np.ndarray) -> np.ndarray:
     """256 digits (ID, not banked) + 128 photo patches (OOD): uint8 [384, 32, 32, 3]."""
     return np.concatenate([id_images[:256], ood_images[:128]])
-
-
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def brute_force_knn(emb: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
@@ -88,7 +81,7 @@ def test_score_images_mixed_items(detector: Detector, test_images: np.ndarray,
                                   photo_jpeg_files: list[Path]) -> None:
     gray = real_images.digits_gray()[0][0]                                # 8x8x1 gray scan
     photo = photo_jpeg_files[0].read_bytes()                              # 427x640 camera JPEG
-    items = [_png(test_images[0]), b"not an image", test_images[1], b"",
+    items = [real_images.png_bytes(test_images[0]), b"not an image", test_images[1], b"",
              Image.fromarray(test_images[2]), gray, photo, 42, test_images[3].astype(np.float32)]
     ids = [f"img{i}" for i in range(len(items))]
     res = detector.score_images(items, ids)
@@ -125,10 +118,10 @@ def test_prepare(detector: Detector, photo_jpeg_files: list[Path]) -> None:
 def test_pixel_limit(tiny_bundle: Path, test_images: np.ndarray) -> None:
     small = Detector(tiny_bundle, device="cpu", threads=1, max_pixels=32 * 32)
     big = np.zeros((33, 32, 3), np.uint8)
-    for item in (_png(big), Image.fromarray(big), big):
+    for item in (real_images.png_bytes(big), Image.fromarray(big), big):
         with pytest.raises(InputError, match="over the limit"):
             small.prepare(item)
-    res = small.score_images([_png(big), _png(test_images[0])])
+    res = small.score_images([real_images.png_bytes(big), real_images.png_bytes(test_images[0])])
     assert "over the limit" in res[0].error and res[1].error == ""
 
 

@@ -7,7 +7,6 @@ an image) and a subfolder. Every image file must get exactly one row, bad ones a
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil
@@ -39,12 +38,6 @@ SUB_GOOD = {"sub/c5.png", "sub/deeper/t2.jpg"}
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def make_mixed_folder(root: Path) -> Path:
     """The mixed folder of the module docstring under root/"images" (real pixels only)."""
     digits, photos = real_images.digits_unseen(), real_images.photo_patches()
@@ -52,18 +45,18 @@ def make_mixed_folder(root: Path) -> Path:
     d = root / "images"
     (d / "sub" / "deeper").mkdir(parents=True)
     for i in range(5):
-        (d / f"c{i}.png").write_bytes(_png(digits[i]))
+        (d / f"c{i}.png").write_bytes(real_images.png_bytes(digits[i]))
     Image.fromarray(photos[0]).convert("L").save(d / "gray.png")
     Image.fromarray(photos[1]).save(d / "b0.bmp")
     (d / "t0.jpg").write_bytes(jpegs[0])                  # 427x640 and 320x240 up: resized
     (d / "t1.jpeg").write_bytes(jpegs[1])
-    (d / "png_named.jpg").write_bytes(_png(digits[12]))   # content decides, not the suffix
-    (d / "no_suffix").write_bytes(_png(photos[13]))
+    (d / "png_named.jpg").write_bytes(real_images.png_bytes(digits[12]))   # content decides, not the suffix
+    (d / "no_suffix").write_bytes(real_images.png_bytes(photos[13]))
     (d / "text.png").write_text("this is not an image\n")
-    (d / "truncated.png").write_bytes(_png(photos[14])[:300])
+    (d / "truncated.png").write_bytes(real_images.png_bytes(photos[14])[:300])
     (d / "empty.png").write_bytes(b"")
     (d / "README.txt").write_text("notes about these images\n")
-    (d / "sub" / "c5.png").write_bytes(_png(digits[15]))
+    (d / "sub" / "c5.png").write_bytes(real_images.png_bytes(digits[15]))
     (d / "sub" / "deeper" / "t2.jpg").write_bytes(jpegs[2])
     return d
 

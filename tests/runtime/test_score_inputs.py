@@ -8,7 +8,6 @@ in for large ones).
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from real_images import png_bytes
 
 from detector_server import score_decode as sd
 from detector_server.preprocess import PreprocessSpec
@@ -32,15 +31,9 @@ pytestmark = pytest.mark.timeout(300)    # a read that blocks on a FIFO fails, n
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pngs(id_images: np.ndarray) -> list[bytes]:
-    return [_png(a) for a in id_images[:12]]
+    return [png_bytes(a) for a in id_images[:12]]
 
 
 def _folder(root: Path, pngs: list[bytes], names: list[str]) -> Path:

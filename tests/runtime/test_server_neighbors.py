@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
+from real_images import png_bytes
 
 from detector_server._proto import detector_pb2 as pb
 from detector_server._proto import detector_pb2_grpc as pb_grpc
@@ -38,15 +37,9 @@ OPTS = dict(device="cpu", threads=1)
 OLD_PROTO = Path(__file__).resolve().parent / "old_proto"
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def images(id_images: np.ndarray) -> list[bytes]:
-    return [_png(a) for a in id_images[:12]]
+    return [png_bytes(a) for a in id_images[:12]]
 
 
 @pytest.fixture(scope="module")

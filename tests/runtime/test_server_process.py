@@ -2,7 +2,6 @@
 bundle), SIGTERM under load drains (health NOT_SERVING first, no accepted request lost)."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -16,10 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
+from real_images import png_bytes
 from test_server import free_port, port_is_free
 from test_server_reload import corrupt, republish
 
@@ -85,12 +83,6 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_help_lists_the_flags():
     p = subprocess.run(CLI + ["--help"], capture_output=True, text=True, env=_env(), timeout=60)
     assert p.returncode == 0
@@ -125,7 +117,7 @@ def test_metrics_port_in_use_exits_2_with_one_line_and_leaves_nothing_listening(
 
 
 def test_sighup_refuses_a_broken_bundle_then_loads_a_good_one(tiny_bundle, bundle, id_images):
-    request = pb.ScoreRequest(images=[pb.Image(id="0", data=_png(id_images[0]))])
+    request = pb.ScoreRequest(images=[pb.Image(id="0", data=png_bytes(id_images[0]))])
     srv = ServerProcess(bundle)
     try:
         with grpc.insecure_channel(srv.target) as ch:
@@ -149,7 +141,7 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(tiny_bundle,
     SIGTERM arrives: health goes NOT_SERVING, every accepted request is answered in full, the
     later ones are refused with UNAVAILABLE, and the process exits 0."""
     jpegs = [p.read_bytes() for p in photo_jpeg_files[:100]]
-    pngs = [_png(a) for a in id_images[:8]]
+    pngs = [png_bytes(a) for a in id_images[:8]]
     srv = ServerProcess(tiny_bundle, "--metrics-port", "0", "--grace", "30", "--decode-threads", "1")
     statuses: list[int] = []
     outcomes: list[tuple[grpc.StatusCode, int]] = []
