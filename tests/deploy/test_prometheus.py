@@ -37,7 +37,8 @@ def test_every_alert_fires_in_the_rule_tests(yaml_load) -> None:
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("old, new", [("> 0.15", "> 0.5"), ("for: 10m", "for: 30m"),
+@pytest.mark.parametrize("old, new", [("(3 * max", "(10 * max"), ("(3 * max", "(0.5 * max"),
+                                      ("for: 10m", "for: 30m"),
                                       ("> 0.5\n", "> 2\n"), ("increase(rwood_worker_restarts_total",
                                                              "increase(rwood_worker_restart_total")])
 def test_a_broken_rule_fails_the_rule_tests(tmp_path: Path, old: str, new: str) -> None:
