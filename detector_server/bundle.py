@@ -52,7 +52,7 @@ from ._faiss import faiss
 from .atomic import exchange_paths, fsync_dir, fsync_file, write_json_atomic
 from .bank_sources import BankSources
 from .bundle_files import member_sha256, read_json, read_npy
-from .bundle_watch import bundle_stamp
+from .bundle_watch import read_published
 from .errors import BundleError
 from .manifest import (
     DESCRIPTIVE_FIELDS,
@@ -214,9 +214,6 @@ def require_bundle_dir(root: Path) -> None:
                       path=root / MANIFEST_FILE)
 
 
-_LOAD_ATTEMPTS = 3      # a bundle replaced while it is read is read again (rwood-bank --force)
-
-
 def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle:
     """Open and verify a bundle directory.
 
@@ -228,24 +225,15 @@ def load_bundle(path: str | os.PathLike, *, verify_model: bool = True) -> Bundle
     `detector_server.bundle_files` (no symbolic link followed, no FIFO read, manifest size and
     nesting, .npy header); `path` itself may be a link.
     `Detector` passes `verify_model=False` and checks its own session instead.
-    A bundle replaced while it is read (`bundle_watch.bundle_stamp` changed) is read again, so
-    the result is one published bundle, never a mix of two.
+    A bundle replaced while it is read is read again (`bundle_watch.read_published`), so the
+    result is one
+    published bundle, never a mix of two.
     Raises BundleError naming the file at fault.
     """
     root = Path(path)
-    for attempt in range(_LOAD_ATTEMPTS):
-        stamp = bundle_stamp(root)
-        try:
-            bundle = _load(root, verify_model)
-        except BundleError:
-            if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(root) != stamp:
-                continue
-            raise
-        if bundle_stamp(root) == stamp:
-            log.debug("loaded bundle %s (model %s)", root, bundle.manifest.model_version)
-            return bundle
-    raise BundleError(f"replaced {_LOAD_ATTEMPTS} times while it was being read; try again",
-                      path=root)
+    bundle = read_published(root, lambda: _load(root, verify_model))
+    log.debug("loaded bundle %s (model %s)", root, bundle.manifest.model_version)
+    return bundle
 
 
 def _load(root: Path, verify_model: bool) -> Bundle:

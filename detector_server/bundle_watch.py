@@ -1,4 +1,4 @@
-"""What `--watch` decides: whether the bundle changed, and when to try a refused one again.
+"""A published bundle's stamp: what `--watch` decides with it, and reads that never mix two bundles.
 
 Use `BundleWatch(interval_s, bundle_stamp(path))` in the loop that looks at the bundle every
 interval (the single server's asyncio task, the supervisor of `--workers`): reload when
@@ -6,14 +6,21 @@ interval (the single server's asyncio task, the supervisor of `--workers`): relo
 backoff (the interval, doubling up to `MAX_BACKOFF_S`) until it loads: a bundle copied in place
 shows its new manifest.json before the files it names, so the first try can fail. A newer stamp
 is tried at the next look.
-Test: tests/runtime/test_server_reload.py.
+`read_published(path, read)` runs `read` again when the bundle was replaced while it ran
+(`load_bundle`, the server's Detector), so its result comes from one published bundle.
+Test: tests/runtime/test_server_reload.py, tests/runtime/test_bank_edit.py (replacement while read).
 """
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["BundleWatch", "bundle_stamp", "MAX_BACKOFF_S"]
+from .errors import BundleError
+
+__all__ = ["BundleWatch", "bundle_stamp", "read_published", "MAX_BACKOFF_S"]
 
 MAX_BACKOFF_S = 60.0    # longest wait between two tries of a refused bundle
 
@@ -51,3 +58,27 @@ class BundleWatch:
                          else min(2 * self._backoff, MAX_BACKOFF_S))
         self._failed, self._retry_at = stamp, time.monotonic() + self._backoff
         return self._backoff
+
+
+_READ_ATTEMPTS = 3      # a bundle replaced while it is read is read again (rwood-bank --force)
+T = TypeVar("T")
+
+
+def read_published(root: str | os.PathLike, read: Callable[[], T]) -> T:
+    """`read()` (anything that reads the bundle at `root`), done again when the bundle was
+    replaced meanwhile (`bundle_stamp` changed), at most 3 times: the result comes
+    from one published bundle, never from a mix of two. A BundleError raised while the bundle
+    was being replaced is retried too; otherwise it propagates."""
+    root = Path(root)
+    for attempt in range(_READ_ATTEMPTS):
+        stamp = bundle_stamp(root)
+        try:
+            result = read()
+        except BundleError:
+            if attempt + 1 < _READ_ATTEMPTS and bundle_stamp(root) != stamp:
+                continue
+            raise
+        if bundle_stamp(root) == stamp:
+            return result
+    raise BundleError(f"replaced {_READ_ATTEMPTS} times while it was being read; try again",
+                      path=root)

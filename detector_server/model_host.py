@@ -37,9 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .batcher import DynamicBatcher
-from .bundle_watch import bundle_stamp
+from .bundle_watch import read_published
 from .detector import Detector, ItemResult, merge_results
-from .errors import BundleError, InputError
+from .errors import InputError
 from .preprocess import safe_message
 from .serve_config import ServeConfig
 from .server_metrics import ServerMetrics
@@ -49,7 +49,6 @@ __all__ = ["ModelHost", "ModelUnavailable", "MAX_HUNG_LOADS", "in_daemon_thread"
 
 log = logging.getLogger(__name__)
 
-_LOAD_ATTEMPTS = 3      # loads of a bundle that keeps being replaced meanwhile
 
 
 MAX_HUNG_LOADS = 2      # loads abandoned after reload_timeout_s that may still be blocked; then refuse
@@ -142,22 +141,11 @@ class ModelHost:
         """Runs on a worker thread: load, then warm up so the first request pays no set-up cost.
 
         The Detector opens the model and the index after `load_bundle` has verified them: a
-        bundle replaced meanwhile (rwood-bank --out BUNDLE --force) is loaded again, so the
-        served Detector is always one published bundle."""
-        for attempt in range(_LOAD_ATTEMPTS):
-            stamp = bundle_stamp(self.bundle_path)
-            try:
-                det = Detector(self.bundle_path, device=self._cfg.device,
-                               threads=self._cfg.threads, max_pixels=self._cfg.max_pixels,
-                               search_params=self._cfg.search_params)
-            except BundleError:
-                if attempt + 1 < _LOAD_ATTEMPTS and bundle_stamp(self.bundle_path) != stamp:
-                    continue
-                raise
-            if bundle_stamp(self.bundle_path) == stamp:
-                break
-        else:
-            raise BundleError("replaced again while it was being loaded", path=self.bundle_path)
+        bundle replaced meanwhile (rwood-bank --out BUNDLE --force) is loaded again
+        (`bundle_watch.read_published`), so the served Detector is always one published bundle."""
+        det = read_published(self.bundle_path, lambda: Detector(
+            self.bundle_path, device=self._cfg.device, threads=self._cfg.threads,
+            max_pixels=self._cfg.max_pixels, search_params=self._cfg.search_params))
         s = det.spec.size
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))

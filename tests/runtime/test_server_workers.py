@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_server_process import CLI, ServerProcess, _env, _png
+from real_images import png_bytes
+from test_server_process import CLI, ServerProcess, _env
 from test_server_reload import corrupt, republish
 
 from detector_server._proto import detector_pb2 as pb
@@ -43,7 +44,7 @@ def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def request_(id_images: np.ndarray) -> pb.ScoreRequest:
-    return pb.ScoreRequest(images=[pb.Image(id=str(i), data=_png(a))
+    return pb.ScoreRequest(images=[pb.Image(id=str(i), data=png_bytes(a))
                                    for i, a in enumerate(id_images[:3])])
 
 
