@@ -226,3 +226,18 @@ def test_bank_add_under_a_serving_server_reloads_without_a_failed_request(tiny_b
     assert r.model_version == after.model_version and r.neighbors[0].source == "photo#0"
     ok = srv.server.metrics.registry.get_sample_value("rwood_reloads_total", {"outcome": "ok"})
     assert ok >= 1
+
+
+def test_the_response_bound_covers_the_neighbours(tiny_bundle, images):
+    """servicer.response_bound (what refuses a request whose answer could exceed the message
+    limit) holds for real answers with K neighbours per image, and is not far above them."""
+    from detector_server.servicer import _to_response, response_bound
+
+    det = Detector(tiny_bundle, device="cpu", threads=1)
+    ids = [f"image-{i}" for i in range(len(images))]
+    for n in (0, 1, det.max_neighbors):
+        results = det.score_images(images, ids, neighbors=n)
+        assert all(len(r.neighbors) == n for r in results)
+        size = _to_response(results, det.model_version, "rid", 2**30).ByteSize()
+        bound = response_bound(ids, "rid", det, neighbors=n)
+        assert size <= bound < 3 * size + 400 * len(ids), (n, size, bound)
