@@ -80,12 +80,15 @@ class Group(Command, click.Group):
 
 
 def _option_for(field: str | None) -> str | None:
-    """The long flag of the running click command's option named `field` (None if none)."""
+    """The long flag of the running click command's option for `field` (None if none): the option
+    whose parameter name is `field`, or whose flag is `--field` (`--search`, stored as
+    `search_params`)."""
     ctx = click.get_current_context(silent=True)
     if ctx is None or not field:
         return None
+    flag = "--" + field.replace("_", "-")
     for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.name == field.replace("-", "_"):
+        if isinstance(p, click.Option) and (p.name == field.replace("-", "_") or flag in p.opts):
             return max(p.opts, key=len)
     return None
 

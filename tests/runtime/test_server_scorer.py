@@ -74,6 +74,10 @@ def test_search_override_reaches_the_served_index(short_bundle: Path, pngs) -> N
 def test_serve_cli_refuses_a_malformed_search_flag(short_bundle: Path) -> None:
     res = CliRunner().invoke(serve_main, [str(short_bundle), "--search", "nprobe=many"])
     assert res.exit_code == 2 and "error: --search: expected NAME=INTEGER" in res.output
+    # a name the index does not take is found when the bundle loads; the error names the flag
+    res = CliRunner().invoke(serve_main, [str(short_bundle), "--search", "efSearch=5",
+                                          "--address", "127.0.0.1:0", "--metrics-port", "0"])
+    assert res.exit_code == 2 and res.output.startswith("error: --search: "), res.output
 
 
 @pytest.mark.parametrize("given, fld", [(("nprobe",), "search_params"),
