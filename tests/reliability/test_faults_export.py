@@ -22,10 +22,25 @@ from detector_server.errors import BundleError
 pytestmark = pytest.mark.timeout(600)
 
 EXPORT = [PYTHON, "-c", "from exporter.cli import export_main; export_main()"]
+# The same, holding for a minute once the staged manifest.json is written: the publish that
+# follows takes microseconds, too short for the test to see the manifest and kill in between.
+EXPORT_HELD_AT_MANIFEST = [PYTHON, "-c", """
+import time
+import detector_server.bundle as bundle
+write = bundle.write_json_atomic
+def held(path, *args, **kwargs):
+    written = write(path, *args, **kwargs)
+    if str(path).endswith("manifest.json"):
+        time.sleep(60)
+    return written
+bundle.write_json_atomic = held
+from exporter.cli import export_main; export_main()
+"""]
 
 
-def _start_export(run_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([*EXPORT, str(run_dir), "--out", str(out), "--k", "10", *extra],
+def _start_export(run_dir: Path, out: Path, *extra: str, hold: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([*(EXPORT_HELD_AT_MANIFEST if hold else EXPORT), str(run_dir),
+                             "--out", str(out), "--k", "10", *extra],
                             env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -73,12 +88,13 @@ _PHASES = {  # kill point -> the file that shows the export reached it
 @pytest.mark.parametrize("phase", list(_PHASES))
 def test_forced_export_killed_keeps_a_whole_bundle(tiny_run, tiny_bundle, tmp_path, phase):
     """Replacing an existing bundle (--force), killed as it reaches each phase: `--out` is still a
-    whole bundle (the old one) and a later export replaces it. (Not covered: the microseconds
-    between write_bundle's two renames, when `--out` does not exist; see the report.)"""
+    whole bundle (the old one) and a later export replaces it. The manifest phase holds the
+    export once its manifest is staged, the last step before the publish (one exchange of the
+    two directories where the system has it, so `--out` is never missing)."""
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
     old = (out / MANIFEST_FILE).read_bytes()
-    proc = _start_export(tiny_run, out, "--force", "--tpr", "0.9")
+    proc = _start_export(tiny_run, out, "--force", "--tpr", "0.9", hold=phase == "manifest")
     try:
         t_end = time.monotonic() + 300
         while not _PHASES[phase](out):

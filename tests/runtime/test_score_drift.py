@@ -91,4 +91,5 @@ def test_a_bad_significance_level_is_refused_before_scoring(tiny_bundle: Path, f
                      drift_alpha=alpha)
     assert not list(tmp_path.iterdir())
     result = score(tiny_bundle, folders["id"], tmp_path / "s.csv", "--fail-on-drift", str(alpha))
-    assert result.exit_code == 2 and result.output.startswith("error: --fail-on-drift: expected a finite number")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --fail-on-drift: expected a finite number")

@@ -86,9 +86,13 @@ def test_the_optimizer_is_fused_on_cuda_only():
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_eager(tmp_path, data_256):
+def test_compiled_training_follows_eager(tmp_path, data_256, monkeypatch):
     """--compile trains the same network: the per-step losses of a compiled run (inductor on the
     CPU; a minute or two of compiling) match eager ones. Needs a C++ compiler."""
+    # inductor imports setuptools, whose distutils override asserts (and fails the compile) when
+    # the stdlib distutils is found instead, as after the whole slow suite on Python 3.11; the
+    # compile needs no distutils of setuptools' own
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     losses = {}
     for compile_ in (False, True):
         run = train(resolve_config(overrides=dict(
