@@ -26,6 +26,7 @@ Numpy and the standard library only. Test: tests/runtime/test_bank_edit.py.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ class BankSources:
         i = int(self.index[row])
         return f"{name}#{i}" if i >= 0 else name
 
+    @functools.cached_property
     def max_describe_bytes(self) -> int:
-        """An upper bound on the UTF-8 length of any `describe(row)` (one pass over the paths)."""
+        """An upper bound on the UTF-8 length of any `describe(row)` (one pass over the paths,
+        the first time it is asked)."""
         name = max((len(o.encode()) for o in self.origins), default=0)
         path = max((len(p.encode()) for p in self.path), default=0)
         return name + 1 + max(path, 20)          # "name/path" or "name#index" (int64: 20 chars)

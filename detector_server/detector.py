@@ -18,6 +18,7 @@ Test: tests/runtime/test_detector.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import ann, runtime
+from .bank_sources import BankSources
 from .bundle import Bundle, load_bundle
 from .drift import calibration_rank, expected_ood_rate
 from .embedder import Embedder
@@ -130,7 +132,8 @@ class Detector:
         (where the scorer runs), threads, max_pixels, max_batch, calibration (the bundle's
         calibration scores sorted, float32 [M], or None for a bundle without them),
         expected_ood_ratio (share of them below the threshold; else 1 - the manifest's
-        achieved TPR).
+        achieved TPR), max_neighbors (K; 0 for a mahalanobis bundle), sources (`BankSources`,
+        read on first use).
     Raises BundleError for a bundle that fails verification, InputError for bad options.
     """
 
@@ -160,7 +163,6 @@ class Detector:
         # an operator's search parameters make other scores: the version says so
         self.model_version = ann.served_version(m, ann.check_search_params(search_params,
                                                                           "search"))
-        self.sources = bundle.sources()
         # the most neighbours a request may ask for: K, none without a bank (mahalanobis)
         self.max_neighbors = self.k if m.scorer == "knn" else 0
         # GPU resources are not thread-safe
@@ -171,6 +173,12 @@ class Detector:
                  "k=%s, threshold=%.6g", self.model_version, self.device, m.scorer,
                  self.index_device, d["type"], d["rows"], d.get("bytes", 0) / 2**20, m.feature,
                  f"search {params}" if params else "exact", self.k, self.threshold)
+
+    @functools.cached_property
+    def sources(self) -> BankSources:
+        """Where each bank row came from (`Bundle.sources`), read the first time neighbours are
+        described: scoring without them never reads sources.json."""
+        return self.bundle.sources()
 
     def info(self) -> dict[str, Any]:
         """What a client may want to know (the server's GetInfo). "scorer": kind, type, factory,

@@ -150,6 +150,8 @@ class ModelHost:
         for n in dict.fromkeys((1, self._cfg.max_batch)):   # the smallest and the largest batch
             det.score_arrays(np.zeros((n, s, s, 3), dtype=np.uint8))
         det.reset_counts()                                 # GetInfo counts served queries only
+        if det.max_neighbors:   # what requests for neighbours need, read here, off the event loop
+            _ = det.sources.max_describe_bytes
         return det
 
     async def load(self) -> Detector:

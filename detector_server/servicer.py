@@ -110,7 +110,7 @@ def per_image_bound(detector: Detector, neighbors: int = 0) -> int:
 def _image_bounds(detector: Detector) -> tuple[int, int]:
     """(bytes of a Result without neighbours besides its id, bytes of one Neighbor)."""
     label = max((len(c.encode()) for c in detector.class_names), default=0)
-    source = detector.sources.max_describe_bytes()
+    source = detector.sources.max_describe_bytes
     return _RESULT_FIXED + 3 + max(MAX_ERROR_CHARS, label), _NEIGHBOR_FIXED + label + source
 
 

@@ -241,3 +241,12 @@ def test_the_response_bound_covers_the_neighbours(tiny_bundle, images):
         size = _to_response(results, det.model_version, "rid", 2**30).ByteSize()
         bound = response_bound(ids, "rid", det, neighbors=n)
         assert size <= bound < 3 * size + 400 * len(ids), (n, size, bound)
+
+
+def test_sources_are_read_only_when_neighbours_are_asked_for(tiny_bundle, images):
+    """Scoring without neighbours never reads sources.json (a large file for a large bank)."""
+    det = Detector(tiny_bundle, device="cpu", threads=1)
+    det.score_images(images[:2])
+    assert "sources" not in vars(det)
+    (result, _) = det.score_images(images[:2], neighbors=2)
+    assert "sources" in vars(det) and result.neighbors[0].source.startswith("train#")
